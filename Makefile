@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine (both idempotent; a second run reuses .venv):
+#   make demo   — set up, then train the demo on the embedded dataset
+#   make test   — set up, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.alexnet-pp-installed
+
+.PHONY: setup demo test test-fast bench-lrn clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(BIN)/alexnet-pp train --preset demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench-lrn: setup
+	$(BIN)/python -m benchmarks.lrn_bench
+
+clean:
+	rm -rf $(VENV) runs data
