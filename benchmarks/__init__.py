@@ -1,0 +1,1 @@
+"""Micro-benchmarks for alexnet-pp (run as ``python -m benchmarks.<name>``)."""
