@@ -1,0 +1,31 @@
+"""The data pipeline: embedded dataset, WebDataset shards, and the train/eval loaders.
+
+    info = ensure_dataset(cfg)                      # shards ready (generated if embedded)
+    train = build_train_loader(cfg, replica, dp)    # (images, labels) batches, len(train) per epoch
+    val = build_eval_loader(cfg, replica, dp)
+
+Submodules: synthetic (the embedded images), shards (writing), tarstream (reading one shard),
+sources (source strings → shards), stream (epoch splitting, shuffling, skipping), transforms
+(decode, crops, lighting, normalise), loader (DataLoader wrapper), commands (`alexnet-pp data`).
+The loaders import torch lazily, so shard generation in worker pools stays light.
+"""
+
+from .dataset import DatasetInfo, ensure_dataset
+
+__all__ = ["DatasetInfo", "ensure_dataset", "build_train_loader", "build_eval_loader"]
+
+
+def build_train_loader(cfg, replica=0, num_replicas=1, epoch=0, micro_batch=None, with_keys=False):
+    from .loader import build_train_loader as build
+
+    return build(cfg, replica, num_replicas, epoch, micro_batch, with_keys)
+
+
+def build_eval_loader(cfg, replica=0, num_replicas=1, micro_batch=None, with_keys=False):
+    from .loader import build_eval_loader as build
+
+    return build(cfg, replica, num_replicas, micro_batch, with_keys)
+
+
+build_train_loader.__doc__ = "See alexnet_pp.data.loader.build_train_loader."
+build_eval_loader.__doc__ = "See alexnet_pp.data.loader.build_eval_loader."

@@ -1,0 +1,261 @@
+"""Writing WebDataset shards: `{split}-{000000..}.tar` holding `{key}.jpg` + `{key}.cls` per sample.
+
+Beside the shards: `classes.json` (class names in index order) and `{split}-manifest.json`
+(generation parameters, shard names, samples per shard, total). A shard is written to
+`<name>.tmp` and renamed when complete, so a file with a shard's name is always whole.
+
+The manifest doubles as a journal: after each shard is renamed into place its entry
+(name, count, bytes, first/last source index) is recorded, and `complete` becomes true only at
+the end. Shard membership is cut by count and byte limits on deterministically encoded samples,
+then fixed by that journal, so a resumed run rewrites a missing shard i with exactly the samples
+it held before and continues after the last recorded one: no duplicates, no holes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def manifest_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}-manifest.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(root: str | Path, split: str) -> Optional[dict[str, Any]]:
+    p = manifest_path(root, split)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(root: str | Path, split: str, manifest: dict[str, Any]) -> None:
+    _atomic_write_text(manifest_path(root, split), json.dumps(manifest, indent=1) + "\n")
+
+
+def write_classes(root: str | Path, names: Sequence[str]) -> None:
+    _atomic_write_text(Path(root) / "classes.json", json.dumps(list(names), indent=0) + "\n")
+
+
+def read_classes(root: str | Path) -> Optional[list[str]]:
+    try:
+        names = json.loads((Path(root) / "classes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+@dataclass
+class Encoded:
+    """One sample ready to be written (or, with `error` set, a source that could not be read)."""
+
+    index: int
+    key: str = ""
+    data: bytes = b""
+    label: int = -1
+    ext: str = "jpg"
+    source: str = ""
+    error: str = ""
+
+
+def tar_bytes(samples: Iterable[Encoded]) -> bytes:
+    """A deterministic tar (fixed mtime/owner) of the samples' `.jpg` + `.cls` members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.cls", str(s.label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: Sequence[Encoded]) -> int:
+    """Write one shard via a temp file and rename; returns its size in bytes."""
+    data = tar_bytes(samples)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(data)
+
+
+# member overhead in a tar: a 512-byte header per member and padding to 512 bytes
+def _member_bytes(n: int) -> int:
+    return 512 + (n + 511) // 512 * 512
+
+
+def _sample_bytes(s: Encoded) -> int:
+    return _member_bytes(len(s.data)) + _member_bytes(len(str(s.label)))
+
+
+@dataclass
+class WriteReport:
+    split: str
+    total: int = 0  # samples in the split's shards
+    shards: int = 0
+    written: int = 0  # shards written by this run (the rest were complete already)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of skipped inputs
+
+
+def _pool(workers: int):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    return ctx.Pool(workers)
+
+
+def _encoded_stream(encode: Callable[[int], Encoded], indices: Sequence[int], pool, chunksize: int) -> Iterator[Encoded]:
+    if pool is None:
+        return map(encode, indices)
+    return pool.imap(encode, indices, chunksize=chunksize)
+
+
+def write_split(
+    root: str | Path,
+    split: str,
+    num_inputs: int,
+    encode: Callable[[int], Encoded],
+    params: dict[str, Any],
+    max_count: int = 1000,
+    max_bytes: int = 1 << 30,
+    workers: int = 0,
+    progress: bool = False,
+    resume: bool = True,
+) -> WriteReport:
+    """Encode inputs 0..num_inputs-1 (in that order) with `encode` and write them as shards.
+
+    `encode` must be a picklable, deterministic function of the index. With `resume`, shards
+    recorded in a manifest with the same `params` are kept when present and rewritten from their
+    recorded index range when missing; work continues after the last recorded shard. With other
+    params the split is rewritten from scratch (old shards of the split are removed)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(root, split) if resume else None
+    if old is not None and (old.get("params") != params or old.get("format") != MANIFEST_FORMAT):
+        old = None
+    if old is None:
+        for p in root.glob(f"{split}-*.tar*"):
+            p.unlink()
+        manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "split": split, "params": params,
+                                    "complete": False, "total": 0, "shards": []}
+        write_manifest(root, split, manifest)
+    else:
+        manifest = old
+        manifest["complete"] = False
+        for p in root.glob(f"{split}-*.tar.tmp"):  # left by an interrupted run
+            p.unlink()
+
+    report = WriteReport(split)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_inputs, desc=f"{split}", unit="img", dynamic_ncols=True)
+
+    pool = _pool(workers) if workers > 1 else None
+    chunksize = 8
+    try:
+        # 1. recorded shards: keep, or rewrite a missing one from its recorded range
+        for entry in manifest["shards"]:
+            path = root / entry["name"]
+            span = entry["end"] - entry["start"]
+            if path.exists() and path.stat().st_size == entry["bytes"]:
+                if bar:
+                    bar.update(span)
+                continue
+            samples = []
+            for s in _encoded_stream(encode, range(entry["start"], entry["end"]), pool, chunksize):
+                if not s.error:
+                    samples.append(s)
+                if bar:
+                    bar.update(1)
+            if len(samples) != entry["count"]:
+                raise RuntimeError(
+                    f"{path}: rewriting gave {len(samples)} samples, the manifest recorded {entry['count']}; "
+                    "the inputs changed since the shard was cut — remove the output and start again"
+                )
+            entry["bytes"] = write_shard(path, samples)
+            report.written += 1
+        # 2. everything after the last recorded shard, cut by count and bytes
+        start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
+        pending: list[Encoded] = []
+        pending_bytes, first = 1024, start  # the two zero blocks closing a tar
+
+        def flush(end: int) -> None:
+            nonlocal pending, pending_bytes, first
+            name = shard_name(split, len(manifest["shards"]))
+            size = write_shard(root / name, pending)
+            manifest["shards"].append({"name": name, "count": len(pending), "bytes": size, "start": first,
+                                       "end": end, "bad": bad_here})
+            manifest["total"] = sum(e["count"] for e in manifest["shards"])
+            write_manifest(root, split, manifest)
+            report.written += 1
+            pending, pending_bytes, first = [], 1024, end
+
+        bad_here: list[list[str]] = []
+        for s in _encoded_stream(encode, range(start, num_inputs), pool, chunksize):
+            if bar:
+                bar.update(1)
+            if s.error:
+                bad_here.append([s.source, s.error])
+                continue
+            nb = _sample_bytes(s)
+            if pending and (len(pending) >= max_count or pending_bytes + nb > max_bytes):
+                flush(s.index)
+                bad_here = []
+            pending.append(s)
+            pending_bytes += nb
+        if pending:
+            flush(num_inputs)
+        elif bad_here and manifest["shards"]:  # trailing bad inputs: remember them on the last shard
+            manifest["shards"][-1]["bad"].extend(bad_here)
+            manifest["shards"][-1]["end"] = num_inputs
+        elif bad_here:
+            manifest["bad"] = bad_here  # no sample at all could be read
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar:
+            bar.close()
+
+    manifest["total"] = sum(e["count"] for e in manifest["shards"])
+    manifest["complete"] = True
+    write_manifest(root, split, manifest)
+    report.total, report.shards = manifest["total"], len(manifest["shards"])
+    report.bad = [(src, why) for e in manifest["shards"] for src, why in e.get("bad", [])]
+    report.bad += [(src, why) for src, why in manifest.get("bad", [])]
+    return report
+
+
+def manifest_complete(root: str | Path, split: str, params: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The manifest when a complete split with these params is present (all shard files whole)."""
+    m = read_manifest(root, split)
+    if not m or not m.get("complete") or m.get("params") != params or m.get("format") != MANIFEST_FORMAT:
+        return None
+    for e in m["shards"]:
+        p = Path(root) / e["name"]
+        if not p.exists() or p.stat().st_size != e["bytes"]:
+            return None
+    return m

@@ -1,0 +1,328 @@
+"""The sample stream of one replica: which samples, in which order, cut into which batches.
+
+How an epoch is split (training)
+--------------------------------
+The shard list is permuted with (seed, epoch); concatenating the shards in that order numbers the
+epoch's samples 0..N-1 ("positions", counted from the manifests). With R replicas, micro-batch B
+and T = epoch_samples or N samples per epoch, every replica gets L = ceil(T / (R·B)) batches —
+the same L everywhere — and replica r owns the contiguous positions [r·L·B, (r+1)·L·B), taken
+modulo N: when R·L·B > N the last positions wrap round to the start of the epoch, so a few samples
+(< R·B) are seen twice and none is missed (DistributedSampler's padding, at sample level).
+Inside a replica, DataLoader worker w of W produces batches w, w+W, w+2W, … (the DataLoader
+returns workers' batches round-robin, which is exactly batch order because the per-worker batch
+counts never increase with w); worker w owns the contiguous slice of the replica's positions
+for its batches. A slice can start or stop inside a shard: the reader seeks over the samples it
+does not own. Sample-level slicing, rather than handing whole shards to workers, is what makes
+"every sample once" and "equal length everywhere" hold for any shard count (WebDataset issues
+#303/#188/#225: rank/worker imbalance, hangs with few shards).
+
+Each worker shuffles its slice through a buffer (cfg.data.shuffle_buffer) and then decodes and
+augments. A sample that turns out corrupt is skipped, counted and replaced: once its own slice
+is used up the worker keeps reading the positions that follow it (wrapping, at most one pass
+over the data), so every worker emits exactly its full batches and never runs dry; only if the
+whole data set cannot fill them does it raise. In resampled mode (cfg.data.resampled) each
+worker instead draws shards with replacement, epoch length from cfg.data.epoch_samples.
+
+Determinism and pipeline-stage alignment
+----------------------------------------
+Everything above is a pure function of (seed, epoch, replica, num_replicas, workers, sources,
+config): shard order, slices, shuffle buffer and augmentation use numpy generators seeded from
+those, corruption is a property of the bytes, and the DataLoader order is fixed. So loaders
+built independently for the first and the last pipeline stage of a replica yield the same
+samples in the same order (`with_keys=True` shows the keys; alignment.py compares streams).
+
+Evaluation
+----------
+No shuffle, no padding: replica r reads positions [r·N/R, (r+1)·N/R) of the split in shard order,
+cut into batches of B (the last one partial), worker w taking batches w, w+W, …; corrupt samples
+are skipped (their batch shrinks; a batch with nothing readable is left out).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import transforms as T
+from .tarstream import ShardOpenError, ShardTruncated, iter_samples
+
+log = logging.getLogger(__name__)
+
+# what a skipped sample was: the keys of skip_counts()
+SKIP_KINDS = ("truncated", "shard", "decode", "missing_image", "missing_cls", "bad_cls", "label_range")
+
+
+class DataError(RuntimeError):
+    """The data cannot fill the batches asked for (e.g. every sample is corrupt)."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    seed: int
+    replica: int
+    num_replicas: int
+    batch: int
+    image_size: int
+    num_classes: int
+    train: bool = True
+    shuffle_buffer: int = 1000
+    flip: bool = True
+    color_noise: float = 0.0
+    resampled: bool = False
+    epoch_samples: int = 0
+    skip_bad_shards: bool = False
+    eval_crops: int = 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, epoch, 1]).permutation(num_shards).tolist()
+
+
+def segments(order: list[int], counts: tuple[int, ...], start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """(shard, first, end, position of first) pieces covering epoch positions [start, stop),
+    taken modulo the total."""
+    sizes = [counts[k] for k in order]
+    cum = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    total = cum[-1]
+    out: list[tuple[int, int, int, int]] = []
+    p = start
+    while p < stop and total > 0:
+        q = p % total
+        j = bisect.bisect_right(cum, q) - 1  # the shard holding position q (empty shards skipped)
+        first = q - cum[j]
+        take = min(sizes[j] - first, stop - p)
+        out.append((order[j], first, first + take, p))
+        p += take
+    return out
+
+
+def worker_slice(num_batches: int, batch: int, worker: int, workers: int) -> tuple[int, int]:
+    """(offset in the replica's positions, number of batches) of worker `worker`'s batches."""
+    counts = [len(range(v, num_batches, workers)) for v in range(workers)]
+    return batch * sum(counts[:worker]), counts[worker]
+
+
+class ShardStream(IterableDataset):
+    """One replica's batches; each DataLoader worker runs `worker_batches` for its own id.
+
+    Items are (images, labels, keys, skips): skips is the worker's {kind: count} since its
+    previous batch, so the main process can add them up (ShardLoader.skip_counts)."""
+
+    def __init__(self, spec: StreamSpec, epoch: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.epoch = epoch
+        if spec.total <= 0 and not spec.resampled:
+            raise DataError(f"no samples in {len(spec.urls)} shard(s) (first: {spec.urls[0] if spec.urls else '-'})")
+
+    # ------------------------------------------------------------------ sizes
+    def replica_range(self) -> tuple[int, int]:
+        s = self.spec
+        if s.train:
+            n = self.num_batches * s.batch
+            return s.replica * n, (s.replica + 1) * n
+        return s.replica * s.total // s.num_replicas, (s.replica + 1) * s.total // s.num_replicas
+
+    @property
+    def num_batches(self) -> int:
+        s = self.spec
+        if s.train:
+            per_epoch = s.epoch_samples if s.epoch_samples > 0 else s.total
+            return max(1, math.ceil(per_epoch / (s.num_replicas * s.batch)))
+        a = s.replica * s.total // s.num_replicas
+        b = (s.replica + 1) * s.total // s.num_replicas
+        return math.ceil((b - a) / s.batch)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this replica yields per epoch (before skips in evaluation)."""
+        if self.spec.train:
+            return self.num_batches * self.spec.batch
+        a, b = self.replica_range()
+        return b - a
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.worker_batches(w, n)
+
+    # ------------------------------------------------------------------ reading
+    def _skip(self, url: str, key: Optional[str], kind: str, why: str = "") -> None:
+        self._skips[kind] += 1
+        if url not in self._logged:
+            self._logged.add(url)
+            what = f"sample {key!r}" if key else "the rest of the shard"
+            log.warning("%s: skipping %s (%s%s); further problems in this shard are only counted",
+                        url, what, kind, f": {why}" if why else "")
+
+    def _raw(self, segs: list[tuple[int, int, int, int]]) -> Iterator[tuple[int, str, str, int, bytes, str]]:
+        """(epoch position, url, key, label, image bytes, ext) of the readable samples in segs."""
+        s = self.spec
+        for shard, first, end, at in segs:
+            url = s.urls[shard]
+            seen = first
+            try:
+                for pos, key, members in iter_samples(url, first, end):
+                    seen = pos + 1
+                    ext = next((e for e in T.IMAGE_EXTS if e in members), None)
+                    if ext is None:
+                        self._skip(url, key, "missing_image")
+                        continue
+                    raw = members.get("cls")
+                    if raw is None:
+                        self._skip(url, key, "missing_cls")
+                        continue
+                    try:
+                        label = int(raw.decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        self._skip(url, key, "bad_cls", repr(raw[:20]))
+                        continue
+                    if not 0 <= label < s.num_classes:
+                        self._skip(url, key, "label_range", f"{label} not in 0..{s.num_classes - 1}")
+                        continue
+                    yield at + pos - first, url, key, label, members[ext], ext
+                if seen < end:  # a clean end of archive before the counted samples
+                    self._skip(url, None, "truncated", f"{end - seen} samples fewer than counted")
+            except ShardTruncated as e:
+                self._skip(url, None, "truncated", e.why)
+            except ShardOpenError:
+                if not s.skip_bad_shards:
+                    raise
+                self._skip(url, None, "shard", "cannot be opened")
+
+    def _shuffled(self, it, rng: np.random.Generator):
+        size = self.spec.shuffle_buffer
+        if size <= 1:
+            yield from it
+            return
+        buf: list = []
+        for x in it:
+            if len(buf) < size:
+                buf.append(x)
+                continue
+            i = int(rng.integers(size))
+            yield buf[i]
+            buf[i] = x
+        for i in rng.permutation(len(buf)).tolist():
+            yield buf[i]
+
+    def _decoded(self, it, rng: Optional[np.random.Generator], patience: int):
+        """(position, key, label, crop(s), lighting offset) of the samples that decode."""
+        s, side = self.spec, self.spec.image_size
+        failures = 0
+        for pos, url, key, label, data, ext in it:
+            try:
+                img = T.fit_min_side(T.decode(data, ext), side)
+            except T.DecodeError as e:
+                self._skip(url, key, "decode", str(e))
+                failures += 1
+                if failures > patience:
+                    raise DataError(f"{failures} samples in a row failed to decode (last: {url} {key})")
+                continue
+            failures = 0
+            if rng is not None:
+                yield pos, key, label, T.random_crop(img, side, rng, s.flip), T.lighting_offset(rng, s.color_noise)
+            elif s.eval_crops == 10:
+                yield pos, key, label, np.stack(T.ten_crop(img, side)), None
+            else:
+                yield pos, key, label, T.center_crop(img, side), None
+
+    def _resampled_raw(self, worker: int, workers: int):
+        s = self.spec
+        rng = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 3])
+        empty_visits = 0
+        while True:
+            k = int(rng.integers(len(s.urls)))
+            got = False
+            for x in self._raw([(k, 0, s.counts[k], 0)]):
+                got = True
+                yield x
+            empty_visits = 0 if got else empty_visits + 1
+            if empty_visits > 10 * len(s.urls) + 10:
+                raise DataError(f"no readable sample in {empty_visits} shard visits")
+
+    # ------------------------------------------------------------------ batches
+    def _emit(self, samples: list) -> tuple:
+        keys = [x[1] for x in samples]
+        labels = torch.tensor([x[2] for x in samples], dtype=torch.int64)
+        crops = np.stack([x[3] for x in samples])
+        if self.spec.train:
+            images = T.normalise(crops, np.stack([x[4] for x in samples]))
+        elif crops.ndim == 5:  # ten-crop: N×10×S×S×3
+            n, k = crops.shape[:2]
+            images = T.normalise(crops.reshape((n * k,) + crops.shape[2:])).view(n, k, 3, *crops.shape[2:4])
+        else:
+            images = T.normalise(crops)
+        skips = dict(self._skips)
+        self._skips.clear()
+        return images, labels, keys, skips
+
+    def worker_batches(self, worker: int = 0, workers: int = 1) -> Iterator[tuple]:
+        """The batches of DataLoader worker `worker` of `workers` (the whole stream when 1)."""
+        self._skips: Counter = Counter()
+        self._logged: set[str] = set()
+        s = self.spec
+        if not s.train:
+            yield from self._eval_batches(worker, workers)
+            return
+        offset, nb = worker_slice(self.num_batches, s.batch, worker, workers)
+        if nb == 0:
+            return
+        first, _ = self.replica_range()
+        need = nb * s.batch
+        aug = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 2])
+        if s.resampled:
+            shuf = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 4])
+            stream = self._decoded(self._shuffled(self._resampled_raw(worker, workers), shuf), aug, 10 * s.total + 10)
+        else:
+            order = shard_order(len(s.urls), s.seed, self.epoch)
+            a = first + offset
+            own = self._raw(segments(order, s.counts, a, a + need))
+            shuf = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 4])
+            # replacements for skipped samples: the positions after the slice, one pass at most
+            spare = self._raw(segments(order, s.counts, a + need, a + need + s.total))
+            stream = _chain(self._decoded(self._shuffled(own, shuf), aug, s.total + 1),
+                            self._decoded(spare, aug, s.total + 1))
+        for b in range(nb):
+            batch = []
+            for x in stream:
+                batch.append(x)
+                if len(batch) == s.batch:
+                    break
+            if len(batch) < s.batch:
+                raise DataError(
+                    f"replica {s.replica} worker {worker}: only {b * s.batch + len(batch)} of {need} samples "
+                    f"readable in the whole data set; skipped so far: {dict(self._skips)}"
+                )
+            yield self._emit(batch)
+
+    def _eval_batches(self, worker: int, workers: int) -> Iterator[tuple]:
+        # batch b is positions [b·B, (b+1)·B) of the replica's range, so the partial one is last
+        s = self.spec
+        start, end = self.replica_range()
+        order = list(range(len(s.urls)))
+        for b in range(worker, self.num_batches, workers):
+            a = start + b * s.batch
+            segs = segments(order, s.counts, a, min(a + s.batch, end))
+            batch = list(self._decoded(self._raw(segs), None, s.batch + 1))
+            if batch:
+                yield self._emit(batch)
+
+
+def _chain(*its):
+    for it in its:
+        yield from it
