@@ -1,0 +1,112 @@
+"""The engine against the single-process trainer, on real DeepSpeed across real gloo processes."""
+
+import functools
+
+import pytest
+import torch
+
+from alexnet_pp.config import load_config
+from alexnet_pp.model import LAYER_NAMES, AlexNet
+from alexnet_pp.optim import build_optimizer
+from alexnet_pp.steps import train_step
+from cluster.engine import TensorData
+from cluster.spawn import run_local
+
+STEPS = 3
+
+
+def make_batches(n, batch, size=64, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def layout_cfg(tmp_path, pp, tp, dp, m, **extra):
+    overrides = {
+        "model.dropout": "0", "parallel.pp": pp, "parallel.tp": tp, "parallel.dp": dp, "parallel.micro_batches": m,
+        "train.batch_size": 16, "train.epochs": 1, "train.eval_every": 100, "train.schedule": "constant",
+        "train.lr": "0.05", "checkpoint.dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "runs"),
+    }
+    overrides.update({k: str(v) for k, v in extra.items()})
+    return load_config("test", overrides=overrides)
+
+
+def data_factory(batches, tp, dp, m, rank):
+    return TensorData(batches, replica=(rank // tp) % dp, replicas=dp, micro_batches=m)
+
+
+def reference(cfg, batches):
+    torch.manual_seed(cfg.train.seed)
+    model = AlexNet(cfg.model)
+    opt = build_optimizer(model.parameters(), cfg.train)
+    losses = [train_step(model, x, y, opt, cfg.train.grad_clip) for x, y in batches]
+    return losses, model.state_dict()
+
+
+def gathered_state(results, cfg):
+    """Each rank's stage parameters, renamed to the single model's state_dict keys."""
+    state = {}
+    for res in results:
+        tower = res.coord["tower"]
+        for key, value in res.parameters.items():
+            parts = key.split(".")
+            name = LAYER_NAMES[int(parts[0])]
+            if cfg.parallel.tp == 1:  # "<layer>.layer.parts.<t>.<weight|bias>"
+                t, leaf = int(parts[3]), parts[4]
+            else:  # "<layer>.part.<weight|bias>"
+                t, leaf = tower, parts[2]
+            full = f"fc8.{leaf}" if name == "fc8" else f"towers.{t}.{name}.{leaf}"
+            if full in state:
+                torch.testing.assert_close(state[full], value)  # replicas and replicated fc8 agree
+            state[full] = value
+    return state
+
+
+LAYOUTS = [(2, 2, 1, 2), (2, 1, 2, 1), (1, 2, 1, 2), (3, 1, 1, 4)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pp,tp,dp,m", LAYOUTS, ids=lambda v: str(v))
+def test_layouts_match_single_process(tmp_path, pp, tp, dp, m):
+    cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"checkpoint.resume": "false"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
+    for res in results:  # every rank reports the job's loss
+        torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    assert set(state) == set(ref_state)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pp,tp,dp,m", [(2, 2, 1, 2), (1, 2, 2, 1)], ids=lambda v: str(v))
+def test_gradient_clipping_counts_sharded_and_replicated_parameters_once(tmp_path, pp, tp, dp, m):
+    cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"train.grad_clip": "0.05", "checkpoint.resume": "false"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    unclipped, _ = reference(layout_cfg(tmp_path, pp, tp, dp, m), batches)
+    assert abs(unclipped[-1] - ref_losses[-1]) > 1e-3  # the clip is active, so a wrong norm would show
+    results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pp,tp,dp,m", [(2, 2, 1, 2), (2, 1, 1, 2)], ids=lambda v: str(v))
+def test_resume_continues_with_the_same_losses(tmp_path, pp, tp, dp, m):
+    """2K steps straight vs K steps, stop, resume for K more — dropout on, so RNG state must resume too."""
+    k = 2
+    batches = make_batches(3, 16)  # an epoch of 3 steps: the resume point falls mid-epoch
+    factory = functools.partial(data_factory, batches, tp, dp, m)
+    common = {"model.dropout": "0.5", "train.epochs": "2"}
+    straight = run_local(layout_cfg(tmp_path / "a", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory)
+    first = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": k}), factory)
+    resumed = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory)
+    assert resumed[0].resumed_from == k
+    assert len(first[0].losses) == k and len(resumed[0].losses) == k
+    torch.testing.assert_close(torch.tensor(first[0].losses + resumed[0].losses),
+                               torch.tensor(straight[0].losses), rtol=1e-5, atol=1e-6)

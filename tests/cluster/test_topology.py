@@ -1,0 +1,47 @@
+import pytest
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from alexnet_pp.config import ConfigError, load_config
+from cluster.topology import build_topology
+
+
+def cfg_for(**kw):
+    return load_config("test", overrides={f"parallel.{k}": str(v) for k, v in kw.items()})
+
+
+@pytest.mark.parametrize("pp,tp,dp", [(2, 2, 1), (2, 1, 2), (1, 2, 1), (3, 1, 1), (2, 2, 2), (4, 2, 1)])
+def test_rank_coordinates_follow_deepspeed(pp, tp, dp):
+    topo = build_topology(cfg_for(pp=pp, tp=tp, dp=dp, micro_batches=1))
+    ds = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    for rank in range(pp * tp * dp):
+        c, d = topo.coord(rank), ds.get_coord(rank)
+        assert (c.stage, c.tower, c.replica) == (d.pipe, d.model, d.data)
+        assert topo.rank_of(c.stage, c.tower, c.replica) == rank
+    if tp == 2:  # the towers of a stage are neighbouring ranks (same node under PACK placement)
+        assert topo.coord(0).stage == topo.coord(1).stage and topo.coord(1).tower == 1
+
+
+def test_theoretical_bubble():
+    topo = build_topology(cfg_for(pp=2, micro_batches=4, dp=1))
+    assert topo.theoretical_bubble() == pytest.approx(1 / 5)
+
+
+@pytest.mark.parametrize(
+    "overrides, workers, message",
+    [
+        (dict(pp=9), None, "at most 8"),
+        (dict(pp=2, tp=2), 3, "pp × tp × dp"),
+        (dict(zero_stage=1), None, "dp ≥ 2"),
+        (dict(pp=3, partition="2"), None, "give 2 cut point"),
+        (dict(pp=2, partition="9"), None, "increase strictly"),
+        (dict(pp=2, partition="abc"), None, "cut points like"),
+    ],
+)
+def test_invalid_layouts_fail_before_workers_start(overrides, workers, message):
+    with pytest.raises(ConfigError, match=message):
+        build_topology(cfg_for(**overrides), workers=workers)
+
+
+def test_batch_must_split_into_micro_batches_and_replicas():
+    with pytest.raises(ConfigError, match="micro_batch × parallel.micro_batches"):
+        load_config("test", overrides={"parallel.dp": "2", "parallel.micro_batches": "3", "train.batch_size": "16"})
