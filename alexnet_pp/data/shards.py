@@ -82,7 +82,7 @@ class Encoded:
 def tar_bytes(samples: Iterable[Encoded]) -> bytes:
     """A deterministic tar (fixed mtime/owner) of the samples' `.jpg` + `.cls` members."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for s in samples:
             for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.cls", str(s.label).encode())):
                 info = tarfile.TarInfo(name)

@@ -1,9 +1,10 @@
 """Decoding and augmentation on uint8 HWC arrays, then one fused normalise step per batch.
 
 Decoding uses simplejpeg (libjpeg-turbo straight into a numpy array) with exact DCT and
-upsampling; it measured ~1.3-1.5× faster than Pillow here for 256×256 JPEGs with identical pixels
-(benchmarks/data_bench.py --decoders). The fast DCT/upsampling options change pixels by a few
-levels for little gain, so they stay off. Other formats (PNG, CMYK JPEG) fall back to Pillow.
+upsampling: 290 µs against Pillow's 440 µs per 256×256 JPEG on this machine, pixel-identical
+(benchmarks/data_bench.py prints the comparison). Its fastdct/fastupsample options were no faster
+here and move chroma edges by up to 77 levels, so they stay off. Other formats (PNG, CMYK JPEG)
+fall back to Pillow.
 
 Crops and flips are numpy views; the paper's PCA lighting noise adds one RGB offset per image,
 so lighting and normalisation fold into a per-image, per-channel `x * scale + bias` on the batch.
