@@ -26,6 +26,10 @@
 #include <thread>
 #include <vector>
 
+#ifndef LRN_BLOCK_BYTES
+#define LRN_BLOCK_BYTES 1024
+#endif
+
 namespace {
 
 struct Params {
@@ -84,7 +88,7 @@ inline void window_scale(const T* __restrict xb, int64_t stride, int64_t j0, int
 
 template <typename T>
 constexpr int64_t block_len() {
-  return 1024 / sizeof(T);  // 1 KiB rows: the backward working set stays in L1/L2
+  return LRN_BLOCK_BYTES / sizeof(T);  // 1 KiB rows: the backward working set stays in L1/L2
 }
 
 // ---------------------------------------------------------------- layout 0

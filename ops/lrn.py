@@ -190,8 +190,9 @@ def _neg_pow_(s: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def _scale(x: torch.Tensor, size: int, alpha: float, k: float) -> torch.Tensor:
+    """s = k + alpha * window-sum of x^2 (x dense; s gets x's layout)."""
     sq = x * x
-    s = _empty(x, _layout_of(x) if _layout_of(x) >= 0 else LAYOUT_CONTIGUOUS)
+    s = torch.empty_like(sq)
     _window_sum_(sq, size // 2, (size - 1) // 2, s)
     del sq
     return s.mul_(alpha).add_(k)

@@ -44,7 +44,14 @@ _BASE_FLAGS = [
     "-fno-math-errno",
     "-fno-trapping-math",
 ]
-_ARCH_FLAGS = ["-march=native"]
+# Tried in order until one builds: the last set is portable.  512-bit vectors
+# measured ~1.5x faster than gcc's default 256-bit preference on an AVX-512
+# Xeon (the flag is a no-op on CPUs without AVX-512).
+_FLAG_SETS = (
+    ["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else None,
+    ["-march=native"],
+    [],
+)
 _ABI_VERSION = 1
 
 SUPPORTED_DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -105,17 +112,29 @@ def _build(cxx: str, dest_dir: Path, flags: list[str]) -> Path:
     if target.exists():
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=dest_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders are harmless
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # One builder at a time per cache dir (pipeline stages often start together);
+    # the others wait and then find the finished file.
+    with open(dest_dir / ".build.lock", "a+") as lock_file:
+        try:
+            import fcntl
+
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass  # no locking available: concurrent builds are still safe, just wasteful
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=dest_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed ({proc.returncode}): "
+                                   f"{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)  # atomic: readers never see a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return target
 
 
@@ -141,12 +160,15 @@ def _load_uncached() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found (set CXX)")
     dirs = [cache_dir(), Path(tempfile.gettempdir()) / f"alexnet_pp_{os.getuid()}" / "lrn_cpu"]
     errors = []
-    for flags in (_BASE_FLAGS + _ARCH_FLAGS, _BASE_FLAGS):
+    for extra in _FLAG_SETS:
+        if extra is None:
+            continue
+        flags = _BASE_FLAGS + extra
         for d in dirs:
             try:
                 return _configure(ctypes.CDLL(str(_build(cxx, d, flags))))
             except Exception as exc:  # noqa: BLE001 - any failure means "fall back"
-                errors.append(f"{d} {' '.join(flags[-1:])}: {exc}")
+                errors.append(f"{d} {' '.join(extra)}: {exc}")
     raise RuntimeError("; ".join(errors))
 
 

@@ -479,9 +479,8 @@ def test_cuda_matches_cpu(case, layout):
     if layout == "channels_last" and x.dim() == 4:
         xc, gc = xc.to(memory_format=torch.channels_last), gc.to(memory_format=torch.channels_last)
     elif layout == "strided":
-        xc = xc.transpose(-1, -2).contiguous().transpose(-1, -2)  # dense but not contiguous
-        if x.dim() == 4:
-            xc = torch.cat([xc, xc], dim=1)[:, ::2]  # and really strided
+        xc = torch.stack([xc, xc], dim=2)[:, :, 0]  # same values, non-dense strides
+        assert not xc.is_contiguous() and torch.equal(xc.cpu(), x)
     xl = leaf(xc)
     y = lrn(xl, size, alpha, beta, k)
     (gx,) = torch.autograd.grad(y, xl, gc)
@@ -516,3 +515,16 @@ def test_cuda_low_precision(dtype):
 def test_cuda_float64_gradcheck():
     x = (torch.randn(2, 7, 3, 3, dtype=torch.float64, device="cuda") * 20).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: lrn(t), (x,), eps=1e-6, atol=1e-7)
+
+
+@needs_cuda
+def test_cuda_no_grad_and_inplace():
+    x = torch.randn(2, 16, 5, 5, device="cuda") * 10
+    with torch.no_grad():
+        y = lrn(x)
+    torch.testing.assert_close(y.cpu().double(), lrn(x.cpu().double()), rtol=1e-5, atol=1e-5)
+    xl = leaf(x.to(memory_format=torch.channels_last))
+    out = lrn(xl)
+    assert out._base is None
+    out.relu_().sum().backward()
+    assert xl.grad is not None and torch.isfinite(xl.grad).all()
