@@ -26,6 +26,7 @@ output / input-gradient keep the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Optional
@@ -122,6 +123,13 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU (Triton uses the current device), not whichever is current."""
+    if x.is_cuda:
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def forward(x: torch.Tensor, layout: int, size: int, alpha: float, beta: float, k: float,
             need_saved: bool = True):
     """Fused forward on a dense tensor in ``layout``: returns ``(y, s or None)``."""
@@ -133,10 +141,11 @@ def forward(x: torch.Tensor, layout: int, size: int, alpha: float, beta: float, 
     if x.numel() == 0:
         return y, sbuf
     c, s, sn, sc, ss, bc, bs, nw, n_cb, n_sb, grid = _grid(x, layout)
-    fwd[grid](x, y, sbuf if sbuf is not None else y, c, s, sn, sc, ss, n_cb, n_sb,
-              float(alpha), float(beta), float(k),
-              LO=size // 2, HI=(size - 1) // 2, POW_MODE=_pow_mode(beta),
-              SAVE_S=need_saved, BLOCK_C=bc, BLOCK_S=bs, num_warps=nw)
+    with _on_device(x):
+        fwd[grid](x, y, sbuf if sbuf is not None else y, c, s, sn, sc, ss, n_cb, n_sb,
+                  float(alpha), float(beta), float(k),
+                  LO=size // 2, HI=(size - 1) // 2, POW_MODE=_pow_mode(beta),
+                  SAVE_S=need_saved, BLOCK_C=bc, BLOCK_S=bs, num_warps=nw)
     return y, sbuf
 
 
@@ -152,8 +161,9 @@ def backward(x: torch.Tensor, sbuf: torch.Tensor, g: torch.Tensor, layout: int, 
     if g.dtype != x.dtype:
         g = g.to(x.dtype)
     c, s, sn, sc, ss, bc, bs, nw, n_cb, n_sb, grid = _grid(x, layout)
-    bwd[grid](x, sbuf, g, gi, c, s, sn, sc, ss, n_cb, n_sb,
-              float(-2.0 * alpha * beta), float(beta),
-              LO=size // 2, HI=(size - 1) // 2, POW_MODE=_pow_mode(beta),
-              BLOCK_C=bc, BLOCK_S=bs, num_warps=nw)
+    with _on_device(x):
+        bwd[grid](x, sbuf, g, gi, c, s, sn, sc, ss, n_cb, n_sb,
+                  float(-2.0 * alpha * beta), float(beta),
+                  LO=size // 2, HI=(size - 1) // 2, POW_MODE=_pow_mode(beta),
+                  BLOCK_C=bc, BLOCK_S=bs, num_warps=nw)
     return gi

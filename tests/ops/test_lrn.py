@@ -22,8 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 CPU_EXT = lrn_cpu.available()
 CPU_BACKENDS = ["torch"] + (["cpu_ext"] if CPU_EXT else [])
 needs_ext = pytest.mark.skipif(not CPU_EXT, reason=f"C++ LRN kernel unavailable: {lrn_cpu.last_error()}")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-needs_fused = pytest.mark.skipif(not ops.FUSED_LRN_AVAILABLE, reason="Triton + CUDA not available")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+_no_fused = pytest.mark.skipif(not ops.FUSED_LRN_AVAILABLE, reason="Triton + CUDA not available")
+
+
+def needs_cuda(fn):
+    return pytest.mark.cuda(_no_cuda(fn))
+
+
+def needs_fused(fn):
+    return pytest.mark.cuda(_no_fused(fn))
 
 
 def torch_ref(size, alpha=1e-4, beta=0.75, k=2.0):
@@ -528,3 +536,22 @@ def test_cuda_no_grad_and_inplace():
     assert out._base is None
     out.relu_().sum().backward()
     assert xl.grad is not None and torch.isfinite(xl.grad).all()
+
+
+# ----------------------------------------------------------------------------- benchmark smoke
+def test_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
+    from benchmarks import lrn_bench
+
+    out = tmp_path / "bench.json"
+    assert lrn_bench.main(["--shape", "2x8x5x5", "--shape", "1x3x4x4", "--reps", "2", "--warmup", "1",
+                           "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speedup" in text and "2x8x5x5" in text
+    data = json.loads(out.read_text())
+    assert [r["shape"] for r in data["results"]] == [[2, 8, 5, 5], [1, 3, 4, 4]]
+    for r in data["results"]:
+        assert len(r["times_ms"]["torch"]) == len(r["times_ms"]["ours"]) == 2
+        assert r["median_ms"]["ours"] > 0 and r["speedup"]["ours"] > 0
