@@ -34,6 +34,9 @@ class ModelConfig:
     num_classes: int = 1000
     lrn_order: Literal["paper", "caffenet"] = "paper"  # paper: ReLU→LRN→pool; caffenet: ReLU→pool→LRN
     dropout: float = 0.5  # on fc6 and fc7, training only
+    # paper: N(0, 0.01²) weights, biases 1 in conv2/4/5, fc6/7. It needs the paper's many epochs at
+    # full width; scaled-down networks trained for minutes learn from a fan-in (He) init instead.
+    init: Literal["paper", "kaiming"] = "paper"
     lrn_size: int = 5
     lrn_alpha: float = 1e-4  # paper's α (not divided by size, unlike torch.nn.LocalResponseNorm)
     lrn_beta: float = 0.75
@@ -166,7 +169,7 @@ def preset(name: str) -> RunConfig:
         return cfg
     if name == "demo":
         cfg.name = "demo"
-        cfg.model = ModelConfig(width=0.5, image_size=112, num_classes=10)
+        cfg.model = ModelConfig(width=0.5, image_size=112, num_classes=10, init="kaiming")
         cfg.data = DataConfig(
             synthetic_dir="data/synthetic-128",
             synthetic_classes=10,
@@ -179,7 +182,7 @@ def preset(name: str) -> RunConfig:
         return cfg
     if name == "test":
         cfg.name = "test"
-        cfg.model = ModelConfig(width=0.25, image_size=64, num_classes=10)
+        cfg.model = ModelConfig(width=0.25, image_size=64, num_classes=10, init="kaiming")
         cfg.data = DataConfig(
             synthetic_dir="data/synthetic-72",
             synthetic_classes=10,

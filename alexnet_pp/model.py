@@ -98,6 +98,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError("model.lrn_order must be 'paper' or 'caffenet'")
     if cfg.lrn_size < 1:
         raise ConfigError("model.lrn_size must be ≥ 1")
+    if cfg.init not in ("paper", "kaiming"):
+        raise ConfigError("model.init must be 'paper' or 'kaiming'")
 
 
 class Tower(nn.Module):
@@ -220,11 +222,17 @@ class AlexNet(nn.Module):
         return list(self._layers)
 
     def reset_parameters(self) -> None:
-        """Paper initialisation: weights N(0, 0.01²); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        """Paper initialisation: weights N(0, 0.01²); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+        `init: kaiming` (scaled-down presets): He-normal weights for ReLU layers, zero biases."""
         for layer in self._layers:
             for part in layer.parts:
-                nn.init.normal_(part.weight, mean=0.0, std=0.01)
-                nn.init.constant_(part.bias, 1.0 if layer.name in BIAS_ONE else 0.0)
+                if self.cfg.init == "kaiming":
+                    relu = layer.name != "fc8"
+                    nn.init.kaiming_normal_(part.weight, nonlinearity="relu" if relu else "linear")
+                    nn.init.zeros_(part.bias)
+                else:
+                    nn.init.normal_(part.weight, mean=0.0, std=0.01)
+                    nn.init.constant_(part.bias, 1.0 if layer.name in BIAS_ONE else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self._layers:

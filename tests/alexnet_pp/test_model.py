@@ -272,3 +272,11 @@ def test_model_file_imports_nothing_distributed():
             names.add(node.module or "")
     banned = ("torch.distributed", "deepspeed", "ray", "cluster")
     assert not [n for n in names if n.startswith(banned)]
+
+
+def test_kaiming_init_option_for_scaled_down_presets():
+    torch.manual_seed(6)
+    model = AlexNet(small_cfg(init="kaiming", width=0.5))
+    w = model.towers[0].conv3.weight
+    assert w.std().item() == pytest.approx((2 / w[0].numel()) ** 0.5, rel=0.05)
+    assert all(torch.all(p.bias == 0) for layer in model.layers() for p in layer.parts)
