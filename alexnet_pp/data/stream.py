@@ -237,7 +237,7 @@ class ShardStream(IterableDataset):
             if rng is not None:
                 yield pos, key, label, T.random_crop(img, side, rng, s.flip), T.lighting_offset(rng, s.color_noise)
             elif s.eval_crops == 10:
-                yield pos, key, label, np.stack(T.ten_crop(img, side)), None
+                yield pos, key, label, T.ten_crop(img, side), None
             else:
                 yield pos, key, label, T.center_crop(img, side), None
 
@@ -259,14 +259,15 @@ class ShardStream(IterableDataset):
     def _emit(self, samples: list) -> tuple:
         keys = [x[1] for x in samples]
         labels = torch.tensor([x[2] for x in samples], dtype=torch.int64)
-        crops = np.stack([x[3] for x in samples])
+        shared = get_worker_info() is not None
+        side = self.spec.image_size
         if self.spec.train:
-            images = T.normalise(crops, np.stack([x[4] for x in samples]))
-        elif crops.ndim == 5:  # ten-crop: N×10×S×S×3
-            n, k = crops.shape[:2]
-            images = T.normalise(crops.reshape((n * k,) + crops.shape[2:])).view(n, k, 3, *crops.shape[2:4])
+            images = T.normalise([x[3] for x in samples], np.stack([x[4] for x in samples]), shared)
+        elif isinstance(samples[0][3], list):  # ten-crop: N×10×3×S×S
+            flat = [c for x in samples for c in x[3]]
+            images = T.normalise(flat, None, shared).view(len(samples), len(samples[0][3]), 3, side, side)
         else:
-            images = T.normalise(crops)
+            images = T.normalise([x[3] for x in samples], None, shared)
         skips = dict(self._skips)
         self._skips.clear()
         return images, labels, keys, skips

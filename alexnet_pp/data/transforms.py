@@ -7,12 +7,13 @@ here and move chroma edges by up to 77 levels, so they stay off. Other formats (
 fall back to Pillow.
 
 Crops and flips are numpy views; the paper's PCA lighting noise adds one RGB offset per image,
-so lighting and normalisation fold into a per-image, per-channel `x * scale + bias` on the batch.
+so lighting and normalisation fold into a per-image, per-channel `x * scale + bias`.
 """
 
 from __future__ import annotations
 
 import io
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -102,15 +103,26 @@ def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
     return EIGVEC @ (alpha * EIGVAL)
 
 
-def normalise(crops: np.ndarray, offsets: np.ndarray | None = None) -> torch.Tensor:
-    """uint8 N×H×W×3 (+ per-image RGB offsets N×3 in [0,1] units) → float32 N×3×H×W,
-    ((x / 255 + offset) - mean) / std, as one multiply-add per channel."""
-    n = crops.shape[0]
-    scale = torch.from_numpy(1.0 / (255.0 * STD)).view(1, 3, 1, 1)
+def normalise(crops: Sequence[np.ndarray], offsets: Optional[np.ndarray] = None, shared: bool = False) -> torch.Tensor:
+    """uint8 H×W×3 crops (+ per-image RGB offsets N×3 in [0,1] units) → float32 N×3×H×W,
+    ((x / 255 + offset) - mean) / std. Per image: one uint8 transpose to planar, then one
+    multiply and one add in float; about 3× faster here than a permuted torch copy + mul_ + add_.
+    With `shared` the result is allocated in shared memory (a DataLoader worker then sends it
+    without another copy)."""
+    n = len(crops)
+    h, w = crops[0].shape[:2]
+    out = torch.empty((n, 3, h, w), dtype=torch.float32)
+    if shared:
+        out.share_memory_()
+    buf = out.numpy()
+    planar = np.empty((3, h, w), dtype=np.uint8)
+    scale = (1.0 / (255.0 * STD)).reshape(3, 1, 1)
     bias = np.broadcast_to(-MEAN / STD, (n, 3)).copy()
     if offsets is not None:
-        bias += offsets / STD
-    out = torch.empty((n, 3) + crops.shape[1:3], dtype=torch.float32)
-    out.copy_(torch.from_numpy(crops).permute(0, 3, 1, 2))
-    out.mul_(scale).add_(torch.from_numpy(bias).view(n, 3, 1, 1))
+        bias += np.asarray(offsets, dtype=np.float32) / STD
+    bias = bias.astype(np.float32).reshape(n, 3, 1, 1)
+    for i, c in enumerate(crops):
+        planar[...] = c.transpose(2, 0, 1)
+        np.multiply(planar, scale, out=buf[i])
+        buf[i] += bias[i]
     return out
