@@ -18,7 +18,7 @@ from .sources import ShardList, resolve
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # bump when images change: datasets on disk are regenerated
 SPLITS = ("train", "val")
 
 
@@ -57,7 +57,7 @@ def synthetic_params(classes: int, per_class: int, size: int, seed: int, quality
 
 
 def default_shard_count(n: int) -> int:
-    # ≥ 16 shards for shard shuffling, ≤ 1000 samples per shard
+    # about 16 shards, so that shard shuffling has something to shuffle; 16 to 1000 samples each
     return max(16, min(1000, -(-n // 16)))
 
 

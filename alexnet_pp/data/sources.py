@@ -97,6 +97,23 @@ def _from_manifest(path: Path) -> list[str]:
     return names
 
 
+_COUNTS: dict[tuple, tuple] = {}
+
+
+def _count(url: str):
+    # a trainer builds loaders every epoch: count an unchanged local shard only once per process
+    if url.startswith("pipe:"):
+        return count_samples(url)
+    try:
+        st = os.stat(url)
+    except OSError:
+        return count_samples(url)  # raises ShardOpenError naming it
+    key = (os.path.abspath(url), st.st_size, st.st_mtime_ns)
+    if key not in _COUNTS:
+        _COUNTS[key] = count_samples(url)
+    return _COUNTS[key]
+
+
 def resolve(spec: str, split: str, skip_bad_shards: bool = False) -> ShardList:
     """Shard URLs and sample counts for one split's source string.
 
@@ -120,7 +137,7 @@ def resolve(spec: str, split: str, skip_bad_shards: bool = False) -> ShardList:
             counts.append(known[key])
             continue
         try:
-            n, trunc = count_samples(u)
+            n, trunc = _count(u)
         except ShardOpenError as e:
             if not skip_bad_shards:
                 raise

@@ -20,7 +20,8 @@ Each worker shuffles its slice through a buffer (cfg.data.shuffle_buffer) and th
 augments. A sample that turns out corrupt is skipped, counted and replaced: once its own slice
 is used up the worker keeps reading the positions that follow it (wrapping, at most one pass
 over the data), so every worker emits exactly its full batches and never runs dry; only if the
-whole data set cannot fill them does it raise. In resampled mode (cfg.data.resampled) each
+whole data set cannot fill them does it raise. Skip counts are events: a corrupt sample that
+a replacement read meets again is counted again. In resampled mode (cfg.data.resampled) each
 worker instead draws shards with replacement, epoch length from cfg.data.epoch_samples.
 
 Determinism and pipeline-stage alignment

@@ -14,6 +14,7 @@ random streams, so the splits are disjoint. Labels are index % K (balanced, inte
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 
 import numpy as np
@@ -76,10 +77,11 @@ def _polygon(kind: str) -> list[tuple[float, float]]:
     raise KeyError(kind)
 
 
-def _shape_mask(kind: str, size: int, cx: float, cy: float, r: float, theta: float,
+def _shape_mask(kind: str, wh: tuple[int, int], cx: float, cy: float, r: float, theta: float,
                 u: np.ndarray, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-    """Boolean mask of a shape centred at (cx, cy), radius r, rotated by theta.
-    u, v: pixel coordinates in the shape's rotated frame; d2: squared distance to the centre."""
+    """Boolean mask (of a w×h window) of a shape centred at (cx, cy) in the window, radius r,
+    rotated by theta. u, v: pixel coordinates in the shape's rotated frame; d2: squared distance
+    to the centre."""
     if kind == "circle":
         return d2 <= r * r
     if kind == "ring":
@@ -90,7 +92,7 @@ def _shape_mask(kind: str, size: int, cx: float, cy: float, r: float, theta: flo
         return (d2 <= r * r) & (u >= -0.1 * r)
     c, s = math.cos(theta), math.sin(theta)
     pts = [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in _polygon(kind)]
-    im = Image.new("L", (size, size), 0)
+    im = Image.new("L", wh, 0)
     ImageDraw.Draw(im).polygon(pts, fill=255)
     return np.asarray(im) > 127
 
@@ -124,10 +126,17 @@ def _texture(kind: int, u: np.ndarray, v: np.ndarray, d2: np.ndarray, r: float, 
     raise KeyError(kind)
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> np.ndarray:
+    g = np.mgrid[0:size, 0:size].astype(np.float32)
+    g.flags.writeable = False
+    return g
+
+
 def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """One image of class `label` as uint8 size×size×3."""
     shape, colour, texture = class_parts(label)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _grid(size)
 
     # background: a low-saturation two-colour gradient plus blotchy noise
     h0 = rng.random()
@@ -140,14 +149,22 @@ def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     img += np.asarray(Image.fromarray(low[..., 0]).resize((size, size), Image.BILINEAR))[..., None]
 
     def place(kind: str, cx: float, cy: float, r: float, theta: float, fill: np.ndarray, tex: int) -> None:
-        dx, dy = xx - cx, yy - cy
+        # only the shape's bounding window is computed (every shape lies within 1.2 r of its centre)
+        y0, y1 = max(0, int(cy - 1.2 * r)), min(size, int(math.ceil(cy + 1.2 * r)) + 1)
+        x0, x1 = max(0, int(cx - 1.2 * r)), min(size, int(math.ceil(cx + 1.2 * r)) + 1)
+        period = max(2.5, size * rng.uniform(0.045, 0.065))
+        if y0 >= y1 or x0 >= x1:
+            return
+        wy, wx = cy - y0, cx - x0
+        dx, dy = xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
         cth, sth = math.cos(theta), math.sin(theta)
         u, v = dx * cth + dy * sth, -dx * sth + dy * cth
         d2 = dx * dx + dy * dy
-        mask = _shape_mask(kind, size, cx, cy, r, theta, u, v, d2)
-        pat = _texture(tex, u, v, d2, r, max(2.5, size * rng.uniform(0.045, 0.065)), rng)
+        mask = _shape_mask(kind, (x1 - x0, y1 - y0), wx, wy, r, theta, u, v, d2)
+        pat = _texture(tex, u, v, d2, r, period, rng)
         shade = (0.45 + 0.55 * pat)[..., None] * fill
-        img[mask] = shade[mask]
+        window = img[y0:y1, x0:x1]
+        window[mask] = shade[mask]
 
     # distractor first, so the class shape lies on top of it
     dr = size * rng.uniform(0.08, 0.15)

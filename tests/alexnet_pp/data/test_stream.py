@@ -162,3 +162,13 @@ def test_eval_loader_disjoint_parts_partial_last_batch(uneven):
     assert parts[0] + parts[1] == [f"val-s{s}-{i}" for s, n in enumerate([4, 7, 2]) for i in range(n)]
     again = [k for b in build_eval_loader(cfg, 0, 2, micro_batch=3, with_keys=True) for k in b[2]]
     assert again == parts[0]
+
+
+def test_pipe_sources_stream_like_files(uneven):
+    root, all_keys = uneven
+    cfg = shard_cfg(root, workers=2, batch=8)
+    cfg.data.train = f"pipe:cat {root}/train-{{000000..000004}}.tar"
+    piped = keys_of(build_train_loader(cfg, epoch=1, with_keys=True))
+    cfg.data.train = str(root / "train-{000000..000004}.tar")
+    assert piped == keys_of(build_train_loader(cfg, epoch=1, with_keys=True))
+    assert sorted(piped) == sorted(all_keys)
