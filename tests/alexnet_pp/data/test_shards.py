@@ -126,3 +126,17 @@ def test_unopenable_shard_while_counting(tmp_path):
         resolve(str(tmp_path), "train")
     r = resolve(str(tmp_path), "train", skip_bad_shards=True)
     assert r.counts == [3, 0] and [k for _, k, _ in r.problems] == ["shard"]
+
+
+def test_interoperates_with_the_webdataset_library(tmp_path):
+    import webdataset as wds
+
+    write_split(tmp_path, "train", 6, _enc, {"p": 1}, max_count=10)  # sample 5 is a bad input
+    ds = wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False)
+    got = [(s["__key__"], int(s["cls"])) for s in ds]
+    assert got == [(f"k{i:03d}", i % 3) for i in range(5)]
+    with wds.TarWriter(str(tmp_path / "w.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"s{i}", "jpg": b"x" * (i + 1), "cls": i})
+    assert [(k, m["cls"]) for _, k, m in iter_samples(str(tmp_path / "w.tar"))] == [
+        ("s0", b"0"), ("s1", b"1"), ("s2", b"2")]
