@@ -4,9 +4,14 @@
     train = build_train_loader(cfg, replica, dp)    # (images, labels) batches, len(train) per epoch
     val = build_eval_loader(cfg, replica, dp)
 
+Loaders: `len(loader)` batches per epoch (equal on every replica), `loader.skip_counts()` for
+skipped corrupt samples by kind, `with_keys=True` to also get sample keys; stream.py's docstring
+explains splitting, epoch length and pipeline-stage alignment.
+
 Submodules: synthetic (the embedded images), shards (writing), tarstream (reading one shard),
 sources (source strings → shards), stream (epoch splitting, shuffling, skipping), transforms
-(decode, crops, lighting, normalise), loader (DataLoader wrapper), commands (`alexnet-pp data`).
+(decode, crops, lighting, normalise), loader (DataLoader wrapper), alignment (comparing two
+streams), ingest + commands (`alexnet-pp data synth|ingest`), testing (small shard sets for tests).
 The loaders import torch lazily, so shard generation in worker pools stays light.
 """
 

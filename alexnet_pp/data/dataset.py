@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import synthetic
-from .shards import Encoded, manifest_complete, read_classes, write_classes, write_split
+from .shards import Encoded, manifest_complete, write_classes, write_split
 from .sources import ShardList, resolve
 
 log = logging.getLogger(__name__)

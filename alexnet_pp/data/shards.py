@@ -8,7 +8,9 @@ The manifest doubles as a journal: after each shard is renamed into place its en
 (name, count, bytes, first/last source index) is recorded, and `complete` becomes true only at
 the end. Shard membership is cut by count and byte limits on deterministically encoded samples,
 then fixed by that journal, so a resumed run rewrites a missing shard i with exactly the samples
-it held before and continues after the last recorded one: no duplicates, no holes.
+it held before and continues after the last recorded one: no duplicates, no holes. (Encoding
+is deterministic, so even without the journal a rerun cuts the same shards.) The byte limit
+applies to the members; tar's final padding to 10 KiB records may add up to 10 KiB.
 """
 
 from __future__ import annotations
@@ -79,28 +81,42 @@ class Encoded:
     error: str = ""
 
 
-def tar_bytes(samples: Iterable[Encoded]) -> bytes:
-    """A deterministic tar (fixed mtime/owner) of the samples' `.jpg` + `.cls` members."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for s in samples:
-            for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.cls", str(s.label).encode())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
+class ShardFile:
+    """One shard being written: members stream into `<name>.tmp`, renamed to `<name>` by close().
+    Members get a fixed mtime/owner so that the same samples always give the same bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
+        self.count = 0
+        self.bytes = 1024  # the two zero blocks that end a tar
+
+    def add(self, s: Encoded) -> None:
+        for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.cls", str(s.label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+        self.bytes += _sample_bytes(s)
+
+    def close(self) -> int:
+        """Finish, make it durable, rename into place; returns the file size."""
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size
 
 
-def write_shard(path: Path, samples: Sequence[Encoded]) -> int:
+def write_shard(path: Path, samples: Iterable[Encoded]) -> int:
     """Write one shard via a temp file and rename; returns its size in bytes."""
-    data = tar_bytes(samples)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(data)
+    f = ShardFile(path)
+    for s in samples:
+        f.add(s)
+    return f.close()
 
 
 # member overhead in a tar: a 512-byte header per member and padding to 512 bytes
@@ -185,50 +201,47 @@ def write_split(
                 if bar:
                     bar.update(span)
                 continue
-            samples = []
+            shard = ShardFile(path)
             for s in _encoded_stream(encode, range(entry["start"], entry["end"]), pool, chunksize):
                 if not s.error:
-                    samples.append(s)
+                    shard.add(s)
                 if bar:
                     bar.update(1)
-            if len(samples) != entry["count"]:
+            if shard.count != entry["count"]:
                 raise RuntimeError(
-                    f"{path}: rewriting gave {len(samples)} samples, the manifest recorded {entry['count']}; "
+                    f"{path}: rewriting gave {shard.count} samples, the manifest recorded {entry['count']}; "
                     "the inputs changed since the shard was cut — remove the output and start again"
                 )
-            entry["bytes"] = write_shard(path, samples)
+            entry["bytes"] = shard.close()
             report.written += 1
         # 2. everything after the last recorded shard, cut by count and bytes
-        start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
-        pending: list[Encoded] = []
-        pending_bytes, first = 1024, start  # the two zero blocks closing a tar
+        first = manifest["shards"][-1]["end"] if manifest["shards"] else 0
+        current: Optional[ShardFile] = None
+        bad_here: list[list[str]] = []  # bad inputs inside the current shard's index range
 
-        def flush(end: int) -> None:
-            nonlocal pending, pending_bytes, first
-            name = shard_name(split, len(manifest["shards"]))
-            size = write_shard(root / name, pending)
-            manifest["shards"].append({"name": name, "count": len(pending), "bytes": size, "start": first,
-                                       "end": end, "bad": bad_here})
+        def finish(end: int) -> None:
+            nonlocal current, first, bad_here
+            size = current.close()
+            manifest["shards"].append({"name": current.path.name, "count": current.count, "bytes": size,
+                                       "start": first, "end": end, "bad": bad_here})
             manifest["total"] = sum(e["count"] for e in manifest["shards"])
-            write_manifest(root, split, manifest)
+            write_manifest(root, split, manifest)  # the journal: this shard's membership is now fixed
             report.written += 1
-            pending, pending_bytes, first = [], 1024, end
+            current, first, bad_here = None, end, []
 
-        bad_here: list[list[str]] = []
-        for s in _encoded_stream(encode, range(start, num_inputs), pool, chunksize):
+        for s in _encoded_stream(encode, range(first, num_inputs), pool, chunksize):
             if bar:
                 bar.update(1)
             if s.error:
                 bad_here.append([s.source, s.error])
                 continue
-            nb = _sample_bytes(s)
-            if pending and (len(pending) >= max_count or pending_bytes + nb > max_bytes):
-                flush(s.index)
-                bad_here = []
-            pending.append(s)
-            pending_bytes += nb
-        if pending:
-            flush(num_inputs)
+            if current is not None and (current.count >= max_count or current.bytes + _sample_bytes(s) > max_bytes):
+                finish(s.index)
+            if current is None:
+                current = ShardFile(root / shard_name(split, len(manifest["shards"])))
+            current.add(s)
+        if current is not None:
+            finish(num_inputs)
         elif bad_here and manifest["shards"]:  # trailing bad inputs: remember them on the last shard
             manifest["shards"][-1]["bad"].extend(bad_here)
             manifest["shards"][-1]["end"] = num_inputs

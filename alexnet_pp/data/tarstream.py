@@ -9,7 +9,6 @@ members sharing a key (WebDataset convention: key = path up to the first dot of 
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from typing import BinaryIO, Iterator, Optional
