@@ -20,10 +20,10 @@ from .dataset import DatasetInfo, ensure_dataset
 __all__ = ["DatasetInfo", "ensure_dataset", "build_train_loader", "build_eval_loader"]
 
 
-def build_train_loader(cfg, replica=0, num_replicas=1, epoch=0, micro_batch=None, with_keys=False):
+def build_train_loader(cfg, replica=0, num_replicas=1, epoch=0, micro_batch=None, with_keys=False, batch_multiple=1):
     from .loader import build_train_loader as build
 
-    return build(cfg, replica, num_replicas, epoch, micro_batch, with_keys)
+    return build(cfg, replica, num_replicas, epoch, micro_batch, with_keys, batch_multiple)
 
 
 def build_eval_loader(cfg, replica=0, num_replicas=1, micro_batch=None, with_keys=False):

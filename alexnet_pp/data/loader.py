@@ -68,7 +68,8 @@ class ShardLoader:
             self.stream.epoch += 1
 
 
-def _spec(cfg, split: str, train: bool, replica: int, num_replicas: int, batch: int) -> tuple[StreamSpec, Counter]:
+def _spec(cfg, split: str, train: bool, replica: int, num_replicas: int, batch: int,
+          batch_multiple: int = 1) -> tuple[StreamSpec, Counter]:
     if not 0 <= replica < num_replicas:
         raise ValueError(f"replica {replica} not in 0..{num_replicas - 1}")
     if batch < 1:
@@ -82,17 +83,20 @@ def _spec(cfg, split: str, train: bool, replica: int, num_replicas: int, batch: 
         num_replicas=num_replicas, batch=batch, image_size=cfg.model.image_size,
         num_classes=cfg.model.num_classes, train=train, shuffle_buffer=d.shuffle_buffer, flip=d.flip,
         color_noise=d.color_noise, resampled=d.resampled and train, epoch_samples=d.epoch_samples if train else 0,
-        skip_bad_shards=d.skip_bad_shards, eval_crops=int(d.eval_crops),
+        skip_bad_shards=d.skip_bad_shards, eval_crops=int(d.eval_crops), batch_multiple=max(1, batch_multiple),
     )
     return spec, Counter(kind for _, kind, _ in shards.problems)
 
 
 def build_train_loader(cfg, replica: int = 0, num_replicas: int = 1, epoch: int = 0,
-                       micro_batch: Optional[int] = None, with_keys: bool = False) -> ShardLoader:
+                       micro_batch: Optional[int] = None, with_keys: bool = False,
+                       batch_multiple: int = 1) -> ShardLoader:
     """Replica `replica` of `num_replicas`' training batches (micro_batch defaults to
-    cfg.train.batch_size // num_replicas). Yields float32 N×3×S×S normalised images and int64 labels."""
+    cfg.train.batch_size // num_replicas). Yields float32 N×3×S×S normalised images and int64 labels.
+    `batch_multiple` rounds len(loader) up to a multiple (e.g. parallel.micro_batches, so that an
+    epoch is whole optimizer steps); the extra batches wrap round to the epoch's first samples."""
     batch = micro_batch if micro_batch is not None else cfg.train.batch_size // num_replicas
-    spec, problems = _spec(cfg, "train", True, replica, num_replicas, batch)
+    spec, problems = _spec(cfg, "train", True, replica, num_replicas, batch, batch_multiple)
     return ShardLoader(ShardStream(spec, epoch), cfg.data.workers, with_keys, problems)
 
 

@@ -4,7 +4,8 @@ How an epoch is split (training)
 --------------------------------
 The shard list is permuted with (seed, epoch); concatenating the shards in that order numbers the
 epoch's samples 0..N-1 ("positions", counted from the manifests). With R replicas, micro-batch B
-and T = epoch_samples or N samples per epoch, every replica gets L = ceil(T / (R·B)) batches —
+and T = epoch_samples or N samples per epoch, every replica gets L = ceil(T / (R·B)) batches
+(rounded up to a multiple of `batch_multiple`, e.g. the micro-batches per optimizer step) —
 the same L everywhere — and replica r owns the contiguous positions [r·L·B, (r+1)·L·B), taken
 modulo N: when R·L·B > N the last positions wrap round to the start of the epoch, so a few samples
 (< R·B) are seen twice and none is missed (DistributedSampler's padding, at sample level).
@@ -83,6 +84,7 @@ class StreamSpec:
     epoch_samples: int = 0
     skip_bad_shards: bool = False
     eval_crops: int = 1
+    batch_multiple: int = 1  # training: batches per epoch rounded up to a multiple of this
 
     @property
     def total(self) -> int:
@@ -143,7 +145,8 @@ class ShardStream(IterableDataset):
         s = self.spec
         if s.train:
             per_epoch = s.epoch_samples if s.epoch_samples > 0 else s.total
-            return max(1, math.ceil(per_epoch / (s.num_replicas * s.batch)))
+            n = max(1, math.ceil(per_epoch / (s.num_replicas * s.batch)))
+            return -(-n // s.batch_multiple) * s.batch_multiple
         a = s.replica * s.total // s.num_replicas
         b = (s.replica + 1) * s.total // s.num_replicas
         return math.ceil((b - a) / s.batch)

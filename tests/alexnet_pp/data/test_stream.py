@@ -172,3 +172,12 @@ def test_pipe_sources_stream_like_files(uneven):
     cfg.data.train = str(root / "train-{000000..000004}.tar")
     assert piped == keys_of(build_train_loader(cfg, epoch=1, with_keys=True))
     assert sorted(piped) == sorted(all_keys)
+
+
+def test_batch_multiple_rounds_epochs_to_whole_steps(uneven):
+    root, all_keys = uneven
+    cfg = shard_cfg(root, workers=0, batch=10)  # 32 samples / micro 5 over 2 replicas: 4 batches each
+    lds = [build_train_loader(cfg, r, 2, micro_batch=5, batch_multiple=3, with_keys=True) for r in range(2)]
+    assert [len(ld) for ld in lds] == [6, 6]
+    seen = [k for ld in lds for k in keys_of(ld)]
+    assert len(seen) == 60 and set(seen) == set(all_keys)
