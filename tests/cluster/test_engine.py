@@ -110,3 +110,20 @@ def test_resume_continues_with_the_same_losses(tmp_path, pp, tp, dp, m):
     assert len(first[0].losses) == k and len(resumed[0].losses) == k
     torch.testing.assert_close(torch.tensor(first[0].losses + resumed[0].losses),
                                torch.tensor(straight[0].losses), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_shard_stream_and_ten_crop_eval_through_the_pipeline(tmp_path):
+    """Real shards on stage 0 only, labels carried to the last stage, 10-crop eval with padding."""
+    from alexnet_pp.data import ensure_dataset
+
+    cfg = layout_cfg(tmp_path, 2, 2, 1, 2, **{
+        "data.synthetic_dir": str(tmp_path / "data"), "data.synthetic_val_per_class": "3",
+        "data.eval_crops": "10", "train.max_steps": "4", "train.eval_every": "0.0001", "checkpoint.resume": "false"})
+    info = ensure_dataset(cfg)
+    results = run_local(cfg)
+    evals = results[0].evals
+    assert [e["step"] for e in evals] == [1, 2, 3, 4]
+    assert all(e["val_samples"] == info.val_samples == 30 for e in evals)  # 30 = 2 micro-batches of 16, padded
+    assert all(r.evals == evals for r in results)  # every rank agrees (the plateau schedule needs it)
+    assert len(results[0].losses) == 4
