@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alexnet-pp-installed
 
-.PHONY: setup demo test test-fast bench-lrn clean
+.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ test-fast: setup
 
 bench-lrn: setup
 	$(BIN)/python -m benchmarks.lrn_bench
+
+# The baseline (torchvision ImageFolder) needs torchvision, which only imports beside torch 2.14.1:
+# it lives in a second venv, .venv-tv.
+bench-data: setup
+	bash benchmarks/setup_tv_venv.sh && .venv-tv/bin/python -m benchmarks.data_bench
+
+bench-engine: setup
+	$(BIN)/python -m benchmarks.engine_bench
 
 clean:
 	rm -rf $(VENV) runs data
