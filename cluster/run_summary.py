@@ -1,0 +1,142 @@
+"""End-of-run numbers from every rank's per-step stats, and the driver's live progress.
+
+`summarize_run(ranks)` folds the StepStats dicts of all ranks (`WorkerResult.stats`, with the
+rank's `coord`) into what a run reports: job images/s, step time p50/p95, the measured pipeline
+bubble per stage next to theory, the data-wait share and the per-stage phase breakdown.
+`format_run_summary` prints it. The ranks of a synchronous pipeline finish a step together, so a
+step's job time is the slowest rank's; each rank's first step (warm-up: allocation, the first p2p
+shape exchange) is left out when there are others.
+
+`HistoryProgress` feeds the existing `alexnet_pp.progress.Progress` (bar on a terminal, a line every
+N steps in logs) from rank 0's `run_dir/history.jsonl` while `trainer.fit()` blocks the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
+
+
+def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> dict[str, Any]:
+    """`ranks`: per rank, a WorkerResult or {"coord": {...stage...}, "stats": [StepStats dict, ...]}."""
+    step_time: dict[int, float] = {}
+    step_images: dict[int, float] = {}
+    by_stage: dict[int, list[dict[str, Any]]] = {}
+    theory = math.nan
+    for r in ranks:
+        coord, stats = _get(r, "coord"), list(_get(r, "stats"))
+        stage = int(_get(coord, "stage"))
+        timed = stats[warmup_steps:] if len(stats) > warmup_steps else stats
+        by_stage.setdefault(stage, []).extend(timed)
+        for s in timed:
+            step_time[s["step"]] = max(step_time.get(s["step"], 0.0), s["seconds"])
+            step_images[s["step"]] = s["images"]
+            theory = s.get("theoretical_bubble", theory)
+    seconds = [step_time[k] for k in sorted(step_time)]
+    total = sum(seconds)
+    out: dict[str, Any] = {
+        "steps_timed": len(seconds),
+        "images_per_sec": sum(step_images.values()) / total if total > 0 else math.nan,
+        "step_time_p50": _percentile(seconds, 0.5),
+        "step_time_p95": _percentile(seconds, 0.95),
+        "theoretical_bubble": theory,
+        "bubble_per_stage": {},
+        "phase_share_per_stage": {},
+        "data_wait_share": math.nan,
+    }
+    for stage, stats in sorted(by_stage.items()):
+        if not stats:
+            continue
+        out["bubble_per_stage"][str(stage)] = statistics.fmean(s["bubble"] for s in stats)
+        t = sum(s["seconds"] for s in stats)
+        phases: dict[str, float] = {}
+        for s in stats:
+            for k, v in s["phases"].items():
+                phases[k] = phases.get(k, 0.0) + v
+        out["phase_share_per_stage"][str(stage)] = {k: v / t if t > 0 else math.nan for k, v in sorted(phases.items())}
+        if stage == 0:  # only the first stage reads data
+            out["data_wait_share"] = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
+    return out
+
+
+def format_run_summary(s: Mapping[str, Any]) -> str:
+    def f(x: Any, spec: str) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    lines = [
+        f"throughput {f(s['images_per_sec'], '.1f')} images/s over {s['steps_timed']} steps; "
+        f"step time p50 {f(s['step_time_p50'], '.3f')} s, p95 {f(s['step_time_p95'], '.3f')} s; "
+        f"data wait {f(s['data_wait_share'] * 100, '.1f')}% of stage 0's time",
+    ]
+    for stage, bubble in s["bubble_per_stage"].items():
+        shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in s["phase_share_per_stage"].get(stage, {}).items())
+        lines.append(f"  stage {stage}: bubble {f(bubble, '.3f')} (theory {f(s['theoretical_bubble'], '.3f')}); "
+                     f"{shares}")
+    return "\n".join(lines)
+
+
+class HistoryProgress:
+    """Tail rank 0's history.jsonl (cluster.workers) into a Progress: `start()`, then `close()`."""
+
+    def __init__(self, history: str | Path, job_id: str, progress: Any, images_per_step: int, poll_s: float = 1.0):
+        self.path, self.job_id, self.progress = Path(history), job_id, progress
+        self.images_per_step, self.poll_s = images_per_step, poll_s
+        self._offset, self._last_step = 0, 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1  # only whole lines; the rest is still being written
+        self._offset += end
+        for line in chunk[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("job") != self.job_id:
+                continue
+            if rec.get("kind") == "step" and rec["step"] > self._last_step:  # a redone step after a restart: skip
+                self._last_step = rec["step"]
+                self.progress.update(rec["step"], self.images_per_step, rec["loss"], rec["lr"])
+            elif rec.get("kind") == "eval":
+                self.progress.message(f"eval at step {rec.get('step')}: top-1 {rec.get('top1', math.nan):.3f} "
+                                      f"top-5 {rec.get('top5', math.nan):.3f}")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def start(self) -> "HistoryProgress":
+        self._thread = threading.Thread(target=self._loop, name="history-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.poll()
+        self.progress.close()

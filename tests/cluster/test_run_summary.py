@@ -1,0 +1,70 @@
+"""The end-of-run summary from every rank's step stats, and the driver's progress from history.jsonl."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from alexnet_pp.progress import Progress
+from cluster.run_summary import HistoryProgress, format_run_summary, summarize_run
+
+
+def stats(step: int, seconds: float, bubble: float, data_wait: float = 0.0) -> dict:
+    return {"step": step, "epoch": 0, "loss": 1.0, "lr": 0.01, "images": 64, "seconds": seconds,
+            "phases": {"forward": seconds / 4, "backward": seconds / 2, "data_wait": data_wait, "idle": seconds / 4},
+            "bubble": bubble, "theoretical_bubble": 0.2}
+
+
+def test_summary_of_a_two_stage_job():
+    # stage 0 (two towers) and stage 1; step 1 is warm-up (10 s) and must not count
+    ranks = [
+        {"coord": {"rank": 0, "stage": 0, "tower": 0, "replica": 0},
+         "stats": [stats(1, 10.0, 0.9, 0.5)] + [stats(s, 1.0, 0.2, 0.1) for s in range(2, 12)]},
+        {"coord": {"rank": 1, "stage": 0, "tower": 1, "replica": 0},
+         "stats": [stats(1, 10.0, 0.9, 0.5)] + [stats(s, 1.0, 0.3, 0.1) for s in range(2, 12)]},
+        {"coord": {"rank": 2, "stage": 1, "tower": 0, "replica": 0},
+         "stats": [stats(1, 10.0, 0.9)] + [stats(s, 1.0 if s < 11 else 3.0, 0.4) for s in range(2, 12)]},
+    ]
+    s = summarize_run(ranks)
+    assert s["steps_timed"] == 10
+    assert s["images_per_sec"] == pytest.approx(640 / 12.0)  # step time = the slowest rank's
+    assert s["step_time_p50"] == pytest.approx(1.0)
+    assert 1.0 < s["step_time_p95"] <= 3.0
+    assert s["bubble_per_stage"] == {"0": pytest.approx(0.25), "1": pytest.approx(0.4)}
+    assert s["theoretical_bubble"] == 0.2
+    assert s["data_wait_share"] == pytest.approx(0.1)
+    assert s["phase_share_per_stage"]["1"]["backward"] == pytest.approx(0.5)
+    text = format_run_summary(s)
+    assert "53.3 images/s" in text and "stage 1: bubble 0.400 (theory 0.200)" in text
+
+
+def test_summary_of_a_single_step_and_of_nothing():
+    one = summarize_run([{"coord": {"stage": 0}, "stats": [stats(1, 2.0, 0.0)]}])
+    assert one["images_per_sec"] == 32.0  # the only step is kept
+    empty = summarize_run([])
+    assert math.isnan(empty["images_per_sec"]) and empty["bubble_per_stage"] == {}
+    assert "n/a images/s" in format_run_summary(empty)
+
+
+def test_history_progress_feeds_progress(tmp_path):
+    path = tmp_path / "history.jsonl"
+    out = io.StringIO()
+    hp = HistoryProgress(path, "job1", Progress(4, log_every=2, stream=out), images_per_step=64)
+    hp.poll()  # no file yet: nothing, no error
+    lines = [{"job": "job1", "kind": "step", "step": s, "loss": 1.0 / s, "lr": 0.01} for s in (1, 2)]
+    lines += [{"job": "other", "kind": "step", "step": 3, "loss": 9.0, "lr": 0.01},
+              {"job": "job1", "kind": "eval", "step": 2, "top1": 0.5, "top5": 0.9}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"job": "job1", "kind": "st')  # cut short
+    hp.poll()
+    with open(path, "a") as f:  # the cut line completes; then a restart redoes step 2
+        f.write('ep", "step": 3, "loss": 0.3, "lr": 0.01}\n')
+        f.write(json.dumps({"job": "job1", "kind": "step", "step": 2, "loss": 5.0, "lr": 0.01}) + "\n")
+        f.write(json.dumps({"job": "job1", "kind": "step", "step": 4, "loss": 0.25, "lr": 0.01}) + "\n")
+    hp.close()
+    text = out.getvalue()
+    assert "step 2/4 loss=0.5000" in text and "step 4/4 loss=0.2500" in text
+    assert "eval at step 2: top-1 0.500 top-5 0.900" in text
+    assert "9.0000" not in text and "5.0000" not in text
