@@ -1,0 +1,322 @@
+"""deploy/prometheus and deploy/grafana: valid for the real tools, and consistent with cluster/metrics.py.
+
+Static checks run `promtool` (config, rules, and rule unit tests that make each alert fire and stay
+quiet); the dashboard may only select metrics the exporter defines. The e2e test starts a real
+Prometheus that finds four exporters (stage, tower) ∈ {0,1}² through the driver's HTTP service
+discovery, and evaluates every dashboard expression and alert against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.discovery import DiscoveryServer, register_endpoint
+from cluster.engine import StepStats
+from cluster.metrics import WorkerMetrics, cuda_only_names, lead_only_names, sample_names
+from cluster.topology import Coord
+from tests.prometheus_server import (PrometheusServer, dashboard_expressions, evaluate_dashboard_expressions,
+                                     requires_prometheus, substitute_grafana_variables)
+
+REPO = Path(__file__).resolve().parents[2]
+PROM_DIR = REPO / "deploy" / "prometheus"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "alexnet-pp.json"
+PROMTOOL = shutil.which("promtool")
+requires_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (apt-get install -y --no-install-recommends prometheus)")
+
+# --- PromQL: which metric names does an expression select? ---------------------------------------------
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+             "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Identifiers used as metric names: not functions (followed by '('), not keywords, not labels."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges, subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)  # label lists
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        tail = e[m.end():].lstrip()
+        if m.group().lower() in _KEYWORDS or tail.startswith("("):
+            continue
+        if m.start() > 0 and (e[m.start() - 1].isdigit() or e[m.start() - 1] == "."):
+            continue  # the exponent / unit of a number such as 1e6
+        names.add(m.group())
+    return names
+
+
+def test_metric_name_extraction():
+    assert metric_names('histogram_quantile(0.9, sum by (le) (rate(a_bucket{run="$run", x=~"y"}[5m])))') == {"a_bucket"}
+    assert metric_names("time() - max by (run) (b) > 900 unless on (run) (c >= d offset 5m)") == {"b", "c", "d"}
+    assert metric_names("1e6 < e") == {"e"}
+
+
+# --- static checks ------------------------------------------------------------------------------------
+
+
+@requires_promtool
+def test_promtool_check_config():
+    r = subprocess.run([PROMTOOL, "check", "config", str(PROM_DIR / "prometheus.yml")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
+@requires_promtool
+def test_promtool_check_rules():
+    r = subprocess.run([PROMTOOL, "check", "rules", str(PROM_DIR / "alerts.yml")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 rules found" in r.stdout + r.stderr
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+
+
+def test_alerts_and_config_use_only_exported_metrics():
+    known = sample_names()
+    for rule in alert_rules():
+        assert metric_names(rule["expr"]) <= known, (rule["alert"], metric_names(rule["expr"]) - known)
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    assert job["honor_labels"] is True  # discovery's target labels repeat the exporters' labels
+    assert job["http_sd_configs"][0]["url"].startswith("http://")
+    assert cfg["rule_files"] == ["alerts.yml"]
+
+
+# Each alert made to fire on a synthetic history, and kept quiet where it must (promtool test rules).
+ALERT_TESTS = """
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # run a: 100 images/min for 30 min, then 10/min
+      - series: 'alexnet_pp_images_total{run="a",stage="0",tower="0",replica="0",node="n"}'
+        values: '0+100x30 3010+10x30'
+      # run b: steps every minute until minute 10, then stuck; run c: finished all its steps
+      - series: 'alexnet_pp_last_step_timestamp_seconds{run="b",stage="0",tower="0",replica="0",node="n"}'
+        values: '0+60x10 600x30'
+      - series: 'alexnet_pp_step{run="b",stage="0",tower="0",replica="0",node="n"}'
+        values: '0+1x10 10x30'
+      - series: 'alexnet_pp_steps_planned{run="b",stage="0",tower="0",replica="0",node="n"}'
+        values: '100x40'
+      - series: 'alexnet_pp_last_step_timestamp_seconds{run="c",stage="0",tower="0",replica="0",node="n"}'
+        values: '0+60x10 600x30'
+      - series: 'alexnet_pp_step{run="c",stage="0",tower="0",replica="0",node="n"}'
+        values: '0+1x10 10x30'
+      - series: 'alexnet_pp_steps_planned{run="c",stage="0",tower="0",replica="0",node="n"}'
+        values: '10x40'
+      # run d: the worker restarts at minute 10 (a new process: a new instance, restarts = 1)
+      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:1"}'
+        values: '0x10'
+      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:2"}'
+        values: '_x10 1x30'
+      # run e: decode errors from minute 10
+      - series: 'alexnet_pp_samples_skipped_total{run="e",kind="decode",stage="0",tower="0",replica="0",node="n"}'
+        values: '0x10 0+2x10'
+    alert_rule_test:
+      - {eval_time: 25m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
+      - eval_time: 40m
+        alertname: AlexnetPPThroughputDropped
+        exp_alerts: [{exp_labels: {severity: warning, run: a}}]
+      - {eval_time: 60m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
+      - {eval_time: 20m, alertname: AlexnetPPJobStalled, exp_alerts: []}
+      - eval_time: 30m
+        alertname: AlexnetPPJobStalled
+        exp_alerts: [{exp_labels: {severity: critical, run: b}}]
+      - {eval_time: 5m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
+      - eval_time: 12m
+        alertname: AlexnetPPWorkerRestarted
+        exp_alerts: [{exp_labels: {severity: warning, run: d}}]
+      - {eval_time: 39m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
+      - {eval_time: 5m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}
+      - eval_time: 15m
+        alertname: AlexnetPPSamplesSkipped
+        exp_alerts: [{exp_labels: {severity: warning, run: e, kind: decode}}]
+"""
+
+
+@requires_promtool
+def test_alerts_fire_when_they_should(tmp_path):
+    # promtool compares annotations too; their templates are checked by `check rules` above
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            r.pop("annotations", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    (tmp_path / "tests.yml").write_text("rule_files: [alerts.yml]\n" + ALERT_TESTS)
+    r = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def load_dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_is_valid_and_selects_only_exported_metrics():
+    dash = load_dashboard()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert "run" in variables and "alexnet_pp_" in json.dumps(variables["run"]["query"])
+    exprs = dashboard_expressions(dash)
+    assert len(exprs) >= 14
+    known = sample_names()
+    used: set[str] = set()
+    for title, ref, expr in exprs:
+        names = metric_names(expr)
+        assert names, (title, expr)
+        assert names <= known, (title, ref, names - known)
+        assert 'run="$run"' in expr, (title, expr)  # every selector of the panel is per run
+        assert expr.count("{") == expr.count('run="$run"'), (title, expr)
+        used |= names
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(t for t, _, _ in exprs).lower()
+    for needed in ("images/s", "per replica", "p50 / p95", "bubble", "phase", "data wait", "loss", "learning rate",
+                   "accuracy", "memory", "gpu", "skipped", "restarts"):
+        assert needed in titles, needed
+    # every family the exporter defines is on the dashboard (histograms through one of their series)
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in known}
+    assert families <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
+
+
+def test_grafana_provisioning_files():
+    prov = REPO / "deploy" / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert ds["type"] == "prometheus" and ds["jsonData"]["timeInterval"] == "5s"
+    dash = yaml.safe_load((prov / "dashboards" / "alexnet-pp.yml").read_text())["providers"][0]
+    assert dash["type"] == "file" and dash["options"]["path"]
+
+
+def test_grafana_variable_substitution():
+    v = {"run": "r1", "__rate_interval": "30s", "runner": "no"}
+    assert substitute_grafana_variables('a{run="$run"}[$__rate_interval] ${run} [[run]] $runner', v) == \
+        'a{run="r1"}[30s] r1 r1 no'
+
+
+# --- end to end: a real Prometheus scraping four exporters found through discovery --------------------
+
+
+def realistic_stats(step: int, stage: int, rng: random.Random) -> StepStats:
+    seconds = rng.uniform(0.18, 0.3)
+    fwd, bwd = 0.2 * seconds, 0.4 * seconds
+    data_wait = 0.03 * seconds if stage == 0 else 0.0
+    opt = 0.05 * seconds
+    idle = seconds - opt - fwd - bwd - data_wait
+    phases = {"forward": fwd, "backward": bwd, "data_wait": data_wait, "optimizer": opt, "send": 0.02 * seconds,
+              "recv": 0.03 * seconds, "idle": idle}
+    return StepStats(step, 0, 2.3 / (1 + 0.01 * step), 0.01, 64, seconds, phases, idle / (seconds - opt), 0.2)
+
+
+class FakeJob:
+    """Four exporters of a P=2, T=2, D=1 job, stepping every `period` seconds in a thread."""
+
+    def __init__(self, run_dir: Path, run: str, period: float = 0.2):
+        self.coords = [Coord(stage * 2 + tower, stage, tower, 0) for stage in (0, 1) for tower in (0, 1)]
+        self.workers = [WorkerMetrics(run, c, node="127.0.0.1", host="127.0.0.1", port=0, replicas=1, restarts=1)
+                        for c in self.coords]
+        self.run_dir, self.run, self.period = run_dir, run, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        for w in self.workers:
+            host, port = w.start()
+            register_endpoint(self.run_dir, "job-1", 2, w.coord, self.run, host, port, node=w.node)
+            w.on_eval({"top1": 0.31, "top5": 0.62, "val_loss": 2.0})
+            w.checkpoint(0.8)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        rng, step, skips = random.Random(0), 0, 0
+        while not self._stop.wait(self.period):
+            step += 1
+            skips += step % 3 == 0
+            for w in self.workers:
+                w.on_step(realistic_stats(step, w.coord.stage, rng), total_steps=10_000)
+                w.set_skips({"decode": skips, "truncated": step // 10})
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for w in self.workers:
+            w.close()
+
+
+def e2e_prometheus_config(sd_url: str) -> str:
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())  # the shipped config, faster
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["rule_files"] = [str(PROM_DIR / "alerts.yml")]
+    sd = cfg["scrape_configs"][0]["http_sd_configs"][0]
+    sd.update(url=sd_url, refresh_interval="1s")
+    return yaml.safe_dump(cfg)
+
+
+@pytest.mark.e2e
+@requires_prometheus
+def test_every_dashboard_expression_returns_data_from_a_real_prometheus(tmp_path):
+    run = "e2e-run"
+    job = FakeJob(tmp_path / "run", run)
+    sd = DiscoveryServer(tmp_path / "run", run, host="127.0.0.1", port=0, job="job-1", refresh_s=0.5)
+    try:
+        job.start()
+        sd.start()
+        with PrometheusServer(e2e_prometheus_config(sd.url), tmp_path / "prom") as prom:
+            prom.wait_for('count(up{job="alexnet-pp"} == 1) == 4', timeout=60)
+            # enough samples of every worker for rate() over the dashboard's windows
+            prom.wait_for(f'count(count_over_time(alexnet_pp_step{{run="{run}"}}[1m]) >= 4) == 4', timeout=60)
+            targets = prom.targets()
+            assert sorted(t["labels"]["rank"] for t in targets) == ["0", "1", "2", "3"]
+            assert not prom.query('{__name__=~"alexnet_pp_.+", exported_stage!=""}')  # honor_labels works
+
+            results = evaluate_dashboard_expressions(prom.url, load_dashboard(), run, rate_interval="30s")
+            assert results
+            all_pairs = {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+            for r in results:
+                assert r.error is None, (r.panel, r.query, r.error)
+                names = metric_names(r.expr)
+                if names & cuda_only_names():
+                    assert not r.result, r  # no CUDA on this machine: no series
+                    continue
+                assert r.result, (r.panel, r.query)
+                lead_only = bool(names & lead_only_names())
+                for series in r.result:
+                    labels, (_, v) = series["metric"], series["value"]
+                    assert math.isfinite(float(v)), (r.panel, r.query, series)
+                    assert labels.get("run", run) == run
+                    if "stage" in labels and lead_only:
+                        assert labels["stage"] == "0", (r.panel, series)
+                if "tower" in r.result[0]["metric"]:  # a per-worker panel: all four workers, once each
+                    pairs = [(s["metric"]["stage"], s["metric"]["tower"]) for s in r.result]
+                    assert sorted(pairs) == sorted(all_pairs), (r.panel, pairs)
+                elif "stage" in r.result[0]["metric"] and not lead_only:
+                    assert {s["metric"]["stage"] for s in r.result} == {"0", "1"}, (r.panel, r.result)
+
+            # spot values: one replica, 64 images per step every ~0.2 s
+            # (a short window: rate() divides by the whole window, and these series are seconds old)
+            ips = float(prom.query(f'sum(rate(alexnet_pp_images_total{{run="{run}"}}[4s]))')[0]["value"][1])
+            assert 64 / 0.6 < ips < 64 / 0.1
+            assert float(prom.query(f'max(alexnet_pp_worker_restarts_total{{run="{run}"}})')[0]["value"][1]) == 1
+
+            # the alert rules load and evaluate cleanly against live data
+            groups = prom.api("rules")["groups"]
+            assert {r["name"] for g in groups for r in g["rules"]} == {a["alert"] for a in alert_rules()}
+            assert all(r["health"] in ("ok", "unknown") for g in groups for r in g["rules"]), groups
+            for rule in alert_rules():
+                prom.query(rule["expr"])  # raises on an error
+    finally:
+        sd.close()
+        job.close()
