@@ -1,0 +1,301 @@
+"""The Ray Train worker group of a job: one TorchTrainer worker per rank, each running a PipelineWorker.
+
+`build_trainer(cfg, job_id)` makes the TorchTrainer (P × T × D workers, PACK placement so the two
+towers of a stage — neighbouring ranks — share a node; gloo on CPU, nccl with GPUs; restarts from
+`cfg.parallel.max_failures`). `train_loop` is the per-worker function. Everything a worker leaves
+for the driver goes under `run_dir`, so the driver can read it even after a failure:
+
+    run_dir/workers/rank{r}.json   pid, host, coordinates, job, attempt of the live worker of rank r
+    run_dir/attempts.jsonl         one line per worker-group start of a job (restarts = lines − 1)
+    run_dir/history.jsonl          rank 0: one line per optimizer step and per evaluation
+
+Reports: every worker calls `ray.train.report` at every evaluation and once at the end, with rank
+0's metrics (PITFALLS: the same number of calls on every worker, or Ray Train hangs). Before the
+final report the per-rank summaries (throughput, step-time percentiles, measured bubble) are
+all-gathered, and rank 0 returns the whole job summary as the train function's return value.
+
+Test hooks (set on the driver, passed in the loop config; never set them in real runs):
+    ALEXNET_PP_TEST_FAIL_RANK=R      rank R raises in its step callback after its first step
+    ALEXNET_PP_TEST_STEP_DELAY=S     every rank sleeps S seconds after each step (widens windows
+                                     for the failure test)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from alexnet_pp.config import RunConfig
+
+TEST_FAIL_RANK_ENV = "ALEXNET_PP_TEST_FAIL_RANK"
+TEST_STEP_DELAY_ENV = "ALEXNET_PP_TEST_STEP_DELAY"
+START_RETRIES = 10  # worker-group start attempts (Ray waits 60 s each) before the job fails
+
+
+# --- files under run_dir shared by driver and workers ------------------------------------------
+
+
+def workers_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "workers"
+
+
+def attempts_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "attempts.jsonl"
+
+
+def history_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "history.jsonl"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path, job_id: Optional[str] = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed writer
+            continue
+        if job_id is None or rec.get("job") == job_id:
+            out.append(rec)
+    return out
+
+
+def read_worker_files(run_dir: str | Path, job_id: Optional[str] = None) -> dict[int, dict[str, Any]]:
+    """rank → the newest worker record (pid, host, coordinates, attempt) of that rank."""
+    out = {}
+    d = workers_dir(run_dir)
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("rank*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if job_id is None or rec.get("job") == job_id:
+            out[int(rec["rank"])] = rec
+    return out
+
+
+# --- per-rank summary of one attempt ------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def rank_summary(result, coord) -> dict[str, Any]:
+    """What one rank measured in this attempt. The first step of an attempt (warm-up: allocation,
+    first p2p shapes exchange) is left out of the rates when there are others."""
+    stats = list(result.stats)
+    timed = stats[1:] if len(stats) > 1 else stats
+    seconds = [s["seconds"] for s in timed]
+    images = sum(s["images"] for s in timed)
+    phases: dict[str, float] = {}
+    for s in timed:
+        for k, v in s["phases"].items():
+            phases[k] = phases.get(k, 0.0) + v
+    n = max(1, len(timed))
+    return {
+        "rank": coord.rank,
+        "stage": coord.stage,
+        "tower": coord.tower,
+        "replica": coord.replica,
+        "steps": len(stats),
+        "images_per_sec": images / sum(seconds) if seconds and sum(seconds) > 0 else 0.0,
+        "step_time_p50": _percentile(seconds, 0.5),
+        "step_time_p95": _percentile(seconds, 0.95),
+        "bubble": statistics.fmean(s["bubble"] for s in timed) if timed else float("nan"),
+        "theoretical_bubble": timed[0]["theoretical_bubble"] if timed else float("nan"),
+        "phase_seconds_per_step": {k: v / n for k, v in sorted(phases.items())},
+        "skip_counts": dict(result.skip_counts),
+    }
+
+
+def job_summary(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold per-rank summaries into job-level throughput and the measured bubble per stage."""
+    by_stage: dict[int, list[dict[str, Any]]] = {}
+    for r in per_rank:
+        by_stage.setdefault(r["stage"], []).append(r)
+    rank0 = next((r for r in per_rank if r["rank"] == 0), per_rank[0])
+    return {
+        "images_per_sec": rank0["images_per_sec"],  # every rank sees the same steps; rank 0 speaks
+        "step_time_p50": rank0["step_time_p50"],
+        "step_time_p95": rank0["step_time_p95"],
+        "bubble_per_stage": {str(s): statistics.fmean(r["bubble"] for r in rs) for s, rs in sorted(by_stage.items())},
+        "theoretical_bubble": rank0["theoretical_bubble"],
+        "ranks": sorted(per_rank, key=lambda r: r["rank"]),
+    }
+
+
+# --- the train function (runs on every Ray Train worker) ----------------------------------------
+
+
+def _register_attempt(cfg: RunConfig, job_id: str, rank: int) -> tuple[int, Optional[int]]:
+    """Rank 0 logs this worker-group start; everyone learns the attempt number and resume step."""
+    import torch.distributed as dist
+
+    from cluster.checkpoint import CheckpointStore
+
+    box: list[Any] = [None]
+    if rank == 0:
+        store = CheckpointStore(cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints"), cfg.checkpoint.keep)
+        latest = store.latest() if cfg.checkpoint.resume else None
+        resume_step = latest[0] if latest else None
+        attempt = len(read_jsonl(attempts_path(cfg.run_dir), job_id)) + 1
+        _append_jsonl(attempts_path(cfg.run_dir),
+                      {"job": job_id, "attempt": attempt, "resume_step": resume_step, "time": time.time()})
+        box = [(attempt, resume_step)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "job_id": str, "test": {...}}."""
+    cfg_dict = config["cfg"]
+    gpus = cfg_dict["parallel"]["gpus_per_worker"] > 0
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")  # before deepspeed is imported
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from alexnet_pp.config import from_dict
+    from cluster.engine import PipelineWorker, WorkerError
+    from cluster.topology import build_topology
+
+    cfg = from_dict(cfg_dict)
+    job_id = config["job_id"]
+    hooks = config.get("test", {})
+    if gpus and torch.cuda.is_available():
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    rank = dist.get_rank()
+    coord = build_topology(cfg).coord(rank)
+    attempt, resume_step = _register_attempt(cfg, job_id, rank)
+    _write_json_atomic(workers_dir(cfg.run_dir) / f"rank{rank}.json", {
+        "job": job_id, "attempt": attempt, "rank": rank, "stage": coord.stage, "tower": coord.tower,
+        "replica": coord.replica, "pid": os.getpid(), "hostname": socket.gethostname(),
+        "node_ip": ray.util.get_node_ip_address(), "started": time.time(),
+    })
+    history = history_path(cfg.run_dir)
+    fail_rank = hooks.get("fail_rank")
+    delay = float(hooks.get("step_delay") or 0.0)
+    last_loss: list[float] = []
+
+    def on_step(stats, c) -> None:
+        last_loss[:] = [stats.loss]
+        if rank == 0:
+            _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "step", "step": stats.step,
+                                    "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
+                                    "seconds": stats.seconds, "bubble": stats.bubble})
+        if fail_rank is not None and int(fail_rank) == rank:  # test hook, see the module docstring
+            raise RuntimeError(f"test failure injected by {TEST_FAIL_RANK_ENV}={fail_rank} after step {stats.step}")
+        if delay > 0:
+            time.sleep(delay)
+
+    def on_eval(metrics, c) -> None:
+        if rank == 0:
+            _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "eval", **metrics})
+        # every rank evaluates (a collective), so every rank reports here: equal report counts
+        ray.train.report({"kind": "eval", "attempt": attempt, "loss": last_loss[0] if last_loss else None,
+                          **metrics})
+
+    worker = PipelineWorker(cfg, on_step=on_step, on_eval=on_eval)
+    result = worker.run()  # raises WorkerError naming rank / stage / tower
+    mine = rank_summary(result, coord)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    summary = job_summary(gathered)
+    final = {
+        "kind": "final",
+        "attempt": attempt,
+        "resume_step": resume_step,
+        "steps": result.steps,
+        "loss": result.losses[-1] if result.losses else None,
+        "images_per_sec": summary["images_per_sec"],
+        "step_time_p50": summary["step_time_p50"],
+        "step_time_p95": summary["step_time_p95"],
+        "bubble_per_stage": summary["bubble_per_stage"],
+    }
+    ray.train.report(final)
+    if rank != 0:
+        return None
+    return {**summary, "attempt": attempt, "resume_step": resume_step, "resumed_from": result.resumed_from,
+            "steps": result.steps, "losses": result.losses, "evals": result.evals}
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: RunConfig, job_id: str, test_hooks: Optional[dict[str, Any]] = None):
+    """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    p = cfg.parallel
+    resources: dict[str, float] = {"CPU": p.cpus_per_worker}
+    if p.gpus_per_worker > 0:
+        resources["GPU"] = p.gpus_per_worker
+    storage = (Path(cfg.run_dir) / "ray").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "job_id": job_id, "test": dict(test_hooks or {})},
+        torch_config=TorchConfig(backend=process_group_backend(cfg), timeout_s=max(1, int(p.collective_timeout_s))),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.world_size,
+            use_gpu=p.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy="PACK",  # towers of a stage are neighbouring ranks: same node
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{job_id}",
+            storage_path=str(storage),
+            # max_failures: worker-group restarts. A worker group that cannot be placed (too few
+            # resources) is a retried controller error; give up after ~10 tries of Ray's 60 s start
+            # timeout instead of waiting forever on a cluster that will never fit the job.
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures,
+                                                   controller_failure_limit=START_RETRIES),
+        ),
+    )
+
+
+def process_group_backend(cfg: RunConfig) -> str:
+    """gloo on CPU. With GPUs NCCL carries the CUDA tensors (pipeline p2p, tower all-gathers) and gloo
+    the few CPU tensors the engine all-reduces for bookkeeping (steps per epoch, eval counts), which
+    NCCL alone would reject; Ray Train accepts the combined form."""
+    return "cpu:gloo,cuda:nccl" if cfg.parallel.gpus_per_worker > 0 else "gloo"
+
+
+def hooks_from_env() -> dict[str, Any]:
+    hooks: dict[str, Any] = {}
+    if os.environ.get(TEST_FAIL_RANK_ENV, "").strip():
+        hooks["fail_rank"] = int(os.environ[TEST_FAIL_RANK_ENV])
+    if os.environ.get(TEST_STEP_DELAY_ENV, "").strip():
+        hooks["step_delay"] = float(os.environ[TEST_STEP_DELAY_ENV])
+    return hooks
