@@ -24,8 +24,13 @@ class Progress:
             else None
         )
         self.window: deque[tuple[float, int]] = deque(maxlen=20)
+        self._timed: deque[tuple[float, int]] = deque(maxlen=20)
         self.start = time.perf_counter()
         self.step = 0
+
+    def _timed_rate(self) -> float:
+        secs = sum(t for t, _ in self._timed)
+        return sum(n for _, n in self._timed) / secs if secs > 0 else 0.0
 
     def images_per_sec(self) -> float:
         if len(self.window) < 2:
@@ -34,11 +39,16 @@ class Progress:
         imgs = sum(n for _, n in list(self.window)[1:])
         return imgs / (t1 - t0) if t1 > t0 else 0.0
 
-    def update(self, step: int, images: int, loss: float, lr: float, **extra: float) -> None:
+    def update(self, step: int, images: int, loss: float, lr: float, seconds: Optional[float] = None,
+               **extra: float) -> None:
+        """`seconds`: the step's own duration, when steps are reported in bursts (a tailed log) rather
+        than as they happen; images/s then comes from the steps' times, not from arrival times."""
         now = time.perf_counter()
+        if seconds is not None:
+            self._timed.append((seconds, images))
         self.window.append((now, images))
         advanced, self.step = step - self.step, step
-        ips = self.images_per_sec()
+        ips = self.images_per_sec() if seconds is None else self._timed_rate()
         fields = {"loss": f"{loss:.4f}", "img/s": f"{ips:.1f}", "lr": f"{lr:.2g}"}
         fields.update({k: f"{v:.3f}" for k, v in extra.items()})
         if self.bar is not None:

@@ -205,8 +205,19 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else "n/a"
 
 
+def planned_steps(cfg: RunConfig, info: Any) -> int:
+    """The driver's estimate of the job's optimizer steps (the workers know it exactly)."""
+    per_epoch = max(1, info.train_samples // cfg.train.batch_size)
+    steps = max(1, math.ceil(cfg.train.epochs * per_epoch))
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
+
+
 def print_summary(summary: dict[str, Any]) -> None:
+    from cluster.run_summary import format_run_summary
+
     last = summary["evals"][-1] if summary["evals"] else {}
+    if summary["ok"] and "phase_share_per_stage" in summary:
+        print(format_run_summary(summary), flush=True)
     if summary["ok"]:
         bubbles = ", ".join(f"stage {s}: {b:.2f}" for s, b in sorted(summary.get("bubble_per_stage", {}).items()))
         print(
@@ -228,9 +239,18 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
     """Run a P × T × D job through Ray Train; see the module docstring."""
-    from cluster.workers import attempts_path, build_trainer, hooks_from_env, read_jsonl, workers_dir
+    from alexnet_pp.progress import Progress
+    from cluster.discovery import DiscoveryServer
+    from cluster.run_summary import HistoryProgress
+    from cluster.workers import attempts_path, build_trainer, history_path, hooks_from_env, read_jsonl, workers_dir
 
     cfg = check_config(absolutize(cfg))  # ConfigError propagates: nothing has started yet
+    from alexnet_pp.pipeline import describe
+    from cluster.topology import build_topology
+
+    topo = build_topology(cfg)
+    print(f"job {cfg.name}: (P, T, D) = ({topo.pp}, {topo.tp}, {topo.dp}), {topo.world_size} workers, micro-batch "
+          f"{topo.micro_batch} × {topo.micro_batches}\n{describe(cfg.model, topo.partition)}", flush=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()
@@ -242,6 +262,8 @@ def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
     }
     started_ray = False
     return_value: Optional[dict[str, Any]] = None
+    discovery: Optional[DiscoveryServer] = None
+    progress: Optional[HistoryProgress] = None
     try:
         from alexnet_pp.data import ensure_dataset
 
@@ -253,6 +275,13 @@ def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
             stale.unlink(missing_ok=True)
         started_ray = _connect(cfg, address)
         _check_resources(cfg)
+        if cfg.metrics.enabled:
+            discovery = DiscoveryServer(run_dir, cfg.name, host=cfg.metrics.host, port=cfg.metrics.sd_port,
+                                        job=job_id).start()
+            print(f"metrics: Prometheus service discovery at {discovery.url} (file_sd: "
+                  f"{run_dir / 'prometheus-targets.json'}); scrape config:\n{discovery.scrape_config()}", flush=True)
+        progress = HistoryProgress(history_path(run_dir), job_id, Progress(planned_steps(cfg, info),
+                                   cfg.train.log_every, desc=cfg.name), cfg.train.batch_size).start()
         trainer = build_trainer(cfg, job_id, hooks_from_env())
         try:
             result = trainer.fit()
@@ -265,6 +294,10 @@ def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
     except Exception as e:  # dataset or Ray start-up problems: fail, don't hang, say what happened
         summary["error"] = f"{type(e).__name__}: {e}"
     finally:
+        if progress is not None:
+            progress.close()
+        if discovery is not None:
+            discovery.close()
         if started_ray:
             import ray
 
@@ -278,7 +311,8 @@ def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
     )
     if return_value:
         summary.update({k: return_value[k] for k in ("images_per_sec", "step_time_p50", "step_time_p95",
-                                                      "bubble_per_stage", "theoretical_bubble", "ranks")
+                                                      "bubble_per_stage", "theoretical_bubble", "steps_timed",
+                                                      "phase_share_per_stage", "data_wait_share")
                         if k in return_value})
         summary["steps"] = return_value.get("steps", summary["steps"])
     if summary["ok"] and not losses and return_value:  # history unreadable: fall back on rank 0's view

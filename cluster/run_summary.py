@@ -120,7 +120,7 @@ class HistoryProgress:
                 continue
             if rec.get("kind") == "step" and rec["step"] > self._last_step:  # a redone step after a restart: skip
                 self._last_step = rec["step"]
-                self.progress.update(rec["step"], self.images_per_step, rec["loss"], rec["lr"])
+                self.progress.update(rec["step"], self.images_per_step, rec["loss"], rec["lr"], seconds=rec.get("seconds"))
             elif rec.get("kind") == "eval":
                 self.progress.message(f"eval at step {rec.get('step')}: top-1 {rec.get('top1', math.nan):.3f} "
                                       f"top-5 {rec.get('top5', math.nan):.3f}")

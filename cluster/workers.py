@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ from alexnet_pp.config import RunConfig
 TEST_FAIL_RANK_ENV = "ALEXNET_PP_TEST_FAIL_RANK"
 TEST_STEP_DELAY_ENV = "ALEXNET_PP_TEST_STEP_DELAY"
 START_RETRIES = 10  # worker-group start attempts (Ray waits 60 s each) before the job fails
+SUMMARY_STEPS = 5000  # per-rank step stats gathered for the end-of-run summary
 
 
 # --- files under run_dir shared by driver and workers ------------------------------------------
@@ -96,62 +97,6 @@ def read_worker_files(run_dir: str | Path, job_id: Optional[str] = None) -> dict
     return out
 
 
-# --- per-rank summary of one attempt ------------------------------------------------------------
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def rank_summary(result, coord) -> dict[str, Any]:
-    """What one rank measured in this attempt. The first step of an attempt (warm-up: allocation,
-    first p2p shapes exchange) is left out of the rates when there are others."""
-    stats = list(result.stats)
-    timed = stats[1:] if len(stats) > 1 else stats
-    seconds = [s["seconds"] for s in timed]
-    images = sum(s["images"] for s in timed)
-    phases: dict[str, float] = {}
-    for s in timed:
-        for k, v in s["phases"].items():
-            phases[k] = phases.get(k, 0.0) + v
-    n = max(1, len(timed))
-    return {
-        "rank": coord.rank,
-        "stage": coord.stage,
-        "tower": coord.tower,
-        "replica": coord.replica,
-        "steps": len(stats),
-        "images_per_sec": images / sum(seconds) if seconds and sum(seconds) > 0 else 0.0,
-        "step_time_p50": _percentile(seconds, 0.5),
-        "step_time_p95": _percentile(seconds, 0.95),
-        "bubble": statistics.fmean(s["bubble"] for s in timed) if timed else float("nan"),
-        "theoretical_bubble": timed[0]["theoretical_bubble"] if timed else float("nan"),
-        "phase_seconds_per_step": {k: v / n for k, v in sorted(phases.items())},
-        "skip_counts": dict(result.skip_counts),
-    }
-
-
-def job_summary(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fold per-rank summaries into job-level throughput and the measured bubble per stage."""
-    by_stage: dict[int, list[dict[str, Any]]] = {}
-    for r in per_rank:
-        by_stage.setdefault(r["stage"], []).append(r)
-    rank0 = next((r for r in per_rank if r["rank"] == 0), per_rank[0])
-    return {
-        "images_per_sec": rank0["images_per_sec"],  # every rank sees the same steps; rank 0 speaks
-        "step_time_p50": rank0["step_time_p50"],
-        "step_time_p95": rank0["step_time_p95"],
-        "bubble_per_stage": {str(s): statistics.fmean(r["bubble"] for r in rs) for s, rs in sorted(by_stage.items())},
-        "theoretical_bubble": rank0["theoretical_bubble"],
-        "ranks": sorted(per_rank, key=lambda r: r["rank"]),
-    }
-
-
 # --- the train function (runs on every Ray Train worker) ----------------------------------------
 
 
@@ -184,7 +129,9 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     import torch.distributed as dist
 
     from alexnet_pp.config import from_dict
-    from cluster.engine import PipelineWorker, WorkerError
+    from cluster.engine import PipelineWorker
+    from cluster.metrics import WorkerMetrics
+    from cluster.run_summary import summarize_run
     from cluster.topology import build_topology
 
     cfg = from_dict(cfg_dict)
@@ -202,12 +149,15 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         "replica": coord.replica, "pid": os.getpid(), "hostname": socket.gethostname(),
         "node_ip": ray.util.get_node_ip_address(), "started": time.time(),
     })
+    exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
     history = history_path(cfg.run_dir)
     fail_rank = hooks.get("fail_rank")
     delay = float(hooks.get("step_delay") or 0.0)
     last_loss: list[float] = []
 
     def on_step(stats, c) -> None:
+        if exporter:
+            exporter.on_step(stats)
         last_loss[:] = [stats.loss]
         if rank == 0:
             _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "step", "step": stats.step,
@@ -219,6 +169,8 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
             time.sleep(delay)
 
     def on_eval(metrics, c) -> None:
+        if exporter:
+            exporter.on_eval(metrics)
         if rank == 0:
             _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "eval", **metrics})
         # every rank evaluates (a collective), so every rank reports here: equal report counts
@@ -226,11 +178,18 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                           **metrics})
 
     worker = PipelineWorker(cfg, on_step=on_step, on_eval=on_eval)
-    result = worker.run()  # raises WorkerError naming rank / stage / tower
-    mine = rank_summary(result, coord)
+    if exporter:
+        exporter.attach(worker)
+    try:
+        result = worker.run()  # raises WorkerError naming rank / stage / tower
+    finally:
+        if exporter:
+            exporter.close()
+    # Every rank's step stats (the newest few thousand: bounded on long runs) make the job summary.
+    mine = {"coord": asdict(coord), "stats": result.stats[-SUMMARY_STEPS:]}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    summary = job_summary(gathered)
+    summary = summarize_run(gathered)
     final = {
         "kind": "final",
         "attempt": attempt,

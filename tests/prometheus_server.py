@@ -13,6 +13,7 @@ the repository root).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -236,3 +237,57 @@ def evaluate_dashboard_expressions(prom_url: str, dashboard: dict[str, Any], run
             res.error = str(e)
         out.append(res)
     return out
+
+
+def assert_dashboard_results(results: list, run: str) -> None:
+    """Every dashboard expression returned finite data for this run; a per-worker panel shows all four
+    workers of a (P, T, D) = (2, 2, 1) job once each; lead-only metrics come from stage 0 only; CUDA-only
+    panels are empty on machines without CUDA."""
+    import torch
+
+    from cluster.metrics import cuda_only_names, lead_only_names
+
+    assert results
+    all_pairs = {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+    for r in results:
+        assert r.error is None, (r.panel, r.query, r.error)
+        names = metric_names(r.expr)
+        if names & cuda_only_names() and not torch.cuda.is_available():
+            assert not r.result, r  # no CUDA on this machine: no series
+            continue
+        assert r.result, (r.panel, r.query)
+        lead_only = bool(names & lead_only_names())
+        for series in r.result:
+            labels, (_, v) = series["metric"], series["value"]
+            assert math.isfinite(float(v)), (r.panel, r.query, series)
+            assert labels.get("run", run) == run
+            if "stage" in labels and lead_only:
+                assert labels["stage"] == "0", (r.panel, series)
+        if "tower" in r.result[0]["metric"]:  # a per-worker panel: all four workers, once each
+            pairs = [(s["metric"]["stage"], s["metric"]["tower"]) for s in r.result]
+            assert sorted(pairs) == sorted(all_pairs), (r.panel, pairs)
+        elif "stage" in r.result[0]["metric"] and not lead_only:
+            assert {s["metric"]["stage"] for s in r.result} == {"0", "1"}, (r.panel, r.result)
+
+
+# --- PromQL: which metric names does an expression select? ---------------------------------------------
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+             "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Identifiers used as metric names: not functions (followed by '('), not keywords, not labels."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges, subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)  # label lists
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        tail = e[m.end():].lstrip()
+        if m.group().lower() in _KEYWORDS or tail.startswith("("):
+            continue
+        if m.start() > 0 and (e[m.start() - 1].isdigit() or e[m.start() - 1] == "."):
+            continue  # the exponent / unit of a number such as 1e6
+        names.add(m.group())
+    return names

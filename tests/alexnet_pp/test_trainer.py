@@ -70,3 +70,12 @@ def test_progress_logs_lines_when_not_a_terminal():
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["10/20", "20/20"]
     assert "img/s=" in lines[0] and "eta=" in lines[0]
+
+
+def test_progress_rate_from_reported_step_times():
+    """Steps tailed from a log arrive in bursts: the rate must come from their own durations."""
+    out = io.StringIO()
+    p = Progress(total_steps=10, log_every=10, stream=out)
+    for step in range(1, 11):
+        p.update(step, images=64, loss=1.0, lr=0.01, seconds=0.5)  # all at once, 0.5 s each
+    assert "img/s=128.0" in out.getvalue()

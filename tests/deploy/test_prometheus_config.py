@@ -24,8 +24,9 @@ from cluster.discovery import DiscoveryServer, register_endpoint
 from cluster.engine import StepStats
 from cluster.metrics import WorkerMetrics, cuda_only_names, lead_only_names, sample_names
 from cluster.topology import Coord
-from tests.prometheus_server import (PrometheusServer, dashboard_expressions, evaluate_dashboard_expressions,
-                                     requires_prometheus, substitute_grafana_variables)
+from tests.prometheus_server import (PrometheusServer, assert_dashboard_results, dashboard_expressions,
+                                     evaluate_dashboard_expressions, metric_names, requires_prometheus,
+                                     substitute_grafana_variables)
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -34,27 +35,6 @@ PROMTOOL = shutil.which("promtool")
 requires_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (apt-get install -y --no-install-recommends prometheus)")
 
-# --- PromQL: which metric names does an expression select? ---------------------------------------------
-
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-             "offset", "inf", "nan"}
-
-
-def metric_names(expr: str) -> set[str]:
-    """Identifiers used as metric names: not functions (followed by '('), not keywords, not labels."""
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
-    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
-    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges, subqueries
-    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)  # label lists
-    names = set()
-    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
-        tail = e[m.end():].lstrip()
-        if m.group().lower() in _KEYWORDS or tail.startswith("("):
-            continue
-        if m.start() > 0 and (e[m.start() - 1].isdigit() or e[m.start() - 1] == "."):
-            continue  # the exponent / unit of a number such as 1e6
-        names.add(m.group())
-    return names
 
 
 def test_metric_name_extraction():
@@ -284,26 +264,7 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(tmp_path
 
             results = evaluate_dashboard_expressions(prom.url, load_dashboard(), run, rate_interval="30s")
             assert results
-            all_pairs = {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
-            for r in results:
-                assert r.error is None, (r.panel, r.query, r.error)
-                names = metric_names(r.expr)
-                if names & cuda_only_names():
-                    assert not r.result, r  # no CUDA on this machine: no series
-                    continue
-                assert r.result, (r.panel, r.query)
-                lead_only = bool(names & lead_only_names())
-                for series in r.result:
-                    labels, (_, v) = series["metric"], series["value"]
-                    assert math.isfinite(float(v)), (r.panel, r.query, series)
-                    assert labels.get("run", run) == run
-                    if "stage" in labels and lead_only:
-                        assert labels["stage"] == "0", (r.panel, series)
-                if "tower" in r.result[0]["metric"]:  # a per-worker panel: all four workers, once each
-                    pairs = [(s["metric"]["stage"], s["metric"]["tower"]) for s in r.result]
-                    assert sorted(pairs) == sorted(all_pairs), (r.panel, pairs)
-                elif "stage" in r.result[0]["metric"] and not lead_only:
-                    assert {s["metric"]["stage"] for s in r.result} == {"0", "1"}, (r.panel, r.result)
+            assert_dashboard_results(results, run)
 
             # spot values: one replica, 64 images per step every ~0.2 s
             # (a short window: rate() divides by the whole window, and these series are seconds old)
