@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (both idempotent; a second run reuses .venv):
-#   make demo   — set up, then train the demo on the embedded dataset
+#   make demo   — set up, then train the demo on the embedded dataset as a (2,2,1) Ray job
 #   make test   — set up, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $@
 
+# The demo as a distributed job: 2 pipeline stages × 2 towers on a local Ray cluster (4 workers).
 demo: setup
-	$(BIN)/alexnet-pp train --preset demo
+	$(BIN)/alexnet-pp train --preset demo --pp 2 --tp 2
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from alexnet_pp.config import PRESETS, ConfigError, RunConfig, load_config, parse_override_args
+from alexnet_pp.data.commands import register as register_data
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -98,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved configuration as YAML")
     _add_config_args(config)
     config.set_defaults(func=cmd_config)
-    try:
-        from alexnet_pp.data.commands import register as register_data
-    except ImportError:  # the data commands are optional while the package is being built
-        register_data = None
-    if register_data is not None:
-        register_data(sub)
+    register_data(sub)
     return parser
 
 

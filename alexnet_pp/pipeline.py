@@ -4,8 +4,12 @@ Nothing here communicates: this is the plan (which layers go to which stage, and
 start so a user sees each stage's share of compute and parameters. cluster/ executes the plan.
 
 Partition methods (`parallel.partition`):
-- `flops` (default): balance each stage's training compute (forward + backward ≈ 3 × forward
-  multiply-adds, plus the pointwise LRN/pool/ReLU work). DeepSpeed's own default, `parameters`,
+- `measured` (default): time each layer's forward + backward on the device that will run it, at the
+  run's micro-batch size, and balance those times. Counted FLOPs mislead on CPUs: conv1 (11×11,
+  stride 4, 3 input channels) and the fully-connected layers at small micro-batches run far below
+  the machine's peak, so their time share is not their FLOP share.
+- `flops`: balance each stage's training compute (forward + backward ≈ 3 × forward multiply-adds,
+  plus the pointwise LRN/pool/ReLU work) without measuring. DeepSpeed's own default, `parameters`,
   puts the convolutions (most of the compute, 3% of the parameters) together on stage 0.
 - `uniform`: the same number of layers per stage.
 - `parameters`: balance parameter counts (DeepSpeed's default), kept for comparison.
@@ -90,12 +94,46 @@ def _balanced(weights: list[float], parts: int) -> tuple[int, ...]:
     return tuple(reversed(bounds))
 
 
-def partition(cfg: ModelConfig, num_stages: int, method: str = "flops") -> Partition:
+def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3,
+                        seed: int = 0) -> list[float]:
+    """Seconds of forward + backward of each layer (best of `reps`), as a training step runs it: the
+    first layer computes no input gradient."""
+    import time
+
+    import torch
+
+    from alexnet_pp.model import AlexNet
+
+    gen = torch.Generator().manual_seed(seed)
+    model = AlexNet(cfg).to(device).train()
+    x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    costs = []
+    for i, layer in enumerate(model.layers()):
+        best = float("inf")
+        for _ in range(reps + 1):  # one warm-up
+            xi = x.detach().requires_grad_(i > 0)
+            sync()
+            t0 = time.perf_counter()
+            y = layer(xi)
+            y.backward(torch.ones_like(y))
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        costs.append(best)
+        x = y.detach()
+    return costs
+
+
+def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: list[float] | None = None) -> Partition:
+    """Cut the layers into stages. `measured` balances `costs` (from measure_layer_costs); without
+    them — before any worker has measured — it plans with the FLOP estimate."""
     n = len(LAYER_NAMES)
     if not 1 <= num_stages <= n:
         raise ConfigError(f"parallel.pp={num_stages}: the network has {n} layers, so use 1 to {n} stages")
     method = method.strip()
-    if method == "flops":
+    if method == "measured":
+        bounds = _balanced(list(costs) if costs is not None else layer_costs(cfg), num_stages)
+    elif method == "flops":
         bounds = _balanced(layer_costs(cfg), num_stages)
     elif method == "parameters":
         bounds = _balanced([float(x) for x in layer_param_counts(cfg)], num_stages)
@@ -121,9 +159,11 @@ def partition(cfg: ModelConfig, num_stages: int, method: str = "flops") -> Parti
     return Partition(bounds=tuple(bounds), method=method)
 
 
-def describe(cfg: ModelConfig, part: Partition) -> str:
-    """A table of each stage's layers and its share of compute and parameters."""
-    costs, params = layer_costs(cfg), layer_param_counts(cfg)
+def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None) -> str:
+    """A table of each stage's layers and its share of compute (measured `costs` if given, else
+    counted) and parameters."""
+    basis = "measured time" if costs is not None else "compute"
+    costs, params = list(costs) if costs is not None else layer_costs(cfg), layer_param_counts(cfg)
     total_c, total_p = sum(costs), sum(params)
     lines = [f"pipeline partition ({part.method}), {part.num_stages} stage(s):"]
     for s in range(part.num_stages):
@@ -131,5 +171,5 @@ def describe(cfg: ModelConfig, part: Partition) -> str:
         c = sum(costs[i] for i in layers)
         p = sum(params[i] for i in layers)
         names = ",".join(LAYER_NAMES[i] for i in layers)
-        lines.append(f"  stage {s}: {names:<34} compute {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
+        lines.append(f"  stage {s}: {names:<34} {basis} {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
     return "\n".join(lines)

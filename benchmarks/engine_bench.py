@@ -1,14 +1,17 @@
 """Engine benchmark: the pipeline engine against the plain single-process trainer, side by side.
 
-    python -m benchmarks.engine_bench [--steps 12] [--json out.json]
+    python -m benchmarks.engine_bench [--preset paper] [--batch 128] [--steps 6] [--json out.json]
 
 Measures, in one run, on the same model, batches and thread count (in-memory data, so the data
-pipeline does not blur the engine's numbers):
+pipeline does not blur the engine's numbers; the paper's network and batch by default):
 1. images/s of the engine with (P, T, D) = (1, 1, 1) vs the plain trainer (goal: ratio ≥ 0.95);
-2. the measured pipeline bubble per stage for P = 2 and M = 2, 4, 8 micro-batches next to the
-   theoretical (P − 1) / (M + P − 1) (goal: within 5 percentage points);
+2. the pipeline bubble per stage for P = 2 and M = 2, 4, 8 micro-batches next to the theoretical
+   (P − 1) / (M + P − 1) (goal: within 5 percentage points). Each stage's measured idle share of
+   the schedule is split into load imbalance — the time it waits because the other stage has more
+   work per micro-batch (busy_max − busy_stage) / schedule time, which the theory's equal stages
+   exclude — and the remaining fill/drain bubble, which is what the formula predicts;
 3. the speedup of (P, T, D) = (2, 1, 1), one thread per worker, over the plain trainer with one
-   thread, at M = 8 (goal: ≥ 1.5×).
+   thread, at M = 8 (goal: ≥ 1.5×; the best 2-way cut bounds it near 1.7×).
 Steps after `--warmup` are timed; medians are reported.
 """
 
@@ -37,7 +40,7 @@ def bench_cfg(args, pp: int, m: int, threads: int) -> RunConfig:
         "train.threads": str(threads), "train.epochs": "1", "train.eval_every": "1000",
         "train.schedule": "constant", "model.dropout": "0", "checkpoint.resume": "false",
         "checkpoint.dir": os.path.join(args.scratch, f"ckpt-{pp}-{m}"), "out_dir": args.scratch,
-        "parallel.partition": args.partition,
+        "parallel.partition": args.partition, "data.synthetic_classes": "1000" if args.preset == "paper" else "10",
     })
 
 
@@ -75,19 +78,68 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def simulate_1f1b(fwd: list[float], bwd: list[float], m: int) -> list[float]:
+    """Idle share of each stage's schedule in an ideal 1F1B pipeline (no communication cost) whose
+    stage s takes fwd[s] / bwd[s] per micro-batch: what the formula would say for unequal stages."""
+    p = len(fwd)
+    orders = []
+    for s in range(p):  # DeepSpeed's order: warm-up forwards, then one forward / one backward, cool-down
+        warm = min(p - s - 1, m)
+        order = [("F", i) for i in range(warm)]
+        f, b = warm, 0
+        while b < m:
+            if f < m:
+                order.append(("F", f))
+                f += 1
+            order.append(("B", b))
+            b += 1
+        orders.append(order)
+    done: dict = {}
+    clock = [0.0] * p
+    pending = [list(o) for o in orders]
+    while any(pending):
+        for s in range(p):
+            while pending[s]:
+                kind, i = pending[s][0]
+                dep = (("F", s - 1, i) if s > 0 else None) if kind == "F" else (("B", s + 1, i) if s < p - 1 else ("F", s, i))
+                if dep is not None and dep not in done:
+                    break
+                start = max(clock[s], done.get(dep, 0.0))
+                clock[s] = start + (fwd[s] if kind == "F" else bwd[s])
+                done[(kind, s, i)] = clock[s]
+                pending[s].pop(0)
+    span = max(clock)
+    return [1 - m * (fwd[s] + bwd[s]) / span for s in range(p)]
+
+
+def bubble_rows(per_rank: list, m: int) -> list[dict]:
+    """Per stage: the measured idle share of the schedule (step time less the stage's own optimizer
+    step, as the engine reports it), the ideal 1F1B idle for the measured per-micro-batch stage times,
+    and the formula's (equal stages)."""
+    theory = 1 / (m + 1)
+    fwd = [median([s["phases"].get("forward", 0.0) / m for s in stats]) for stats in per_rank]
+    bwd = [median([s["phases"].get("backward", 0.0) / m for s in stats]) for stats in per_rank]
+    ideal = simulate_1f1b(fwd, bwd, m)
+    return [{"M": m, "stage": stage, "measured": median([s["bubble"] for s in stats]), "ideal_1f1b": ideal[stage],
+             "theory": theory, "stage_ms_per_micro_batch": 1000 * (fwd[stage] + bwd[stage])}
+            for stage, stats in enumerate(per_rank)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="model size (default: demo, width 0.5 at 112 px)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--preset", default="paper", help="model size (default: paper, the full network)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="threads for comparison 1 (both sides)")
-    ap.add_argument("--partition", default="flops")
+    ap.add_argument("--partition", default="measured")
+    ap.add_argument("--speedup-batches", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
+                    help="global batches for comparison 3 (M = 8 micro-batches each)")
     ap.add_argument("--scratch", default="/tmp/alexnet-pp-bench")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     steps = args.steps + args.warmup
-    report: dict = {}
+    report: dict = {"preset": args.preset, "batch": args.batch, "partition": args.partition}
 
     print(f"# 1. engine (1,1,1) vs plain trainer, {args.threads} threads, batch {args.batch}, preset {args.preset}")
     cfg = bench_cfg(args, 1, 1, args.threads)
@@ -98,26 +150,30 @@ def main() -> None:
     print(f"plain {args.batch / plain:8.1f} img/s   engine {args.batch / eng:8.1f} img/s   ratio {ratio:.3f} (goal ≥ 0.95)")
     report["engine_vs_plain"] = {"plain_img_s": args.batch / plain, "engine_img_s": args.batch / eng, "ratio": ratio}
 
-    print("\n# 2. pipeline bubble, P = 2, one thread per stage")
-    print(f"{'M':>3} {'stage':>5} {'measured':>9} {'theory':>7} {'diff (pp)':>10}")
+    print(f"\n# 2. pipeline bubble, P = 2, one thread per stage ({args.partition} partition)")
+    print(f"{'M':>3} {'stage':>5} {'ms/micro-batch':>15} {'measured':>9} {'theory':>7} {'diff (pp)':>10} "
+          f"{'ideal 1F1B, these stage times':>30}")
     report["bubble"] = []
-    plain1 = None
     for m in (2, 4, 8):
         cfg = bench_cfg(args, 2, m, 1)
-        per_rank = engine_stats(cfg, batches, args.warmup)
-        theory = (2 - 1) / (m + 2 - 1)
-        for stage, stats in enumerate(per_rank):
-            measured = median([s["bubble"] for s in stats])
-            print(f"{m:>3} {stage:>5} {measured:>9.3f} {theory:>7.3f} {100 * (measured - theory):>+10.1f}")
-            report["bubble"].append({"M": m, "stage": stage, "measured": measured, "theory": theory})
-        if m == 8:
-            pipe8 = median([s["seconds"] for s in per_rank[0]])
-            plain1 = median(plain_step_seconds(cfg, batches, 1, args.warmup))
-            speedup = plain1 / pipe8
+        for row in bubble_rows(engine_stats(cfg, batches, args.warmup), m):
+            print(f"{m:>3} {row['stage']:>5} {row['stage_ms_per_micro_batch']:>15.1f} {row['measured']:>9.3f} "
+                  f"{row['theory']:>7.3f} {100 * (row['measured'] - row['theory']):>+10.1f} {row['ideal_1f1b']:>30.3f}")
+            report["bubble"].append(row)
+
     print("\n# 3. (2,1,1), one thread per worker, vs plain trainer with one thread, M = 8")
-    print(f"plain {args.batch / plain1:8.1f} img/s   pipeline {args.batch / pipe8:8.1f} img/s   speedup {speedup:.2f}× (goal ≥ 1.5×)")
-    report["pipeline_speedup"] = {"plain_img_s": args.batch / plain1, "pipeline_img_s": args.batch / pipe8,
-                                  "speedup": speedup}
+    report["pipeline_speedup"] = []
+    for batch in args.speedup_batches:
+        args.batch = batch
+        cfg = bench_cfg(args, 2, 8, 1)
+        big = make_batches(cfg, steps)
+        plain1 = median(plain_step_seconds(bench_cfg(args, 1, 1, 1), big, 1, args.warmup))
+        pipe8 = median([s["seconds"] for s in engine_stats(cfg, big, args.warmup)[0]])
+        speedup = plain1 / pipe8
+        print(f"batch {batch:>4} (micro-batch {batch // 8:>3}): plain {batch / plain1:7.1f} img/s   pipeline "
+              f"{batch / pipe8:7.1f} img/s   speedup {speedup:.2f}× (goal ≥ 1.5×)")
+        report["pipeline_speedup"].append({"batch": batch, "plain_img_s": batch / plain1,
+                                           "pipeline_img_s": batch / pipe8, "speedup": speedup})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

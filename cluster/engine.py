@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Protocol
 
@@ -24,7 +24,8 @@ import torch.distributed as dist
 from alexnet_pp.config import RunConfig
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
-from alexnet_pp.pipeline import describe
+from alexnet_pp.model import LAYER_NAMES
+from alexnet_pp.pipeline import describe, measure_layer_costs, partition
 from cluster.checkpoint import CheckpointStore, tag_for
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, stage_layers
 from cluster.topology import Coord, Topology, build_topology
@@ -239,6 +240,9 @@ class PipelineWorker:
                                    timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        self.layer_costs = self._measured_costs() if cfg.parallel.partition.strip() == "measured" else None
+        if self.layer_costs is not None:
+            self.topo = topo = replace(topo, partition=partition(cfg.model, topo.pp, "measured", self.layer_costs))
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the single-process trainer
         model = AlexNet(cfg.model)
         self.group = GroupRef()
@@ -275,7 +279,18 @@ class PipelineWorker:
         ckpt_dir = cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints")
         self.store = CheckpointStore(ckpt_dir, cfg.checkpoint.keep)
         if self.rank == 0:
-            log.info("%s", describe(cfg.model, topo.partition))
+            log.info("%s", describe(cfg.model, topo.partition, self.layer_costs if topo.pp > 1 else None))
+
+    def _measured_costs(self) -> list[float]:
+        """Rank 0 times every layer on its device; all ranks cut the pipeline from the same numbers."""
+        box: list[Any] = [None]
+        if self.rank == 0 and self.topo.pp > 1:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+            box = [measure_layer_costs(self.cfg.model, self.topo.micro_batch, device)]
+        if self.topo.pp == 1:
+            return [1.0] * len(LAYER_NAMES)  # nothing to cut
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _steps_per_epoch(self) -> int:
         # Only first-stage ranks hold data; they tell everyone (the minimum, so no replica runs dry).

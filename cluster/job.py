@@ -250,7 +250,11 @@ def run_job(cfg: RunConfig, address: Optional[str] = None) -> dict[str, Any]:
 
     topo = build_topology(cfg)
     print(f"job {cfg.name}: (P, T, D) = ({topo.pp}, {topo.tp}, {topo.dp}), {topo.world_size} workers, micro-batch "
-          f"{topo.micro_batch} × {topo.micro_batches}\n{describe(cfg.model, topo.partition)}", flush=True)
+          f"{topo.micro_batch} × {topo.micro_batches}", flush=True)
+    if topo.pp > 1:
+        measured = cfg.parallel.partition.strip() == "measured"
+        print(("stage cuts are timed on rank 0 when the workers start; the FLOP estimate would cut:\n"
+               if measured else "") + describe(cfg.model, topo.partition), flush=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()

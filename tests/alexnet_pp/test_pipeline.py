@@ -41,3 +41,16 @@ def test_explicit_cut_points_and_description():
     assert part.bounds == (0, 3, 6, 8)
     text = describe(PAPER, part)
     assert "stage 0: conv1,conv2,conv3" in text and "stage 2: fc7,fc8" in text and "parameters" in text
+
+
+def test_measured_partition_balances_timed_layers():
+    from alexnet_pp.pipeline import measure_layer_costs
+
+    small = ModelConfig(width=0.25, image_size=64, num_classes=10)
+    costs = measure_layer_costs(small, micro_batch=4, reps=1)
+    assert len(costs) == 8 and all(c > 0 for c in costs)
+    # a made-up timing where conv1 alone is half the work: the cut must follow the timings, not FLOPs
+    skewed = [50.0, 10, 10, 10, 5, 5, 5, 5]
+    assert partition(small, 2, "measured", skewed).bounds == (0, 1, 8)
+    assert partition(small, 2, "flops").bounds != (0, 1, 8)
+    assert "measured time  50.0%" in describe(small, partition(small, 2, "measured", skewed), skewed)
