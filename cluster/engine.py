@@ -25,7 +25,7 @@ from alexnet_pp.config import RunConfig
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.model import LAYER_NAMES
-from alexnet_pp.pipeline import describe, measure_layer_costs, partition
+from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
 from cluster.checkpoint import CheckpointStore, tag_for
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, stage_layers
 from cluster.topology import Coord, Topology, build_topology
@@ -240,8 +240,14 @@ class PipelineWorker:
                                    timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.layer_costs = self._measured_costs() if cfg.parallel.partition.strip() == "measured" else None
-        if self.layer_costs is not None:
+        ckpt_dir = cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints")
+        self.store = CheckpointStore(ckpt_dir, cfg.checkpoint.keep)
+        self.layer_costs = None
+        resumed_bounds = self._checkpoint_bounds()
+        if resumed_bounds is not None:  # a restart keeps the cuts its checkpoint's layer files were written with
+            self.topo = topo = replace(topo, partition=Partition(resumed_bounds, topo.partition.method))
+        elif cfg.parallel.partition.strip() == "measured":
+            self.layer_costs = self._measured_costs()
             self.topo = topo = replace(topo, partition=partition(cfg.model, topo.pp, "measured", self.layer_costs))
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the single-process trainer
         model = AlexNet(cfg.model)
@@ -276,10 +282,25 @@ class PipelineWorker:
         self.total_steps = self._total_steps()
         self.optimizer = optimizer
         self.schedule = LRSchedule(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
-        ckpt_dir = cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints")
-        self.store = CheckpointStore(ckpt_dir, cfg.checkpoint.keep)
         if self.rank == 0:
             log.info("%s", describe(cfg.model, topo.partition, self.layer_costs if topo.pp > 1 else None))
+
+    def _checkpoint_bounds(self) -> Optional[tuple[int, ...]]:
+        """The stage cuts of the checkpoint this run will resume from, if any. Measured cuts can differ
+        from one start to the next; an explicit method that now cuts differently is an error."""
+        latest = self.store.latest() if self.cfg.checkpoint.resume else None
+        if latest is None or "bounds" not in latest[2]:
+            return None
+        bounds = tuple(latest[2]["bounds"])
+        if len(bounds) != self.topo.pp + 1:
+            return None  # another layout: resume() says what is wrong
+        method = self.cfg.parallel.partition.strip()
+        if method != "measured" and bounds != self.topo.partition.bounds:
+            raise WorkerError(
+                f"checkpoint {self.store.root / latest[1]} cut the pipeline at {list(bounds)}, but "
+                f"parallel.partition={method!r} now cuts at {list(self.topo.partition.bounds)}; resume with "
+                f"--parallel.partition {','.join(map(str, bounds[1:-1]))} or use another checkpoint.dir")
+        return bounds
 
     def _measured_costs(self) -> list[float]:
         """Rank 0 times every layer on its device; all ranks cut the pipeline from the same numbers."""
@@ -332,7 +353,8 @@ class PipelineWorker:
         dist.barrier()
         if self.rank == 0:
             self.store.mark_complete(tag, {**position, "world": self.topo.world_size,
-                                           "layout": [self.topo.pp, self.topo.tp, self.topo.dp]})
+                                           "layout": [self.topo.pp, self.topo.tp, self.topo.dp],
+                                           "bounds": list(self.topo.partition.bounds)})
             self.store.prune()
         dist.barrier()
         self.last_checkpoint_seconds = time.perf_counter() - t0

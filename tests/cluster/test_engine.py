@@ -127,3 +127,17 @@ def test_shard_stream_and_ten_crop_eval_through_the_pipeline(tmp_path):
     assert all(e["val_samples"] == info.val_samples == 30 for e in evals)  # 30 = 2 micro-batches of 16, padded
     assert all(r.evals == evals for r in results)  # every rank agrees (the plateau schedule needs it)
     assert len(results[0].losses) == 4
+
+
+@pytest.mark.e2e
+def test_resume_keeps_the_checkpoints_stage_cuts(tmp_path):
+    """Measured cuts may come out differently after a restart; the layer files fix them, so a resumed
+    run uses the checkpoint's cuts, and an explicit partition that disagrees is a clear error."""
+    batches = make_batches(3, 16)
+    factory = functools.partial(data_factory, batches, 1, 1, 2)
+    first = run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "3", "train.max_steps": 2}), factory)
+    resumed = run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "measured",
+                                                            "train.max_steps": 3}), factory)
+    assert resumed[0].resumed_from == 2 and len(first[0].losses + resumed[0].losses) == 3
+    with pytest.raises(RuntimeError, match="--parallel.partition 3"):
+        run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "5", "train.max_steps": 4}), factory)

@@ -133,6 +133,9 @@ def assert_close(a: list[float], b: list[float], rtol: float = 1e-4, atol: float
 @pytest.fixture(scope="module")
 def auth_env(tmp_path_factory):
     """Token auth as Ray 2.60 wants it, with a token file of our own (never ~/.ray/auth_token)."""
+    if "ray" in sys.modules:  # Ray reads its auth mode once, at import: setting it now would be too late
+        pytest.fail("ray was imported before the auth fixture ran (module-level `import ray` in some test "
+                    "module?); import it inside the tests that need it")
     token = tmp_path_factory.mktemp("auth") / "token"
     token.write_text(secrets.token_hex(32))
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "DS_ACCELERATOR": "cpu",

@@ -1,10 +1,11 @@
 """deploy/ manifests: what they run must be a valid alexnet-pp job for the versions this repo pins."""
 
+from importlib.metadata import version
+
 import re
 import shlex
 from pathlib import Path
 
-import ray
 import yaml
 
 from cluster.job import config_from_args
@@ -12,6 +13,8 @@ from cluster.topology import build_topology
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
+# Not `import ray`: importing it fixes its auth mode for the process before test_job's fixtures set it.
+RAY_VERSION = version("ray")
 
 
 def entrypoint_config(entrypoint: str):
@@ -38,7 +41,7 @@ def test_kuberay_manifests_pin_the_installed_ray():
     for name in ("rayjob.yaml", "raycluster.yaml"):
         doc = yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-        assert spec["rayVersion"] == ray.__version__, name
+        assert spec["rayVersion"] == RAY_VERSION, name
 
 
 def test_launcher_yaml_and_its_documented_submit_command():
@@ -63,4 +66,4 @@ def test_dockerfile_copies_every_package_and_installs_the_project():
     for pkg in ("alexnet_pp", "ops", "cluster", "pyproject.toml"):
         assert pkg in copied and (REPO / pkg).exists(), pkg
     assert "pip install --no-cache-dir -e ." in docker
-    assert f"rayproject/ray:{ray.__version__}" in docker
+    assert f"rayproject/ray:{RAY_VERSION}" in docker
