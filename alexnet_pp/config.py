@@ -179,6 +179,7 @@ def preset(name: str) -> RunConfig:
             shuffle_buffer=2000,
         )
         cfg.train = TrainConfig(batch_size=64, epochs=6, lr=0.01, schedule="cosine", eval_every=1.0)
+        cfg.parallel.micro_batches = 4  # as a pipeline: 4 micro-batches of 16 keep the bubble at (P-1)/(P+3)
         return cfg
     if name == "test":
         cfg.name = "test"

@@ -39,6 +39,7 @@ from alexnet_pp.config import PRESETS, ConfigError, RunConfig, load_config, pars
 log = logging.getLogger("cluster.job")
 
 SUMMARY_PREFIX = "ALEXNET_PP_SUMMARY "
+SUMMARY_MAX_LOSSES = 50  # more steps than this: the printed summary line leaves the loss list out
 # What a working-dir upload must leave out (virtual environments, generated data, run outputs).
 WORKING_DIR_EXCLUDES = [".venv*", "/data", "/runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
                         "/build", "/dist", ".whl", ".gl"]
@@ -231,7 +232,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     else:
         print(f"job {summary['job_id']} FAILED after {summary['steps']} steps, restarts {summary['restarts']}:\n"
               f"{summary['error']}", file=sys.stderr, flush=True)
-    print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
+    # One machine-readable line for log scrapers; long loss histories stay in run_dir/summary.json.
+    line = summary if len(summary.get("losses", [])) <= SUMMARY_MAX_LOSSES else {
+        k: v for k, v in summary.items() if k not in ("losses", "loss_steps")}
+    print(SUMMARY_PREFIX + json.dumps(line, default=str), flush=True)
 
 
 # --- the job ---------------------------------------------------------------------------------------
