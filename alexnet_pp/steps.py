@@ -30,13 +30,17 @@ def train_step(
     return loss.item()
 
 
+def average_crops(logits: torch.Tensor, samples: int) -> torch.Tensor:
+    """Class probabilities of `samples` images whose crops are consecutive rows of `logits`:
+    the softmax averaged over each image's crops (the paper's 10-crop test)."""
+    probs = F.softmax(logits.float(), dim=1)
+    return probs.view(samples, logits.shape[0] // samples, -1).mean(dim=1)
+
+
 def crop_averaged_probs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Class probabilities; for N×C×3×S×S input (C crops, e.g. the paper's 10) the softmax is averaged."""
-    if images.dim() == 5:
-        n, c = images.shape[:2]
-        probs = F.softmax(model(images.flatten(0, 1)).float(), dim=1)
-        return probs.view(n, c, -1).mean(dim=1)
-    return F.softmax(model(images).float(), dim=1)
+    n = images.shape[0]
+    return average_crops(model(images.flatten(0, 1) if images.dim() == 5 else images), n)
 
 
 def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:

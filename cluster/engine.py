@@ -26,6 +26,7 @@ from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.model import LAYER_NAMES
 from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
+from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.checkpoint import CheckpointStore, tag_for
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, stage_layers
 from cluster.topology import Coord, Topology, build_topology
@@ -62,6 +63,7 @@ class ShardData:
         self.cfg, self.replica, self.replicas, self.micro_batch = cfg, replica, replicas, micro_batch
         self._train, self._eval = build_train_loader, build_eval_loader
         self._current = None
+        self._eval_batches: Optional[int] = None
         self._len = len(build_train_loader(cfg, replica=replica, num_replicas=replicas, epoch=0, micro_batch=micro_batch))
 
     def micro_batches_per_epoch(self) -> int:
@@ -79,10 +81,12 @@ class ShardData:
             yield images, labels
 
     def eval_batch_count(self) -> int:
-        from alexnet_pp.data import ensure_dataset
+        if self._eval_batches is None:  # the split does not change during a run: look it up once
+            from alexnet_pp.data import ensure_dataset
 
-        per_replica = math.ceil(ensure_dataset(self.cfg).val_samples / self.replicas)
-        return max(1, math.ceil(per_replica / self.micro_batch))
+            per_replica = math.ceil(ensure_dataset(self.cfg).val_samples / self.replicas)
+            self._eval_batches = max(1, math.ceil(per_replica / self.micro_batch))
+        return self._eval_batches
 
     def skip_counts(self) -> dict[str, int]:
         counts = getattr(self._current, "skip_counts", None)
@@ -279,7 +283,7 @@ class PipelineWorker:
         if self.data is None and c.stage == 0:
             self.data = ShardData(cfg, c.replica, topo.dp, topo.micro_batch)
         self.steps_per_epoch = self._steps_per_epoch()
-        self.total_steps = self._total_steps()
+        self.total_steps = total_steps(cfg, self.steps_per_epoch)
         self.optimizer = optimizer
         self.schedule = LRSchedule(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
         if self.rank == 0:
@@ -325,10 +329,6 @@ class PipelineWorker:
                 f"({self.topo.micro_batches} micro-batches of {self.topo.micro_batch} per replica needed)"
             )
         return steps
-
-    def _total_steps(self) -> int:
-        steps = max(1, math.ceil(self.cfg.train.epochs * self.steps_per_epoch))
-        return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps > 0 else steps
 
     # --- data iterators in the shape DeepSpeed's PipelineEngine pulls them -----------------------
 
@@ -462,7 +462,7 @@ class PipelineWorker:
             result.resumed_from = step
         if in_epoch >= self.steps_per_epoch:
             epoch, in_epoch = epoch + 1, 0
-        eval_every = max(1, round(cfg.train.eval_every * self.steps_per_epoch))
+        eval_every = eval_interval(cfg, self.steps_per_epoch)
         ckpt_every = cfg.checkpoint.every_steps
         images_per_step = cfg.train.batch_size
         theory = topo.theoretical_bubble()

@@ -208,9 +208,9 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def planned_steps(cfg: RunConfig, info: Any) -> int:
     """The driver's estimate of the job's optimizer steps (the workers know it exactly)."""
-    per_epoch = max(1, info.train_samples // cfg.train.batch_size)
-    steps = max(1, math.ceil(cfg.train.epochs * per_epoch))
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
+    from alexnet_pp.trainer import total_steps
+
+    return total_steps(cfg, max(1, info.train_samples // cfg.train.batch_size))
 
 
 def print_summary(summary: dict[str, Any]) -> None:

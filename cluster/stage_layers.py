@@ -148,15 +148,13 @@ def pipeline_loss(outputs, _labels_from_loader):
 def eval_stats(outputs, _labels_from_loader) -> torch.Tensor:
     """[loss sum, top-1 hits, top-5 hits, samples] of a (possibly padded, multi-crop) eval micro-batch.
     Padding rows carry label -1 and count nowhere."""
-    from alexnet_pp.steps import topk_correct
+    from alexnet_pp.steps import EvalAccumulator, average_crops
 
     logits, labels = outputs
-    crops = logits.shape[0] // labels.shape[0]
-    probs = F.softmax(logits.float(), dim=1).view(labels.shape[0], crops, -1).mean(dim=1)
+    probs = average_crops(logits, labels.shape[0])
     valid = labels >= 0
-    probs, labels = probs[valid], labels[valid]
-    if labels.numel() == 0:
-        return torch.zeros(4)
-    h1, h5 = topk_correct(probs, labels)
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-    return torch.tensor([float(loss), h1, h5, labels.numel()])
+    acc = EvalAccumulator()
+    if valid.any():
+        acc.add(probs[valid], labels[valid])
+    hits1, hits5, n, loss = acc.totals()
+    return torch.tensor([loss, hits1, hits5, n], dtype=torch.float32)
