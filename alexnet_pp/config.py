@@ -377,8 +377,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"({p.micro_batches}) × parallel.dp ({p.dp}) for a whole micro_batch ≥ 1; "
             f"pick a batch_size divisible by {p.dp * p.micro_batches}"
         )
-    if p.precision != "fp32" and p.gpus_per_worker <= 0:
-        raise ConfigError(f"parallel.precision={p.precision} needs GPUs (parallel.gpus_per_worker > 0)")
+    if p.precision == "fp16" and p.gpus_per_worker <= 0:  # bf16 also runs on CPUs (DeepSpeed's CPU accelerator)
+        raise ConfigError("parallel.precision=fp16 needs GPUs (parallel.gpus_per_worker > 0); use bf16 or fp32")
     return cfg
 
 

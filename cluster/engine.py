@@ -506,5 +506,6 @@ class PipelineWorker:
 def init_process_group_from_env(timeout_s: float) -> None:
     """For launchers other than Ray Train (which initialises torch.distributed itself)."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # gloo beside nccl: the CPU-side step counts and eval tallies are all-reduced as CPU tensors
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))

@@ -52,6 +52,15 @@ class _GatherTowers(torch.autograd.Function):
         return grad[:, start : start + ctx.width].contiguous(), None, None, None, None
 
 
+def _first_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Images as the first layer takes them: multi-crop evaluation's crops become batch rows, and
+    float32 images meet bf16/fp16 weights in the weights' precision (DeepSpeed moves, never casts)."""
+    if x.dim() == 5:
+        x = x.flatten(0, 1)
+    dtype = next(module.parameters()).dtype
+    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+
 class StageLayer(nn.Module):
     """A whole TowerLayer (both towers) as a pipeline layer: (x, labels) → (y, labels)."""
 
@@ -62,8 +71,8 @@ class StageLayer(nn.Module):
 
     def forward(self, inputs):
         x, labels = inputs
-        if self.first and x.dim() == 5:  # multi-crop evaluation: crops become batch rows
-            x = x.flatten(0, 1)
+        if self.first:
+            x = _first_input(x, self.layer)
         return self.layer(x), labels
 
 
@@ -91,8 +100,8 @@ class TowerShard(nn.Module):
 
     def forward(self, inputs):
         x, labels = inputs
-        if self.first and x.dim() == 5:
-            x = x.flatten(0, 1)
+        if self.first:
+            x = _first_input(x, self.part)
         if self.connect == "both":
             x = _GatherTowers.apply(x, self.group.get(), self.tower, 2, not self.replicated)
         if self.flatten:

@@ -141,3 +141,32 @@ def test_resume_keeps_the_checkpoints_stage_cuts(tmp_path):
     assert resumed[0].resumed_from == 2 and len(first[0].losses + resumed[0].losses) == 3
     with pytest.raises(RuntimeError, match="--parallel.partition 3"):
         run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "5", "train.max_steps": 4}), factory)
+
+
+@pytest.mark.e2e
+def test_bf16_engine_casts_images_and_tracks_the_float32_run(tmp_path):
+    """bf16 weights meet float32 images at the first stage (DeepSpeed moves batches, never casts them);
+    the losses stay near the float32 reference's across a pipeline cut."""
+    cfg = layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.precision": "bf16", "checkpoint.resume": "false"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, _ = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2))
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=3e-2, atol=3e-2)
+
+
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@pytest.mark.cuda
+@_no_cuda
+@pytest.mark.parametrize("precision,tol", [("fp32", 2e-3), ("bf16", 3e-2)])
+def test_engine_on_cuda_matches_the_cpu_reference(tmp_path, monkeypatch, precision, tol):
+    """One GPU: (P, T, D) = (1, 1, 1) on cuda with the cpu:gloo,cuda:nccl process group.
+    Tolerances allow cuDNN's TF32 convolutions and bf16 weights."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    cfg = layout_cfg(tmp_path, 1, 1, 1, 2, **{"parallel.precision": precision, "checkpoint.resume": "false",
+                                              "parallel.gpus_per_worker": "1"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, _ = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2))
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=tol, atol=tol)

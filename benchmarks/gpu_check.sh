@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a machine with one CUDA GPU and torch + triton installed:
+# the CUDA tests (fused Triton LRN, the engine on cuda:nccl with bf16), the LRN kernel timings and the
+# training-step throughput of the paper network (benchmarks/gpu_bench.py).
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]
+#
+# Packages the machine lacks (deepspeed and its pure-Python needs) may sit in .whl/ as wheels, and
+# deepspeed's source tree in .whl/src/: they are installed to /tmp/site first. Each step has its own
+# time limit and a failed step does not stop the next; every step's log lands in OUT_DIR.
+set -u
+OUT_DIR=${1:-${OUT:-/tmp/alexnet-pp-gpu-check}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
+  export PYTHONPATH=$PWD:/tmp/site:$PWD/.whl/src${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e: print("triton missing:", e)
+try:
+    import deepspeed; print("deepspeed", deepspeed.__version__)
+except Exception as e: print("deepspeed missing:", e)
+print("nccl", torch.cuda.nccl.version())
+EOF
+} 2>&1 | tee "$OUT_DIR/env.txt"
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-40}" "$OUT_DIR/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+}
+
+TAIL=15 step tests_cuda 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops tests/cluster
+TAIL=12 step lrn_bench 90 bash -c "$PY -m benchmarks.lrn_bench --device cuda && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 --channels-last"
+TAIL=30 step gpu_bench 240 "$PY" -m benchmarks.gpu_bench --json "$OUT_DIR/gpu_bench.json"
