@@ -3,7 +3,7 @@
 # the CUDA tests (fused Triton LRN, the engine on cuda:nccl with bf16), the LRN kernel timings and the
 # training-step throughput of the paper network (benchmarks/gpu_bench.py).
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]
+#   [STEPS="tests_cuda lrn_bench gpu_bench"] benchmarks/gpu_check.sh [OUT_DIR]
 #
 # Packages the machine lacks (deepspeed and its pure-Python needs) may sit in .whl/ as wheels, and
 # deepspeed's source tree in .whl/src/: they are installed to /tmp/site first. Each step has its own
@@ -38,8 +38,10 @@ print("nccl", torch.cuda.nccl.version())
 EOF
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
+STEPS=${STEPS:-tests_cuda lrn_bench gpu_bench}  # a subset reruns only those
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
@@ -48,6 +50,6 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
 
-TAIL=15 step tests_cuda 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_lrn.py tests/cluster/test_engine.py
+TAIL=15 step tests_cuda 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_lrn.py tests/cluster/test_engine.py tests/cluster/test_device_feed.py
 TAIL=12 step lrn_bench 90 bash -c "$PY -m benchmarks.lrn_bench --device cuda && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 --channels-last"
 TAIL=30 step gpu_bench 200 "$PY" -m benchmarks.gpu_bench --json "$OUT_DIR/gpu_bench.json"

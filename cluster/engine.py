@@ -28,6 +28,7 @@ from alexnet_pp.model import LAYER_NAMES
 from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
 from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.checkpoint import CheckpointStore, tag_for
+from cluster.device_feed import pinned, prefetch_to_device
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, stage_layers
 from cluster.topology import Coord, Topology, build_topology
 
@@ -98,6 +99,8 @@ class TensorData:
     gets rows [(r·M + m)·mb, (r·M + m + 1)·mb) of the step's global batch (tests and benchmarks)."""
 
     def __init__(self, batches: list[Batch], replica: int, replicas: int, micro_batches: int):
+        if torch.cuda.is_available():  # as a pin_memory DataLoader would hand them over
+            batches = [(pinned(x), pinned(y)) for x, y in batches]
         self.batches, self.replica, self.replicas, self.m = batches, replica, replicas, micro_batches
 
     def _split(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[Batch]:
@@ -338,6 +341,7 @@ class PipelineWorker:
         stream = self.data.epoch(epoch)
         for _ in range(skip_steps * self.topo.micro_batches):  # resume mid-epoch on the same stream
             next(stream)
+        stream = prefetch_to_device(stream, self.engine.device)
         return (((images, labels), labels) for images, labels in stream)
 
     # --- checkpoints -----------------------------------------------------------------------------
