@@ -87,6 +87,7 @@ class TrainConfig:
     eval_every: float = 1.0  # epochs between evaluations on the held-out split
     log_every: int = 10  # steps between log lines when output is not a terminal
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    keep_freed_memory: bool = True  # host allocator keeps freed memory for reuse (alexnet_pp/host.py)
 
 
 @dataclass

@@ -13,15 +13,104 @@ Partition methods (`parallel.partition`):
   puts the convolutions (most of the compute, 3% of the parameters) together on stage 0.
 - `uniform`: the same number of layers per stage.
 - `parameters`: balance parameter counts (DeepSpeed's default), kept for comparison.
-- explicit cut points, e.g. `"5"` (stage 0 = layers 0-4) or `"3,6"` for three stages.
+- explicit cut points: unit indices or names, e.g. `"conv3.1"` (stage 1 starts at tower 1's half of
+  conv3) or `"3,6"` for three stages.
+
+Pipeline units: with T = 1 the layers whose input and output have the same spatial size (conv3,
+conv4, fc6, fc7) are split into their towers' halves, each its own pipeline layer (`TowerHalf`):
+2 stages need that finer cut, since conv3 alone is ~14% of a step and the best whole-layer cut of
+the paper network leaves the stages 57/43 apart. With T = 2 each rank already holds one tower, and
+layers stay whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from alexnet_pp.config import ConfigError, ModelConfig
-from alexnet_pp.model import LAYER_NAMES, layer_macs, layer_output_shapes
+from alexnet_pp.model import LAYER_NAMES, AlexNet, TowerLayer, layer_macs, layer_output_shapes
+
+# Layers whose towers' halves can run in different stages: input and output share their spatial size,
+# so half 0 hands on [input | its output] as one tensor.
+SPLITTABLE = ("conv3", "conv4", "fc6", "fc7")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One pipeline layer: a whole layer (`tower` None) or one tower's half of it."""
+
+    layer: str
+    tower: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.tower is None else f"{self.layer}.{self.tower}"
+
+
+def pipeline_units(tp: int = 1) -> tuple[Unit, ...]:
+    units: list[Unit] = []
+    for name in LAYER_NAMES:
+        units += [Unit(name, 0), Unit(name, 1)] if tp == 1 and name in SPLITTABLE else [Unit(name)]
+    return tuple(units)
+
+
+def unit_names(tp: int = 1) -> tuple[str, ...]:
+    return tuple(u.name for u in pipeline_units(tp))
+
+
+def model_key(layer: str, tower: Optional[int], leaf: str) -> str:
+    """The single model's state_dict key of a parameter (`leaf`: weight or bias)."""
+    return f"fc8.{leaf}" if layer == "fc8" else f"towers.{tower}.{layer}.{leaf}"
+
+
+class TowerHalf(nn.Module):
+    """Tower `tower`'s half of a TowerLayer. Half 0 returns [input | tower 0's output]; half 1 reads
+    that and returns the layer's output [tower 0 | tower 1], after the layer's dropout. The same
+    operations as the whole layer, in the same order."""
+
+    def __init__(self, layer: TowerLayer, tower: int):
+        super().__init__()
+        if layer.name not in SPLITTABLE:
+            raise ValueError(f"{layer.name} cannot be split by tower (its output size differs from its input's)")
+        self.name, self.tower = layer.name, tower
+        self.part = layer.parts[tower]
+        self.connect, self.post, self.flatten, self.dropout = layer.connect, layer.post, layer.flatten, layer.dropout
+        width = self.part.in_channels if isinstance(self.part, nn.Conv2d) else self.part.in_features
+        self.in_width = 2 * width if layer.connect == "own" else width
+
+    def _half(self, x: torch.Tensor, tower: int) -> torch.Tensor:
+        if self.connect == "own":
+            x = x.chunk(2, dim=1)[tower]
+        y = self.part(x)
+        for op in self.post:
+            y = op(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tower == 0:
+            if self.flatten:
+                x = torch.flatten(x, 1)
+            return torch.cat([x, self._half(x, 0)], dim=1)
+        x, y0 = x[:, : self.in_width], x[:, self.in_width :]
+        y = torch.cat([y0, self._half(x, 1)], dim=1)
+        if self.dropout and self.training:
+            y = F.dropout(y, self.dropout, training=True)
+        return y
+
+    def model_parameters(self):
+        for leaf, p in self.part.named_parameters():
+            yield model_key(self.name, self.tower, leaf), p
+
+
+def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
+    """The model's layers as pipeline units, sharing the model's parameters."""
+    by_name = {layer.name: layer for layer in model.layers()}
+    return [by_name[u.layer] if u.tower is None else TowerHalf(by_name[u.layer], u.tower) for u in pipeline_units(tp)]
 
 # Pointwise work per output element, in multiply-add equivalents, measured relative to the
 # convolutions on CPU (LRN: square, window sum, pow, divide; pooling: 9 reads).
@@ -41,8 +130,13 @@ class Partition:
         return range(self.bounds[stage], self.bounds[stage + 1])
 
 
-def layer_costs(cfg: ModelConfig) -> list[float]:
-    """Relative training cost of each layer (the `flops` partition's weights)."""
+def _per_unit(per_layer: list[float], tp: int) -> list[float]:
+    whole = dict(zip(LAYER_NAMES, per_layer))
+    return [whole[u.layer] / (1 if u.tower is None else 2) for u in pipeline_units(tp)]
+
+
+def layer_costs(cfg: ModelConfig, tp: int = 1) -> list[float]:
+    """Relative training cost of each pipeline unit (the `flops` partition's weights)."""
     macs = layer_macs(cfg)
     shapes = layer_output_shapes(cfg)
     costs = []
@@ -50,7 +144,11 @@ def layer_costs(cfg: ModelConfig) -> list[float]:
         c, h, w = shapes[name]
         pointwise = _POINTWISE_COST.get(name, 1) * c * h * w
         costs.append(3.0 * macs[name] + pointwise)
-    return costs
+    return _per_unit(costs, tp)
+
+
+def unit_param_counts(cfg: ModelConfig, tp: int = 1) -> list[int]:
+    return [int(n) for n in _per_unit([float(n) for n in layer_param_counts(cfg)], tp)]
 
 
 def layer_param_counts(cfg: ModelConfig) -> list[int]:
@@ -95,21 +193,17 @@ def _balanced(weights: list[float], parts: int) -> tuple[int, ...]:
 
 
 def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3,
-                        seed: int = 0) -> list[float]:
-    """Seconds of forward + backward of each layer (best of `reps`), as a training step runs it: the
-    first layer computes no input gradient."""
+                        seed: int = 0, tp: int = 1) -> list[float]:
+    """Seconds of forward + backward of each pipeline unit (best of `reps`), as a training step runs
+    it: the first computes no input gradient."""
     import time
-
-    import torch
-
-    from alexnet_pp.model import AlexNet
 
     gen = torch.Generator().manual_seed(seed)
     model = AlexNet(cfg).to(device).train()
     x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     costs = []
-    for i, layer in enumerate(model.layers()):
+    for i, layer in enumerate(pipeline_modules(model, tp)):
         best = float("inf")
         for _ in range(reps + 1):  # one warm-up
             xi = x.detach().requires_grad_(i > 0)
@@ -124,28 +218,40 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
     return costs
 
 
-def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: list[float] | None = None) -> Partition:
-    """Cut the layers into stages. `measured` balances `costs` (from measure_layer_costs); without
-    them — before any worker has measured — it plans with the FLOP estimate."""
-    n = len(LAYER_NAMES)
+def _cut_point(item: str, names: tuple[str, ...], method: str) -> int:
+    item = item.strip()
+    if item.isdigit():
+        return int(item)
+    if item in names:
+        return names.index(item)
+    raise ConfigError(
+        f"parallel.partition={method!r}: use measured, flops, uniform, parameters, or cut points — unit "
+        f"indices like '5' or '3,6', or the names of the units that start a stage: {', '.join(names[1:])}"
+    )
+
+
+def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: list[float] | None = None,
+              tp: int = 1) -> Partition:
+    """Cut the pipeline units into stages. `measured` balances `costs` (from measure_layer_costs);
+    without them — before any worker has measured — it plans with the FLOP estimate."""
+    names = unit_names(tp)
+    n = len(names)
     if not 1 <= num_stages <= n:
-        raise ConfigError(f"parallel.pp={num_stages}: the network has {n} layers, so use 1 to {n} stages")
+        raise ConfigError(f"parallel.pp={num_stages}: the network has {n} pipeline units with "
+                          f"parallel.tp={tp}, so use 1 to {n} stages")
     method = method.strip()
     if method == "measured":
-        bounds = _balanced(list(costs) if costs is not None else layer_costs(cfg), num_stages)
+        if costs is not None and len(costs) != n:
+            raise ValueError(f"{len(costs)} measured costs for {n} pipeline units")
+        bounds = _balanced(list(costs) if costs is not None else layer_costs(cfg, tp), num_stages)
     elif method == "flops":
-        bounds = _balanced(layer_costs(cfg), num_stages)
+        bounds = _balanced(layer_costs(cfg, tp), num_stages)
     elif method == "parameters":
-        bounds = _balanced([float(x) for x in layer_param_counts(cfg)], num_stages)
+        bounds = _balanced([float(x) for x in unit_param_counts(cfg, tp)], num_stages)
     elif method == "uniform":
         bounds = tuple(round(s * n / num_stages) for s in range(num_stages + 1))
     else:
-        try:
-            cuts = [int(x) for x in method.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"parallel.partition={method!r}: use flops, uniform, parameters, or cut points like '5' or '3,6'"
-            ) from None
+        cuts = [_cut_point(x, names, method) for x in method.split(",") if x.strip()]
         bounds = (0, *cuts, n)
         if len(cuts) != num_stages - 1:
             raise ConfigError(
@@ -159,17 +265,18 @@ def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: l
     return Partition(bounds=tuple(bounds), method=method)
 
 
-def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None) -> str:
-    """A table of each stage's layers and its share of compute (measured `costs` if given, else
+def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None, tp: int = 1) -> str:
+    """A table of each stage's units and its share of compute (measured `costs` if given, else
     counted) and parameters."""
     basis = "measured time" if costs is not None else "compute"
-    costs, params = list(costs) if costs is not None else layer_costs(cfg), layer_param_counts(cfg)
+    costs, params = list(costs) if costs is not None else layer_costs(cfg, tp), unit_param_counts(cfg, tp)
+    names = unit_names(tp)
     total_c, total_p = sum(costs), sum(params)
     lines = [f"pipeline partition ({part.method}), {part.num_stages} stage(s):"]
     for s in range(part.num_stages):
         layers = list(part.stage_layers(s))
         c = sum(costs[i] for i in layers)
         p = sum(params[i] for i in layers)
-        names = ",".join(LAYER_NAMES[i] for i in layers)
-        lines.append(f"  stage {s}: {names:<34} {basis} {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
+        held = ",".join(names[i] for i in layers)
+        lines.append(f"  stage {s}: {held:<44} {basis} {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from typing import Any, Optional, TextIO
 import torch
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.progress import Progress
@@ -21,9 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def setup_process(cfg: RunConfig) -> None:
-    """Thread count and seeds: everything that makes a run repeatable."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    """Threads, allocator and seeds: everything that makes a run repeatable and fast."""
+    configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
     torch.manual_seed(cfg.train.seed)
 
 

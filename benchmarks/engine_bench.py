@@ -27,6 +27,7 @@ import time
 import torch
 
 from alexnet_pp.config import RunConfig, load_config
+from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
@@ -56,7 +57,7 @@ def _data(batches, m, rank):
 
 def plain_step_seconds(cfg: RunConfig, batches: list, threads: int, warmup: int) -> list[float]:
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    configure_host(threads, cfg.train.keep_freed_memory)  # as the engine's workers do
     torch.manual_seed(cfg.train.seed)
     model = AlexNet(cfg.model)
     opt = build_optimizer(model.parameters(), cfg.train)

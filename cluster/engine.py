@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
-from alexnet_pp.model import LAYER_NAMES
-from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
+from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition, unit_names
 from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.checkpoint import CheckpointStore, tag_for
 from cluster.device_feed import pinned, prefetch_to_device
@@ -245,8 +245,7 @@ class PipelineWorker:
         # DeepSpeed keeps its own handle on the process group the launcher already made.
         deepspeed.init_distributed(dist_backend=dist.get_backend(),
                                    timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
         ckpt_dir = cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints")
         self.store = CheckpointStore(ckpt_dir, cfg.checkpoint.keep)
         self.layer_costs = None
@@ -255,7 +254,8 @@ class PipelineWorker:
             self.topo = topo = replace(topo, partition=Partition(resumed_bounds, topo.partition.method))
         elif cfg.parallel.partition.strip() == "measured":
             self.layer_costs = self._measured_costs()
-            self.topo = topo = replace(topo, partition=partition(cfg.model, topo.pp, "measured", self.layer_costs))
+            self.topo = topo = replace(topo, partition=partition(cfg.model, topo.pp, "measured", self.layer_costs,
+                                                                 tp=topo.tp))
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the single-process trainer
         model = AlexNet(cfg.model)
         self.group = GroupRef()
@@ -290,7 +290,7 @@ class PipelineWorker:
         self.optimizer = optimizer
         self.schedule = LRSchedule(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
         if self.rank == 0:
-            log.info("%s", describe(cfg.model, topo.partition, self.layer_costs if topo.pp > 1 else None))
+            log.info("%s", describe(cfg.model, topo.partition, self.layer_costs if topo.pp > 1 else None, topo.tp))
 
     def _checkpoint_bounds(self) -> Optional[tuple[int, ...]]:
         """The stage cuts of the checkpoint this run will resume from, if any. Measured cuts can differ
@@ -298,6 +298,11 @@ class PipelineWorker:
         latest = self.store.latest() if self.cfg.checkpoint.resume else None
         if latest is None or "bounds" not in latest[2]:
             return None
+        units = list(unit_names(self.topo.tp))
+        if latest[2].get("units", units) != units:
+            raise WorkerError(
+                f"checkpoint {self.store.root / latest[1]} holds pipeline units {latest[2]['units']}, but this "
+                f"layout runs {units}; resume with the layout that wrote it or use another checkpoint.dir")
         bounds = tuple(latest[2]["bounds"])
         if len(bounds) != self.topo.pp + 1:
             return None  # another layout: resume() says what is wrong
@@ -314,9 +319,9 @@ class PipelineWorker:
         box: list[Any] = [None]
         if self.rank == 0 and self.topo.pp > 1:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-            box = [measure_layer_costs(self.cfg.model, self.topo.micro_batch, device)]
+            box = [measure_layer_costs(self.cfg.model, self.topo.micro_batch, device, tp=self.topo.tp)]
         if self.topo.pp == 1:
-            return [1.0] * len(LAYER_NAMES)  # nothing to cut
+            return [1.0] * len(unit_names(self.topo.tp))  # nothing to cut
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -358,7 +363,8 @@ class PipelineWorker:
         if self.rank == 0:
             self.store.mark_complete(tag, {**position, "world": self.topo.world_size,
                                            "layout": [self.topo.pp, self.topo.tp, self.topo.dp],
-                                           "bounds": list(self.topo.partition.bounds)})
+                                           "bounds": list(self.topo.partition.bounds),
+                                           "units": list(unit_names(self.topo.tp))})
             self.store.prune()
         dist.barrier()
         self.last_checkpoint_seconds = time.perf_counter() - t0
@@ -503,7 +509,8 @@ class PipelineWorker:
         if self.data is not None:
             result.skip_counts = self.data.skip_counts()
         if self.keep_parameters:
-            result.parameters = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            result.parameters = {key: p.detach().clone() for layer in self.module.forward_funcs
+                                 for key, p in getattr(layer, "model_parameters", lambda: ())()}
         return result
 
 

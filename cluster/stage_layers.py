@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alexnet_pp.model import AlexNet, TowerLayer
+from alexnet_pp.pipeline import TowerHalf, model_key, pipeline_modules
 
 
 class GroupRef:
@@ -62,12 +63,22 @@ def _first_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 class StageLayer(nn.Module):
-    """A whole TowerLayer (both towers) as a pipeline layer: (x, labels) → (y, labels)."""
+    """A pipeline unit holding both towers (a whole TowerLayer, or one TowerHalf) as a pipeline
+    layer: (x, labels) → (y, labels)."""
 
-    def __init__(self, layer: TowerLayer, first: bool):
+    def __init__(self, layer: nn.Module, first: bool):
         super().__init__()
         self.layer = layer
         self.first = first
+
+    def model_parameters(self):
+        """(key in the single model's state_dict, parameter) of what this layer holds."""
+        if isinstance(self.layer, TowerHalf):
+            yield from self.layer.model_parameters()
+            return
+        for t, part in enumerate(self.layer.parts):
+            for leaf, p in part.named_parameters():
+                yield model_key(self.layer.name, t, leaf), p
 
     def forward(self, inputs):
         x, labels = inputs
@@ -98,6 +109,10 @@ class TowerShard(nn.Module):
         self.first = first
         self.generator = torch.Generator().manual_seed(dropout_seed) if layer.dropout else None
 
+    def model_parameters(self):
+        for leaf, p in self.part.named_parameters():
+            yield model_key(self.name, None if self.replicated else self.tower, leaf), p
+
     def forward(self, inputs):
         x, labels = inputs
         if self.first:
@@ -123,10 +138,11 @@ class TowerShard(nn.Module):
 
 
 def stage_layers(model: AlexNet, tp: int, tower: int, group: GroupRef, seed: int, replica: int) -> list[nn.Module]:
-    """Every layer of the network as this rank would run it (DeepSpeed keeps its stage's slice)."""
-    layers = model.layers()
+    """Every pipeline unit of the network as this rank would run it (DeepSpeed keeps its stage's
+    slice): alexnet_pp.pipeline's units with T = 1, whole layers split by tower with T = 2."""
     if tp == 1:
-        return [StageLayer(layer, first=i == 0) for i, layer in enumerate(layers)]
+        return [StageLayer(layer, first=i == 0) for i, layer in enumerate(pipeline_modules(model, 1))]
+    layers = model.layers()
     return [
         TowerShard(layer, tower, group, first=i == 0, dropout_seed=seed * 1_000_003 + replica * 101 + i)
         for i, layer in enumerate(layers)

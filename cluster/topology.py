@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alexnet_pp.config import ConfigError, RunConfig, micro_batch_size
-from alexnet_pp.model import LAYER_NAMES
-from alexnet_pp.pipeline import Partition, partition
+from alexnet_pp.pipeline import Partition, partition, unit_names
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,14 @@ def build_topology(cfg: RunConfig, workers: int | None = None) -> Topology:
     p = cfg.parallel
     if p.tp not in (1, 2):
         raise ConfigError(f"parallel.tp={p.tp}: a stage holds 1 device with both towers or 2 with one tower each")
-    if p.pp > len(LAYER_NAMES):
-        raise ConfigError(f"parallel.pp={p.pp} exceeds the {len(LAYER_NAMES)} layers; use at most {len(LAYER_NAMES)} stages")
+    units = len(unit_names(p.tp))
+    if p.pp > units:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds the {units} pipeline units with parallel.tp={p.tp}; "
+                          f"use at most {units} stages")
     world = p.pp * p.tp * p.dp
     if workers is not None and workers != world:
         raise ConfigError(f"{workers} workers ≠ pp × tp × dp = {p.pp} × {p.tp} × {p.dp} = {world}")
     if p.zero_stage > 0 and p.dp < 2:
         raise ConfigError("parallel.zero_stage=1 shards optimizer state over replicas: it needs parallel.dp ≥ 2")
-    part = partition(cfg.model, p.pp, p.partition)
+    part = partition(cfg.model, p.pp, p.partition, tp=p.tp)
     return Topology(p.pp, p.tp, p.dp, micro_batch_size(cfg), p.micro_batches, part)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alexnet_pp.config import load_config
-from alexnet_pp.model import LAYER_NAMES, AlexNet
+from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
 from cluster.engine import TensorData
@@ -44,21 +44,14 @@ def reference(cfg, batches, device="cpu"):
 
 
 def gathered_state(results, cfg):
-    """Each rank's stage parameters, renamed to the single model's state_dict keys."""
+    """Every rank's parameters, already named by the single model's state_dict keys; replicas and
+    fc8's tower copies must agree."""
     state = {}
     for res in results:
-        tower = res.coord["tower"]
         for key, value in res.parameters.items():
-            parts = key.split(".")
-            name = LAYER_NAMES[int(parts[0])]
-            if cfg.parallel.tp == 1:  # "<layer>.layer.parts.<t>.<weight|bias>"
-                t, leaf = int(parts[3]), parts[4]
-            else:  # "<layer>.part.<weight|bias>"
-                t, leaf = tower, parts[2]
-            full = f"fc8.{leaf}" if name == "fc8" else f"towers.{t}.{name}.{leaf}"
-            if full in state:
-                torch.testing.assert_close(state[full], value)  # replicas and replicated fc8 agree
-            state[full] = value
+            if key in state:
+                torch.testing.assert_close(state[key], value)
+            state[key] = value
     return state
 
 
@@ -74,6 +67,23 @@ def test_layouts_match_single_process(tmp_path, pp, tp, dp, m):
     results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
     for res in results:  # every rank reports the job's loss
         torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    assert set(state) == set(ref_state)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cuts", ["conv3.1", "conv4.1,fc6.1"])
+def test_stages_cut_between_tower_halves_match_single_process(tmp_path, cuts):
+    """A stage boundary inside a layer: tower 0's half on one stage, tower 1's on the next."""
+    pp = cuts.count(",") + 2
+    cfg = layout_cfg(tmp_path, pp, 1, 1, 2, **{"checkpoint.resume": "false", "parallel.partition": cuts,
+                                              "model.dropout": "0"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2), keep_parameters=True)
+    torch.testing.assert_close(torch.tensor(results[-1].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     state = gathered_state(results, cfg)
     assert set(state) == set(ref_state)
     for key in ref_state:

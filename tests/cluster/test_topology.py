@@ -29,12 +29,13 @@ def test_theoretical_bubble():
 @pytest.mark.parametrize(
     "overrides, workers, message",
     [
-        (dict(pp=9), None, "at most 8"),
+        (dict(pp=13), None, "at most 12"),
+        (dict(pp=9, tp=2), None, "at most 8"),
         (dict(pp=2, tp=2), 3, "pp × tp × dp"),
         (dict(zero_stage=1), None, "dp ≥ 2"),
         (dict(pp=3, partition="2"), None, "give 2 cut point"),
-        (dict(pp=2, partition="9"), None, "increase strictly"),
-        (dict(pp=2, partition="abc"), None, "cut points like"),
+        (dict(pp=2, partition="13"), None, "increase strictly"),
+        (dict(pp=2, partition="abc"), None, "names of the units"),
     ],
 )
 def test_invalid_layouts_fail_before_workers_start(overrides, workers, message):
