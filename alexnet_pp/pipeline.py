@@ -112,6 +112,30 @@ def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
     by_name = {layer.name: layer for layer in model.layers()}
     return [by_name[u.layer] if u.tower is None else TowerHalf(by_name[u.layer], u.tower) for u in pipeline_units(tp)]
 
+
+def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple[list[nn.Module], tuple[int, ...]]:
+    """The modules a cut pipeline runs, and the stage bounds over them: a layer's two tower halves
+    are fused back into the whole layer wherever both land in one stage, since a split costs a
+    concatenation and a slice and is only worth it at a cut."""
+    units = pipeline_units(tp)
+    if bounds[-1] != len(units):
+        raise ValueError(f"bounds {bounds} do not cover the {len(units)} pipeline units")
+    by_name = {layer.name: layer for layer in model.layers()}
+    stage_of = [s for s in range(len(bounds) - 1) for _ in range(bounds[s], bounds[s + 1])]
+    modules: list[nn.Module] = []
+    counts = [0] * (len(bounds) - 1)
+    i = 0
+    while i < len(units):
+        u = units[i]
+        whole = u.tower is None or (u.tower == 0 and stage_of[i] == stage_of[i + 1])
+        modules.append(by_name[u.layer] if whole else TowerHalf(by_name[u.layer], u.tower))
+        counts[stage_of[i]] += 1
+        i += 2 if whole and u.tower == 0 else 1
+    fused = [0]
+    for c in counts:
+        fused.append(fused[-1] + c)
+    return modules, tuple(fused)
+
 # Pointwise work per output element, in multiply-add equivalents, measured relative to the
 # convolutions on CPU (LRN: square, window sum, pow, divide; pooling: 9 reads).
 _POINTWISE_COST = {"conv1": 40, "conv2": 40, "conv5": 9}

@@ -137,11 +137,25 @@ def main() -> None:
     ap.add_argument("--speedup-batches", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
                     help="global batches for comparison 3 (M = 8 micro-batches each)")
     ap.add_argument("--scratch", default="/tmp/alexnet-pp-bench")
+    ap.add_argument("--sections", default="1,2,3", help="which comparisons to run, e.g. 3")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
     steps = args.steps + args.warmup
     report: dict = {"preset": args.preset, "batch": args.batch, "partition": args.partition}
 
+    if 1 in sections:
+        section_engine_vs_plain(args, steps, report)
+    if 2 in sections:
+        section_bubble(args, steps, report)
+    if 3 in sections:
+        section_speedup(args, steps, report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def section_engine_vs_plain(args, steps: int, report: dict) -> None:
     print(f"# 1. engine (1,1,1) vs plain trainer, {args.threads} threads, batch {args.batch}, preset {args.preset}")
     cfg = bench_cfg(args, 1, 1, args.threads)
     batches = make_batches(cfg, steps)
@@ -151,6 +165,9 @@ def main() -> None:
     print(f"plain {args.batch / plain:8.1f} img/s   engine {args.batch / eng:8.1f} img/s   ratio {ratio:.3f} (goal ≥ 0.95)")
     report["engine_vs_plain"] = {"plain_img_s": args.batch / plain, "engine_img_s": args.batch / eng, "ratio": ratio}
 
+
+def section_bubble(args, steps: int, report: dict) -> None:
+    batches = make_batches(bench_cfg(args, 1, 1, 1), steps)
     print(f"\n# 2. pipeline bubble, P = 2, one thread per stage ({args.partition} partition)")
     print(f"{'M':>3} {'stage':>5} {'ms/micro-batch':>15} {'measured':>9} {'theory':>7} {'diff (pp)':>10} "
           f"{'ideal 1F1B, these stage times':>30}")
@@ -162,6 +179,8 @@ def main() -> None:
                   f"{row['theory']:>7.3f} {100 * (row['measured'] - row['theory']):>+10.1f} {row['ideal_1f1b']:>30.3f}")
             report["bubble"].append(row)
 
+
+def section_speedup(args, steps: int, report: dict) -> None:
     print("\n# 3. (2,1,1), one thread per worker, vs plain trainer with one thread, M = 8")
     report["pipeline_speedup"] = []
     for batch in args.speedup_batches:
@@ -175,9 +194,6 @@ def main() -> None:
               f"{batch / pipe8:7.1f} img/s   speedup {speedup:.2f}× (goal ≥ 1.5×)")
         report["pipeline_speedup"].append({"batch": batch, "plain_img_s": batch / plain1,
                                            "pipeline_img_s": batch / pipe8, "speedup": speedup})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,9 @@ class PipelineWorker:
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the single-process trainer
         model = AlexNet(cfg.model)
         self.group = GroupRef()
-        layers = stage_layers(model, topo.tp, c.tower, self.group, cfg.train.seed, c.replica)
-        bounds = list(topo.partition.bounds)
+        layers, bounds = stage_layers(model, topo.tp, c.tower, self.group, cfg.train.seed, c.replica,
+                                      topo.partition.bounds)
+        bounds = list(bounds)
 
         class AlexNetPipe(PipelineModule):
             def _partition_layers(self, method="uniform"):  # our cut points, not DeepSpeed's methods

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alexnet_pp.model import AlexNet, TowerLayer
-from alexnet_pp.pipeline import TowerHalf, model_key, pipeline_modules
+from alexnet_pp.pipeline import TowerHalf, model_key, stage_modules
 
 
 class GroupRef:
@@ -137,16 +137,19 @@ class TowerShard(nn.Module):
         return y * mine / (1 - self.dropout)
 
 
-def stage_layers(model: AlexNet, tp: int, tower: int, group: GroupRef, seed: int, replica: int) -> list[nn.Module]:
-    """Every pipeline unit of the network as this rank would run it (DeepSpeed keeps its stage's
-    slice): alexnet_pp.pipeline's units with T = 1, whole layers split by tower with T = 2."""
+def stage_layers(model: AlexNet, tp: int, tower: int, group: GroupRef, seed: int, replica: int,
+                 bounds: tuple[int, ...]) -> tuple[list[nn.Module], tuple[int, ...]]:
+    """Every pipeline layer of the network as this rank would run it (DeepSpeed keeps its stage's
+    slice), and the stage bounds over them. T = 1: alexnet_pp.pipeline's stage modules (whole
+    layers, tower halves only at a cut). T = 2: whole layers, this rank's tower of each."""
     if tp == 1:
-        return [StageLayer(layer, first=i == 0) for i, layer in enumerate(pipeline_modules(model, 1))]
-    layers = model.layers()
-    return [
+        modules, bounds = stage_modules(model, bounds, 1)
+        return [StageLayer(m, first=i == 0) for i, m in enumerate(modules)], bounds
+    layers = [
         TowerShard(layer, tower, group, first=i == 0, dropout_seed=seed * 1_000_003 + replica * 101 + i)
-        for i, layer in enumerate(layers)
+        for i, layer in enumerate(model.layers())
     ]
+    return layers, bounds
 
 
 def mark_norm_ownership(module: nn.Module, tp: int, tower: int) -> None:

@@ -10,6 +10,7 @@ from alexnet_pp.pipeline import (
     layer_param_counts,
     partition,
     pipeline_modules,
+    stage_modules,
     unit_names,
     unit_param_counts,
 )
@@ -119,3 +120,15 @@ def test_measured_partition_balances_timed_layers():
     assert partition(small, 2, "measured", skewed).bounds == (0, 1, 12)
     assert partition(small, 2, "flops").bounds != (0, 1, 12)
     assert "measured time  50.0%" in describe(small, partition(small, 2, "measured", skewed), skewed)
+
+
+def test_halves_are_split_only_at_a_cut():
+    model = AlexNet(ModelConfig(width=0.25, image_size=64, num_classes=10))
+    name = lambda m: m.name + (f".{m.tower}" if isinstance(m, TowerHalf) else "")  # noqa: E731
+    whole, bounds = stage_modules(model, (0, 12))
+    assert [name(m) for m in whole] == list(unit_names(2)) and bounds == (0, 8)
+    cut, bounds = stage_modules(model, partition(PAPER, 3, "conv3.1,fc7.1").bounds)
+    assert [name(m) for m in cut] == ["conv1", "conv2", "conv3.0", "conv3.1", "conv4", "conv5", "fc6", "fc7.0",
+                                      "fc7.1", "fc8"]
+    assert bounds == (0, 3, 8, 10)
+    assert stage_modules(model, (0, 8), tp=2)[1] == (0, 8)
