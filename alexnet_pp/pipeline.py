@@ -217,17 +217,22 @@ def _balanced(weights: list[float], parts: int) -> tuple[int, ...]:
 
 
 def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3,
-                        seed: int = 0, tp: int = 1) -> list[float]:
+                        seed: int = 0, tp: int = 1, defer_weight_grads: bool = False) -> list[float]:
     """Seconds of forward + backward of each pipeline unit (best of `reps`), as a training step runs
-    it: the first computes no input gradient."""
+    it: the first computes no input gradient; with `defer_weight_grads` the FC weight gradients are
+    computed as the engine does (deferred_grads.py), counted in full per micro-batch."""
     import time
+
+    from alexnet_pp.deferred_grads import DeferredGrads
 
     gen = torch.Generator().manual_seed(seed)
     model = AlexNet(cfg).to(device).train()
     x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     costs = []
-    for i, layer in enumerate(pipeline_modules(model, tp)):
+    modules = pipeline_modules(model, tp)
+    flush = DeferredGrads(modules).flush if defer_weight_grads else (lambda: None)
+    for i, layer in enumerate(modules):
         best = float("inf")
         for _ in range(reps + 1):  # one warm-up
             xi = x.detach().requires_grad_(i > 0)
@@ -235,6 +240,7 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
             t0 = time.perf_counter()
             y = layer(xi)
             y.backward(torch.ones_like(y))
+            flush()
             sync()
             best = min(best, time.perf_counter() - t0)
         costs.append(best)

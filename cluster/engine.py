@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.deferred_grads import DeferredGrads
 from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
@@ -143,14 +144,29 @@ PHASES = {
 
 
 class InstructionTimer:
-    """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched)."""
+    """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
+    `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, before: Optional[dict[str, tuple[Callable[[], None], str]]] = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         table = dict(type(engine)._INSTRUCTION_MAP)
         for cmd_type, fn in list(table.items()):
-            table[cmd_type] = self._timed(fn, PHASES.get(cmd_type.__name__, "other"))
+            timed = self._timed(fn, PHASES.get(cmd_type.__name__, "other"))
+            if before and cmd_type.__name__ in before:
+                timed = self._preceded(timed, *before[cmd_type.__name__])
+            table[cmd_type] = timed
         engine._INSTRUCTION_MAP = table
+
+    def _preceded(self, run: Callable, extra: Callable[[], None], phase: str) -> Callable:
+        def both(engine, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                extra()
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+            return run(engine, **kwargs)
+
+        return both
 
     def _timed(self, fn: Callable, phase: str) -> Callable:
         def run(engine, **kwargs):
@@ -262,6 +278,8 @@ class PipelineWorker:
         layers, bounds = stage_layers(model, topo.tp, c.tower, self.group, cfg.train.seed, c.replica,
                                       topo.partition.bounds)
         bounds = list(bounds)
+        # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch
+        self.deferred = DeferredGrads(layers) if self.deferred_active() else None
 
         class AlexNetPipe(PipelineModule):
             def _partition_layers(self, method="uniform"):  # our cut points, not DeepSpeed's methods
@@ -283,7 +301,9 @@ class PipelineWorker:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=deepspeed_config(cfg, topo)
         )
-        self.timer = InstructionTimer(self.engine)
+        # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
+        self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
+                                      if self.deferred else None)
         if self.data is None and c.stage == 0:
             self.data = ShardData(cfg, c.replica, topo.dp, topo.micro_batch)
         self.steps_per_epoch = self._steps_per_epoch()
@@ -315,12 +335,17 @@ class PipelineWorker:
                 f"--parallel.partition {','.join(map(str, bounds[1:-1]))} or use another checkpoint.dir")
         return bounds
 
+    def deferred_active(self) -> bool:
+        p = self.cfg.parallel
+        return p.defer_weight_grads and p.precision == "fp32" and p.zero_stage == 0
+
     def _measured_costs(self) -> list[float]:
         """Rank 0 times every layer on its device; all ranks cut the pipeline from the same numbers."""
         box: list[Any] = [None]
         if self.rank == 0 and self.topo.pp > 1:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-            box = [measure_layer_costs(self.cfg.model, self.topo.micro_batch, device, tp=self.topo.tp)]
+            box = [measure_layer_costs(self.cfg.model, self.topo.micro_batch, device, tp=self.topo.tp,
+                                       defer_weight_grads=self.deferred_active())]
         if self.topo.pp == 1:
             return [1.0] * len(unit_names(self.topo.tp))  # nothing to cut
         dist.broadcast_object_list(box, src=0)
