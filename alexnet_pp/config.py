@@ -103,7 +103,9 @@ class ParallelConfig:
     gpus_per_worker: float = 0.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpoint_interval: int = 0
-    defer_weight_grads: bool = True  # FC weight gradients once per step, fp32 without ZeRO (deferred_grads.py)
+    # FC weight gradients once per step (fp32 without ZeRO; alexnet_pp/deferred_grads.py). Off by default:
+    # it shortens the stage holding fc6/fc7, which pays only where that stage is the slowest.
+    defer_weight_grads: bool = False
     zero_stage: Literal[0, 1] = 0
     max_failures: int = 2  # worker-group restarts before the job fails
     collective_timeout_s: float = 300.0

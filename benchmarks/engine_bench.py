@@ -42,6 +42,7 @@ def bench_cfg(args, pp: int, m: int, threads: int) -> RunConfig:
         "train.schedule": "constant", "model.dropout": "0", "checkpoint.resume": "false",
         "checkpoint.dir": os.path.join(args.scratch, f"ckpt-{pp}-{m}"), "out_dir": args.scratch,
         "parallel.partition": args.partition, "data.synthetic_classes": "1000" if args.preset == "paper" else "10",
+        **dict(kv.split("=", 1) for kv in args.set),
     })
 
 
@@ -138,6 +139,8 @@ def main() -> None:
                     help="global batches for comparison 3 (M = 8 micro-batches each)")
     ap.add_argument("--scratch", default="/tmp/alexnet-pp-bench")
     ap.add_argument("--sections", default="1,2,3", help="which comparisons to run, e.g. 3")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run, e.g. parallel.defer_weight_grads=false")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
