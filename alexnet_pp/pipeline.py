@@ -254,6 +254,8 @@ def _cut_point(item: str, names: tuple[str, ...], method: str) -> int:
         return int(item)
     if item in names:
         return names.index(item)
+    if f"{item}.0" in names:  # a split layer's name: the stage starts at its first half
+        return names.index(f"{item}.0")
     raise ConfigError(
         f"parallel.partition={method!r}: use measured, flops, uniform, parameters, or cut points — unit "
         f"indices like '5' or '3,6', or the names of the units that start a stage: {', '.join(names[1:])}"

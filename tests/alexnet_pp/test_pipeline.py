@@ -79,6 +79,7 @@ def test_explicit_cut_points_by_index_or_name_and_description():
     assert part.bounds == (0, 3, 6, 8)
     text = describe(PAPER, part, tp=2)
     assert "stage 0: conv1,conv2,conv3" in text and "stage 2: fc7,fc8" in text and "parameters" in text
+    assert partition(PAPER, 2, "fc6").bounds == partition(PAPER, 2, "fc6.0").bounds == (0, 7, 12)
     named = partition(PAPER, 2, "conv3.1")
     assert named.bounds == (0, 3, 12) and "stage 0: conv1,conv2,conv3.0 " in describe(PAPER, named)
     with pytest.raises(ConfigError, match="conv3.1"):

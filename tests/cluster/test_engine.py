@@ -91,6 +91,21 @@ def test_stages_cut_between_tower_halves_match_single_process(tmp_path, cuts):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("pp,tp,dp,m", [(2, 1, 2, 2), (2, 2, 1, 4)], ids=lambda v: str(v))
+def test_deferred_weight_gradients_match_single_process(tmp_path, pp, tp, dp, m):
+    """One FC weight-gradient product per step, with data-parallel reduction and clipping after it."""
+    cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"checkpoint.resume": "false", "parallel.defer_weight_grads": "true",
+                                                "train.grad_clip": "0.05", "parallel.partition": "fc6"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
+    torch.testing.assert_close(torch.tensor(results[-1].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("pp,tp,dp,m", [(2, 2, 1, 2), (1, 2, 2, 1)], ids=lambda v: str(v))
 def test_gradient_clipping_counts_sharded_and_replicated_parameters_once(tmp_path, pp, tp, dp, m):
     cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"train.grad_clip": "0.05", "checkpoint.resume": "false"})
