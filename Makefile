@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alexnet-pp-installed
 
-.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine clean
+.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine bench-gpu clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench-data: setup
 
 bench-engine: setup
 	$(BIN)/python -m benchmarks.engine_bench
+
+# on a CUDA machine whose python3 has torch + triton (the CUDA tests, LRN kernel, training-step throughput)
+bench-gpu:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs data
