@@ -105,7 +105,8 @@ def _connect(cfg: RunConfig, address: Optional[str]) -> bool:
         ray.init(
             address="local",  # never attach to some other cluster found on this machine
             num_cpus=max(need_cpus, os.cpu_count() or 1),  # logical CPUs: a worker slot each
-            include_dashboard=False,
+            include_dashboard=True,  # the state API behind it: Ray Train polls it (and warns without it)
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": env},
         )
