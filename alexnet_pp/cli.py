@@ -20,14 +20,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="total workers; must equal pp × tp × dp (dp is derived if unset)")
 
 
-def resolve_config(args: argparse.Namespace, extra: Sequence[str]) -> RunConfig:
+def resolve_config(args: argparse.Namespace, extra: Sequence[str], check_data: bool = True) -> RunConfig:
     overrides: dict[str, str] = dict(parse_override_args(list(extra)))
     for axis in ("pp", "tp", "dp"):
         if getattr(args, axis, None) is not None:
             overrides[f"parallel.{axis}"] = str(getattr(args, axis))
     workers = getattr(args, "workers", None)
     if workers is not None and "parallel.dp" not in overrides:
-        probe = load_config(args.preset, args.config, {k: v for k, v in overrides.items() if k != "parallel.dp"})
+        probe = load_config(args.preset, args.config, {k: v for k, v in overrides.items() if k != "parallel.dp"},
+                            check_data=check_data)
         per_replica = probe.parallel.pp * probe.parallel.tp
         if workers % per_replica:
             raise ConfigError(
@@ -35,7 +36,7 @@ def resolve_config(args: argparse.Namespace, extra: Sequence[str]) -> RunConfig:
                 f"use a multiple of {per_replica} or change --pp/--tp"
             )
         overrides["parallel.dp"] = str(workers // per_replica)
-    cfg = load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides, check_data=check_data)
     if workers is not None and workers != cfg.world_size:
         raise ConfigError(f"--workers {workers} ≠ pp × tp × dp = {cfg.world_size}; change one of them")
     return cfg
@@ -68,8 +69,9 @@ def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from alexnet_pp.model import AlexNet, layer_macs, layer_output_shapes, layer_parameter_counts
+    from alexnet_pp.pipeline import describe, partition, unit_names
 
-    cfg = resolve_config(args, extra)
+    cfg = resolve_config(args, extra, check_data=False)  # the network only: no dataset needed
     model = AlexNet(cfg.model)
     params, macs, shapes = layer_parameter_counts(model), layer_macs(cfg.model), layer_output_shapes(cfg.model)
     print(f"{'layer':<7}{'output (both towers)':>24}{'parameters':>14}{'multiply-adds':>16}")
@@ -78,6 +80,11 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
         shape = f"{h}×{w}×{c}" if h > 1 else f"{c}"
         print(f"{name:<7}{shape:>24}{params[name]:>14,}{macs[name]:>16,}")
     print(f"{'total':<7}{'':>24}{sum(params.values()):>14,}{sum(macs.values()):>16,}")
+    p = cfg.parallel
+    print(f"\npipeline units with parallel.tp={p.tp}: {', '.join(unit_names(p.tp))}")
+    if p.pp > 1:  # the counted plan; a run measures its devices first (parallel.partition=measured)
+        method = "flops" if p.partition.strip() == "measured" else p.partition
+        print(describe(cfg.model, partition(cfg.model, p.pp, method, tp=p.tp), tp=p.tp))
     return 0
 
 

@@ -323,8 +323,10 @@ def load_config(
     preset_name: str = "demo",
     yaml_path: Optional[str | Path] = None,
     overrides: Optional[dict[str, Any]] = None,
+    check_data: bool = True,
 ) -> RunConfig:
-    """preset → YAML file on top → dotted overrides on top; then validated."""
+    """preset → YAML file on top → dotted overrides on top; then validated (without the data checks
+    where only the model matters, as for `alexnet-pp info`)."""
     cfg = preset(preset_name)
     if yaml_path:
         text = Path(yaml_path).read_text()
@@ -334,7 +336,7 @@ def load_config(
         _apply(cfg, data, "")
     if overrides:
         apply_overrides(cfg, overrides)
-    return validate(cfg)
+    return validate(cfg, check_data)
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -346,7 +348,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 # validation: everything that can be known before a worker starts
 
 
-def validate(cfg: RunConfig) -> RunConfig:
+def validate(cfg: RunConfig, check_data: bool = True) -> RunConfig:
     from alexnet_pp.model import check_model_config  # shapes are the model's business
 
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
@@ -356,7 +358,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"data.stored_size ({d.stored_size}) is smaller than model.image_size ({m.image_size}); "
             "training crops image_size out of stored images"
         )
-    if not d.train and d.synthetic_classes != m.num_classes:
+    if check_data and not d.train and d.synthetic_classes != m.num_classes:
         raise ConfigError(
             f"the embedded dataset has data.synthetic_classes={d.synthetic_classes} classes but "
             f"model.num_classes={m.num_classes}; set them equal, or point data.train/data.val at shards"

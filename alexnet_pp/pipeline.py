@@ -297,6 +297,17 @@ def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: l
     return Partition(bounds=tuple(bounds), method=method)
 
 
+def _fused_names(held: list[str]) -> list[str]:
+    """"conv3.0", "conv3.1" → "conv3": both halves in one stage run as the whole layer."""
+    out: list[str] = []
+    for name in held:
+        if name.endswith(".1") and out and out[-1] == name[:-2] + ".0":
+            out[-1] = name[:-2]
+        else:
+            out.append(name)
+    return out
+
+
 def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None, tp: int = 1) -> str:
     """A table of each stage's units and its share of compute (measured `costs` if given, else
     counted) and parameters."""
@@ -309,6 +320,6 @@ def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None
         layers = list(part.stage_layers(s))
         c = sum(costs[i] for i in layers)
         p = sum(params[i] for i in layers)
-        held = ",".join(names[i] for i in layers)
+        held = ",".join(_fused_names([names[i] for i in layers]))
         lines.append(f"  stage {s}: {held:<44} {basis} {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
     return "\n".join(lines)
