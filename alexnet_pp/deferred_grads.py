@@ -57,22 +57,21 @@ class DeferredLinear(nn.Module):
     def flush(self) -> None:
         if not self.kept:
             return
-        x = torch.cat([x for x, _ in self.kept]) if len(self.kept) > 1 else self.kept[0][0]
-        g = torch.cat([g for _, g in self.kept]) if len(self.kept) > 1 else self.kept[0][1]
+        x = torch.cat([x for x, _ in self.kept])
+        g = torch.cat([g for _, g in self.kept])
         self.kept.clear()
-        _accumulate(self.weight, lambda: g.t() @ x, lambda acc: acc.addmm_(g.t(), x))
+        if self.weight.grad is None:
+            self.weight.grad = g.t() @ x
+        else:
+            self.weight.grad.addmm_(g.t(), x)
         if self.bias is not None:
-            _accumulate(self.bias, lambda: g.sum(0), lambda acc: acc.add_(g.sum(0)))
+            if self.bias.grad is None:
+                self.bias.grad = g.sum(0)
+            else:
+                self.bias.grad.add_(g.sum(0))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight gradient deferred"
-
-
-def _accumulate(param: nn.Parameter, fresh, into) -> None:
-    if param.grad is None:
-        param.grad = fresh().to(param.dtype)
-    else:
-        into(param.grad)
 
 
 class DeferredGrads:
@@ -88,14 +87,7 @@ class DeferredGrads:
                         wrapped = DeferredLinear(child)
                         setattr(parent, name, wrapped)
                         self.linears.append(wrapped)
-                    elif isinstance(child, DeferredLinear) and child not in self.linears:
-                        self.linears.append(child)
 
     def flush(self) -> None:
         for linear in self.linears:
             linear.flush()
-
-    def discard(self) -> None:
-        """Drop what a failed or abandoned step kept."""
-        for linear in self.linears:
-            linear.kept.clear()

@@ -25,6 +25,7 @@ layers stay whole.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,9 +109,9 @@ class TowerHalf(nn.Module):
 
 
 def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
-    """The model's layers as pipeline units, sharing the model's parameters."""
-    by_name = {layer.name: layer for layer in model.layers()}
-    return [by_name[u.layer] if u.tower is None else TowerHalf(by_name[u.layer], u.tower) for u in pipeline_units(tp)]
+    """The model's layers as pipeline units, sharing the model's parameters: every unit its own
+    module (a stage per unit fuses nothing)."""
+    return stage_modules(model, tuple(range(len(pipeline_units(tp)) + 1)), tp)[0]
 
 
 def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple[list[nn.Module], tuple[int, ...]]:
@@ -131,10 +132,7 @@ def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple
         modules.append(by_name[u.layer] if whole else TowerHalf(by_name[u.layer], u.tower))
         counts[stage_of[i]] += 1
         i += 2 if whole and u.tower == 0 else 1
-    fused = [0]
-    for c in counts:
-        fused.append(fused[-1] + c)
-    return modules, tuple(fused)
+    return modules, (0, *itertools.accumulate(counts))
 
 # Pointwise work per output element, in multiply-add equivalents, measured relative to the
 # convolutions on CPU (LRN: square, window sum, pow, divide; pooling: 9 reads).
@@ -270,7 +268,7 @@ def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: l
     n = len(names)
     if not 1 <= num_stages <= n:
         raise ConfigError(f"parallel.pp={num_stages}: the network has {n} pipeline units with "
-                          f"parallel.tp={tp}, so use 1 to {n} stages")
+                          f"parallel.tp={tp}; use at most {n} stages")
     method = method.strip()
     if method == "measured":
         if costs is not None and len(costs) != n:

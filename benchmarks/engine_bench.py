@@ -52,7 +52,7 @@ def make_batches(cfg: RunConfig, steps: int) -> list:
     return [(torch.randn(b, 3, s, s, generator=g), torch.randint(0, c, (b,), generator=g)) for _ in range(steps)]
 
 
-def _data(batches, m, rank):
+def tensor_data(batches, m, rank):
     return TensorData(batches, replica=0, replicas=1, micro_batches=m)
 
 
@@ -72,7 +72,7 @@ def plain_step_seconds(cfg: RunConfig, batches: list, threads: int, warmup: int)
 
 
 def engine_stats(cfg: RunConfig, batches: list, warmup: int) -> list:
-    results = run_local(cfg, functools.partial(_data, batches, cfg.parallel.micro_batches), threads=cfg.train.threads)
+    results = run_local(cfg, functools.partial(tensor_data, batches, cfg.parallel.micro_batches), threads=cfg.train.threads)
     return [r.stats[warmup:] for r in results]  # per rank
 
 

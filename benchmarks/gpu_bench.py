@@ -35,12 +35,7 @@ from alexnet_pp.config import load_config
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
-
-
-def batches_for(cfg, n: int, seed: int = 0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    s, b, c = cfg.model.image_size, cfg.train.batch_size, cfg.model.num_classes
-    return [(torch.randn(b, 3, s, s, generator=g), torch.randint(0, c, (b,), generator=g)) for _ in range(n)]
+from benchmarks.engine_bench import make_batches, tensor_data
 
 
 @contextlib.contextmanager
@@ -81,17 +76,12 @@ def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dic
     from cluster.spawn import run_local
 
     os.environ["DS_ACCELERATOR"] = "cuda"
-    factory = functools.partial(_tensor_data, batches)
+    # TensorData pins again in the worker: pinning does not survive pickling
+    factory = functools.partial(tensor_data, batches, cfg.parallel.micro_batches)
     (result,) = run_local(cfg, factory, threads=cfg.train.threads)
     stats = result.stats[warmup:]
     phases = {k: statistics.median(s["phases"].get(k, 0.0) for s in stats) for k in stats[0]["phases"]}
     return [s["seconds"] for s in result.stats], result.losses, phases
-
-
-def _tensor_data(batches, rank):
-    from cluster.engine import TensorData  # pins the batches again: pinning does not survive pickling
-
-    return TensorData(batches, replica=0, replicas=1, micro_batches=1)
 
 
 def rel_diff(a: list[float], b: list[float]) -> float:
@@ -120,7 +110,7 @@ def main() -> None:
                  "checkpoint.dir": os.path.join(args.scratch, "ckpt"), "out_dir": args.scratch,
                  "data.synthetic_classes": "1000"}
     cfg = load_config("paper", overrides=overrides)
-    batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches_for(cfg, args.steps + args.warmup)]
+    batches = [(x.pin_memory(), y.pin_memory()) for x, y in make_batches(cfg, args.steps + args.warmup)]
     report: dict = {"device": name, "torch": torch.__version__, "batch": args.batch, "plain": {}, "engine": {}}
 
     print("\n# 1. plain training step on the device (images/s, median)")

@@ -536,7 +536,7 @@ class PipelineWorker:
             result.skip_counts = self.data.skip_counts()
         if self.keep_parameters:
             result.parameters = {key: p.detach().clone() for layer in self.module.forward_funcs
-                                 for key, p in getattr(layer, "model_parameters", lambda: ())()}
+                                 for key, p in layer.model_parameters()}
         return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alexnet_pp.config import ConfigError, RunConfig, micro_batch_size
-from alexnet_pp.pipeline import Partition, partition, unit_names
+from alexnet_pp.pipeline import Partition, partition
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,6 @@ def build_topology(cfg: RunConfig, workers: int | None = None) -> Topology:
     p = cfg.parallel
     if p.tp not in (1, 2):
         raise ConfigError(f"parallel.tp={p.tp}: a stage holds 1 device with both towers or 2 with one tower each")
-    units = len(unit_names(p.tp))
-    if p.pp > units:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds the {units} pipeline units with parallel.tp={p.tp}; "
-                          f"use at most {units} stages")
     world = p.pp * p.tp * p.dp
     if workers is not None and workers != world:
         raise ConfigError(f"{workers} workers ≠ pp × tp × dp = {p.pp} × {p.tp} × {p.dp} = {world}")
