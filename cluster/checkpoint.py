@@ -9,10 +9,11 @@ that marker count; older complete ones beyond `keep` are deleted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
+
+from alexnet_pp.fileio import write_atomic
 
 MARKER = "COMPLETE.json"
 
@@ -51,12 +52,8 @@ class CheckpointStore:
         return self.root / tag / f"rank{rank:03d}-state.pt"
 
     def mark_complete(self, tag: str, info: dict[str, Any]) -> None:
-        path = self.root / tag / MARKER
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        with open(tmp) as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: the marker is either absent or whole
+        # atomic and durable: the marker is either absent or whole, also after a crash
+        write_atomic(self.root / tag / MARKER, json.dumps(info, indent=1), durable=True)
 
     def prune(self) -> None:
         done = self.complete()

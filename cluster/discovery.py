@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from alexnet_pp.fileio import write_atomic
+
 log = logging.getLogger(__name__)
 
 JOB_NAME = "alexnet-pp"
@@ -46,13 +48,6 @@ def endpoints_dir(run_dir: str | Path) -> Path:
 
 def file_sd_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "prometheus-targets.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- addresses ------------------------------------------------------------------------------------------
@@ -110,7 +105,7 @@ def register_endpoint(run_dir: str | Path, job: str, attempt: int, coord: Any, r
     record = {"job": job, "attempt": int(attempt), "rank": int(coord.rank), "targets": [f"{host}:{port}"],
               "labels": labels, "pid": os.getpid(), "time": time.time()}
     path = endpoints_dir(run_dir) / f"rank{coord.rank}.json"
-    _write_atomic(path, json.dumps(record))
+    write_atomic(path, json.dumps(record))
     return path, record
 
 
@@ -213,7 +208,7 @@ class DiscoveryServer:
         text = json.dumps(self.targets() if targets is None else targets, indent=1)
         if text != self._last_written:
             try:
-                _write_atomic(self.file_sd, text)
+                write_atomic(self.file_sd, text)
                 self._last_written = text
             except OSError as e:
                 log.warning("could not write %s: %s", self.file_sd, e)

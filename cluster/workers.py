@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.fileio import write_atomic
 
 TEST_FAIL_RANK_ENV = "ALEXNET_PP_TEST_FAIL_RANK"
 TEST_STEP_DELAY_ENV = "ALEXNET_PP_TEST_STEP_DELAY"
@@ -51,13 +52,6 @@ def attempts_path(run_dir: str | Path) -> Path:
 
 def history_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "history.jsonl"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -144,11 +138,11 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     rank = dist.get_rank()
     coord = build_topology(cfg).coord(rank)
     attempt, resume_step = _register_attempt(cfg, job_id, rank)
-    _write_json_atomic(workers_dir(cfg.run_dir) / f"rank{rank}.json", {
+    write_atomic(workers_dir(cfg.run_dir) / f"rank{rank}.json", json.dumps({
         "job": job_id, "attempt": attempt, "rank": rank, "stage": coord.stage, "tower": coord.tower,
         "replica": coord.replica, "pid": os.getpid(), "hostname": socket.gethostname(),
         "node_ip": ray.util.get_node_ip_address(), "started": time.time(),
-    })
+    }, indent=1))
     exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
     history = history_path(cfg.run_dir)
     fail_rank = hooks.get("fail_rank")

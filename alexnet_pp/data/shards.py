@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+from alexnet_pp.fileio import write_atomic
+
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
@@ -38,12 +40,6 @@ def manifest_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}-manifest.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_manifest(root: str | Path, split: str) -> Optional[dict[str, Any]]:
     p = manifest_path(root, split)
     try:
@@ -53,11 +49,11 @@ def read_manifest(root: str | Path, split: str) -> Optional[dict[str, Any]]:
 
 
 def write_manifest(root: str | Path, split: str, manifest: dict[str, Any]) -> None:
-    _atomic_write_text(manifest_path(root, split), json.dumps(manifest, indent=1) + "\n")
+    write_atomic(manifest_path(root, split), json.dumps(manifest, indent=1) + "\n")
 
 
 def write_classes(root: str | Path, names: Sequence[str]) -> None:
-    _atomic_write_text(Path(root) / "classes.json", json.dumps(list(names), indent=0) + "\n")
+    write_atomic(Path(root) / "classes.json", json.dumps(list(names), indent=0) + "\n")
 
 
 def read_classes(root: str | Path) -> Optional[list[str]]:
