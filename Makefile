@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/alexnet-pp train --preset demo --pp 2 --tp 2
 
+# the monitoring tests start a real Prometheus: installed here when the machine can, else one clear line
 test: setup
+	bash .ci/ensure-prometheus
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

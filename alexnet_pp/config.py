@@ -1,11 +1,15 @@
 """One run's configuration: a dataclass tree, loadable from YAML, overridable from the command line.
 
-Start here to understand a run. `RunConfig` holds everything; `preset(name)` gives the three
-starting points (`paper`, `demo`, `test`); `load_config(preset, yaml_path, overrides)` is what the
-CLI and the Ray job entry point call. `validate()` rejects bad combinations before any worker starts,
-with a message that says what to change.
+Start here to understand a run. `RunConfig` holds everything; `PRESETS` are the three starting
+points (`paper`, `demo`, `test`) as plain data; `load_config(preset, yaml_path, overrides)` is what
+the command line calls (one parser for `alexnet-pp` and `python -m cluster.job`: cluster/cli.py).
+`validate()` rejects bad model, data and recipe settings before anything starts, with a message that
+says what to change; the parallel layout (P × T × D, micro-batches, partition, precision, ZeRO) is
+checked once, by `alexnet_pp.layout.Layout.from_config`.
 
-Overrides use dotted paths: `--train.lr 0.02`, `--model.width 0.5`, `--parallel.pp 2`.
+Every setting can be given on the command line: dotted paths for sections (`--train.lr 0.02`,
+`--model.width 0.5`, `--parallel.pp 2`), plain names for top-level keys (`--name exp1`,
+`--out_dir /scratch/runs`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
+from alexnet_pp.errors import ConfigError
+from alexnet_pp.shapes import check_model_config
 
 
 @dataclass
@@ -92,7 +95,8 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """P pipeline stages × T towers per stage × D data-parallel replicas (DESIGN.md §2)."""
+    """P pipeline stages × T towers per stage × D data-parallel replicas (docs/ARCHITECTURE.md,
+    "Parallelism"); checked as a whole by alexnet_pp.layout.Layout."""
 
     pp: int = 1
     tp: Literal[1, 2] = 1
@@ -130,7 +134,9 @@ class MetricsConfig:
 @dataclass
 class RunConfig:
     name: str = "alexnet"
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # run_dir = out_dir/name holds config, summary, history, checkpoints
+    # extra callbacks constructed on every worker: "package.module:Class[,…]" (cluster/callbacks.py)
+    callbacks: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -141,10 +147,6 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
-
-    @property
-    def world_size(self) -> int:
-        return self.parallel.pp * self.parallel.tp * self.parallel.dp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,49 +160,40 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# presets
+# presets: settings on top of the dataclass defaults (which are the paper's)
 
-PRESETS = ("paper", "demo", "test")
+PRESETS: dict[str, dict[str, Any]] = {
+    # the exact network and recipe; needs ImageNet shards in data.train / data.val
+    "paper": {"name": "paper"},
+    # scaled to finish in a few minutes on 2 CPU cores on the embedded dataset
+    "demo": {
+        "name": "demo",
+        "model": {"width": 0.5, "image_size": 112, "num_classes": 10, "init": "kaiming"},
+        "data": {"synthetic_dir": "data/synthetic-128", "synthetic_classes": 10, "synthetic_train_per_class": 800,
+                 "synthetic_val_per_class": 100, "stored_size": 128, "shuffle_buffer": 2000},
+        "train": {"batch_size": 64, "epochs": 6, "lr": 0.01, "schedule": "cosine", "eval_every": 1.0},
+        # as a pipeline: 4 micro-batches of 16 keep the bubble at (P-1)/(P+3)
+        "parallel": {"micro_batches": 4},
+    },
+    # seconds, for the test suite
+    "test": {
+        "name": "test",
+        "model": {"width": 0.25, "image_size": 64, "num_classes": 10, "init": "kaiming"},
+        "data": {"synthetic_dir": "data/synthetic-72", "synthetic_classes": 10, "synthetic_train_per_class": 120,
+                 "synthetic_val_per_class": 20, "stored_size": 72, "workers": 0, "shuffle_buffer": 300},
+        "train": {"batch_size": 32, "epochs": 4, "lr": 0.02, "schedule": "cosine", "eval_every": 1.0},
+        "metrics": {"enabled": False},
+    },
+}
 
 
 def preset(name: str) -> RunConfig:
-    """`paper`: the exact network and recipe (needs ImageNet shards in data.train / data.val).
-    `demo`: scaled to finish in a few minutes on 2 CPU cores on the embedded dataset.
-    `test`: seconds, for the test suite."""
+    """A fresh RunConfig for one of `PRESETS`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = RunConfig()
-    if name == "paper":
-        cfg.name = "paper"
-        return cfg
-    if name == "demo":
-        cfg.name = "demo"
-        cfg.model = ModelConfig(width=0.5, image_size=112, num_classes=10, init="kaiming")
-        cfg.data = DataConfig(
-            synthetic_dir="data/synthetic-128",
-            synthetic_classes=10,
-            synthetic_train_per_class=800,
-            synthetic_val_per_class=100,
-            stored_size=128,
-            shuffle_buffer=2000,
-        )
-        cfg.train = TrainConfig(batch_size=64, epochs=6, lr=0.01, schedule="cosine", eval_every=1.0)
-        cfg.parallel.micro_batches = 4  # as a pipeline: 4 micro-batches of 16 keep the bubble at (P-1)/(P+3)
-        return cfg
-    if name == "test":
-        cfg.name = "test"
-        cfg.model = ModelConfig(width=0.25, image_size=64, num_classes=10, init="kaiming")
-        cfg.data = DataConfig(
-            synthetic_dir="data/synthetic-72",
-            synthetic_classes=10,
-            synthetic_train_per_class=120,
-            synthetic_val_per_class=20,
-            stored_size=72,
-            workers=0,
-            shuffle_buffer=300,
-        )
-        cfg.train = TrainConfig(batch_size=32, epochs=4, lr=0.02, schedule="cosine", eval_every=1.0)
-        cfg.metrics.enabled = False
-        return cfg
-    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    _apply(cfg, copy.deepcopy(PRESETS[name]), "")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,23 +292,34 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def top_level_keys() -> tuple[str, ...]:
+    """RunConfig's own scalar settings (`name`, `out_dir`, …), given on the command line as `--name`."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if not dataclasses.is_dataclass(_hints(RunConfig)[f.name]))
+
+
 def parse_override_args(args: list[str]) -> dict[str, str]:
-    """`["--train.lr", "0.02", "--model.width=0.5"]` → {"train.lr": "0.02", "model.width": "0.5"}."""
+    """`["--train.lr", "0.02", "--model.width=0.5", "--out-dir", "x"]` →
+    {"train.lr": "0.02", "model.width": "0.5", "out_dir": "x"}. Top-level keys may use - for _."""
     out: dict[str, str] = {}
+    top = top_level_keys()
     i = 0
     while i < len(args):
         a = args[i]
-        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
-            raise ConfigError(f"unexpected argument {a!r}; settings are given as --section.key VALUE")
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if "." not in key and key.replace("-", "_") in top:
+            key = key.replace("-", "_")
+        elif not key or "." not in key:
+            raise ConfigError(f"unexpected argument {a!r}; settings are given as --section.key VALUE "
+                              f"(or --{' / --'.join(top)} VALUE)")
         if "=" in a:
-            k, v = a[2:].split("=", 1)
+            v = a.split("=", 1)[1]
             i += 1
         else:
             if i + 1 >= len(args):
                 raise ConfigError(f"{a} needs a value")
-            k, v = a[2:], args[i + 1]
+            v = args[i + 1]
             i += 2
-        out[k] = v
+        out[key] = v
     return out
 
 
@@ -349,9 +353,8 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def validate(cfg: RunConfig, check_data: bool = True) -> RunConfig:
-    from alexnet_pp.model import check_model_config  # shapes are the model's business
-
-    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    """Model, data and recipe settings. The layout's checks live in alexnet_pp.layout.Layout."""
+    m, d, t = cfg.model, cfg.data, cfg.train
     check_model_config(m)
     if d.stored_size < m.image_size:
         raise ConfigError(
@@ -373,20 +376,4 @@ def validate(cfg: RunConfig, check_data: bool = True) -> RunConfig:
         raise ConfigError("train.batch_size, train.lr and train.epochs must be positive")
     if not 0 <= m.dropout < 1:
         raise ConfigError("model.dropout must be in [0, 1)")
-    for name in ("pp", "dp", "micro_batches"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name} must be ≥ 1")
-    per_replica, rem = divmod(t.batch_size, p.dp * p.micro_batches)
-    if rem or per_replica < 1:
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) must equal micro_batch × parallel.micro_batches "
-            f"({p.micro_batches}) × parallel.dp ({p.dp}) for a whole micro_batch ≥ 1; "
-            f"pick a batch_size divisible by {p.dp * p.micro_batches}"
-        )
-    if p.precision == "fp16" and p.gpus_per_worker <= 0:  # bf16 also runs on CPUs (DeepSpeed's CPU accelerator)
-        raise ConfigError("parallel.precision=fp16 needs GPUs (parallel.gpus_per_worker > 0); use bf16 or fp32")
     return cfg
-
-
-def micro_batch_size(cfg: RunConfig) -> int:
-    return cfg.train.batch_size // (cfg.parallel.dp * cfg.parallel.micro_batches)

@@ -1,4 +1,5 @@
-"""The original two-tower AlexNet (Krizhevsky, Sutskever, Hinton 2012), exact to DESIGN.md §1.
+"""The original two-tower AlexNet (Krizhevsky, Sutskever, Hinton 2012), exact to the table in
+docs/ARCHITECTURE.md ("The network").
 
 Structure, as in the paper's figure: two `Tower`s ("GPU 0" and "GPU 1"), each holding its half of every
 layer, plus `fc8`, which reads all of fc7. Tower-local layers (conv1 from the image, conv2, conv4, conv5)
@@ -6,100 +7,32 @@ see only their own tower's previous output; the cross-tower layers (conv3, fc6, 
 
 The forward pass is a sequence of `TowerLayer`s (`AlexNet.layers()`): each reads the two towers'
 activations concatenated along the channel axis ([tower 0 | tower 1]) and returns the same layout.
-One tensor between layers is what lets pipeline stages cut anywhere; parallel plans (cluster/,
-alexnet_pp/pipeline.py) rebuild these layers from the outside. This file imports nothing distributed.
+One tensor between layers is what lets pipeline stages cut anywhere. A layer is its `TowerOps` (how a
+tower's share is computed: what it reads, ReLU / LRN / pooling, dropout — no parameters) plus its
+parts (the convolutions and linear maps). Each part is built and initialised on its own from
+(seed, layer, tower) by `build_part`, so a pipeline rank can build just the parts it holds and get
+the very weights the whole network would have. Parallel plans (alexnet_pp/pipeline.py, cluster/)
+reuse `TowerOps` from the outside; this file imports nothing distributed.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alexnet_pp.config import ConfigError, ModelConfig
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.shapes import LAYER_NAMES, NUM_TOWERS, Widths, check_model_config, input_padding, spatial_sizes
+from alexnet_pp.dropout import dropout, random_keys
 from ops import lrn
-
-NUM_TOWERS = 2
-LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 CROSS_TOWER = ("conv3", "fc6", "fc7", "fc8")
 BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")  # paper: bias 1 here, 0 elsewhere
 
 Connect = Literal["image", "own", "both"]
-
-
-@dataclass(frozen=True)
-class Widths:
-    """Per-tower channel / neuron counts for a width multiplier."""
-
-    conv1: int
-    conv2: int
-    conv3: int
-    conv4: int
-    conv5: int
-    fc: int
-
-    @classmethod
-    def of(cls, width: float) -> "Widths":
-        base = dict(conv1=48, conv2=128, conv3=192, conv4=192, conv5=128, fc=2048)
-        out = {}
-        for name, n in base.items():
-            scaled = n * width
-            if scaled < 1 or abs(scaled - round(scaled)) > 1e-9:
-                raise ConfigError(
-                    f"model.width={width} gives {scaled:g} {name} channels per tower; the width must "
-                    f"make every per-tower count (48, 128, 192, 192, 128, 2048) a whole number ≥ 1, "
-                    "e.g. 1, 0.5, 0.25, 0.125, 0.0625"
-                )
-            out[name] = int(round(scaled))
-        return cls(**out)
-
-
-def input_padding(image_size: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding before conv1: 224 → 227 is 1 top/left, 2 bottom/right."""
-    if image_size % 4 == 3:
-        return (0, 0, 0, 0)
-    if image_size % 4 == 0:
-        return (1, 2, 1, 2)
-    raise ConfigError(
-        f"model.image_size={image_size}: conv1 (11×11, stride 4) needs a side ≡ 3 (mod 4), used as is, "
-        "or ≡ 0 (mod 4), zero-padded by 3 like 224 → 227; e.g. 224, 227, 112, 64"
-    )
-
-
-def _pool(n: int) -> int:
-    return (n - 3) // 2 + 1
-
-
-def spatial_sizes(image_size: int) -> dict[str, int]:
-    """Output side of each stage: conv1 55 → pool 27 → conv2 27 → pool 13 → conv3-5 13 → pool 6."""
-    pl, pr, _, _ = input_padding(image_size)
-    side = image_size + pl + pr
-    c1 = (side - 11) // 4 + 1
-    p1 = _pool(c1) if c1 >= 3 else 0
-    p2 = _pool(p1) if p1 >= 3 else 0
-    p3 = _pool(p2) if p2 >= 3 else 0
-    if p3 < 1:
-        raise ConfigError(
-            f"model.image_size={image_size} is too small: the three 3×3/2 max-pools need conv1's output "
-            "to be at least 15 wide, i.e. an input side of at least 64"
-        )
-    return {"conv1": c1, "pool1": p1, "conv2": p1, "pool2": p2, "conv3": p2, "conv4": p2, "conv5": p2, "pool5": p3}
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    Widths.of(cfg.width)
-    spatial_sizes(cfg.image_size)
-    if cfg.num_classes < 1:
-        raise ConfigError("model.num_classes must be ≥ 1")
-    if cfg.lrn_order not in ("paper", "caffenet"):
-        raise ConfigError("model.lrn_order must be 'paper' or 'caffenet'")
-    if cfg.lrn_size < 1:
-        raise ConfigError("model.lrn_size must be ≥ 1")
-    if cfg.init not in ("paper", "kaiming"):
-        raise ConfigError("model.init must be 'paper' or 'kaiming'")
 
 
 class Tower(nn.Module):
@@ -109,69 +42,98 @@ class Tower(nn.Module):
     here take the full (two-tower) input width and produce this tower's half of the output.
     """
 
-    def __init__(self, w: Widths, flat_features: int):
+    def __init__(self, cfg: ModelConfig, tower: int, seed: int):
         super().__init__()
-        both = NUM_TOWERS
-        self.conv1 = nn.Conv2d(3, w.conv1, kernel_size=11, stride=4)
-        self.conv2 = nn.Conv2d(w.conv1, w.conv2, kernel_size=5, padding=2)
-        self.conv3 = nn.Conv2d(both * w.conv2, w.conv3, kernel_size=3, padding=1)  # cross-tower
-        self.conv4 = nn.Conv2d(w.conv3, w.conv4, kernel_size=3, padding=1)
-        self.conv5 = nn.Conv2d(w.conv4, w.conv5, kernel_size=3, padding=1)
-        self.fc6 = nn.Linear(flat_features, w.fc)  # cross-tower
-        self.fc7 = nn.Linear(both * w.fc, w.fc)  # cross-tower
+        for name in LAYER_NAMES[:-1]:
+            setattr(self, name, build_part(cfg, name, tower, seed))
 
 
-class TowerLayer(nn.Module):
-    """One layer of the network across towers, with what follows it (ReLU, LRN, pooling, dropout).
+def part_shape(cfg: ModelConfig, name: str) -> tuple[str, tuple[int, ...]]:
+    """("conv", (in, out, kernel, stride, padding)) or ("linear", (in, out)) of one tower's part of a
+    layer (fc8: the one shared part)."""
+    w, s = Widths.of(cfg.width), spatial_sizes(cfg.image_size)
+    both = NUM_TOWERS
+    return {
+        "conv1": ("conv", (3, w.conv1, 11, 4, 0)),
+        "conv2": ("conv", (w.conv1, w.conv2, 5, 1, 2)),
+        "conv3": ("conv", (both * w.conv2, w.conv3, 3, 1, 1)),  # cross-tower
+        "conv4": ("conv", (w.conv3, w.conv4, 3, 1, 1)),
+        "conv5": ("conv", (w.conv4, w.conv5, 3, 1, 1)),
+        "fc6": ("linear", (both * w.conv5 * s["pool5"] ** 2, w.fc)),  # cross-tower
+        "fc7": ("linear", (both * w.fc, w.fc)),  # cross-tower
+        "fc8": ("linear", (both * w.fc, cfg.num_classes)),  # reads all of fc7
+    }[name]
 
-    `parts[t]` is tower t's half of the layer (a single shared part for fc8). Input and output are the
-    towers' activations concatenated on dim 1. `connect` says what each tower's part reads:
-    "image" — the full input image; "own" — its own tower's channels; "both" — everything.
+
+def build_part(cfg: ModelConfig, name: str, tower: Optional[int], seed: int) -> nn.Module:
+    """Tower `tower`'s part of layer `name` (fc8: the shared part, tower ignored), initialised from its
+    own generator: paper init — weights N(0, 0.01²), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0;
+    `init: kaiming` (scaled-down presets) — He-normal weights for ReLU layers, zero biases."""
+    kind, dims = part_shape(cfg, name)
+    with torch.device("meta"):  # the default init would draw from the global RNG; ours replaces it
+        part = nn.Conv2d(*dims[:2], dims[2], stride=dims[3], padding=dims[4]) if kind == "conv" else nn.Linear(*dims)
+    part = part.to_empty(device="cpu")
+    tower = 0 if name == "fc8" else tower
+    g = torch.Generator().manual_seed(_part_seed(seed, name, tower))
+    with torch.no_grad():
+        if cfg.init == "kaiming":
+            nonlinearity = "linear" if name == "fc8" else "relu"
+            nn.init.kaiming_normal_(part.weight, nonlinearity=nonlinearity, generator=g)
+            part.bias.zero_()
+        else:
+            part.weight.normal_(0.0, 0.01, generator=g)
+            part.bias.fill_(1.0 if name in BIAS_ONE else 0.0)
+    return part
+
+
+def _part_seed(seed: int, name: str, tower: int) -> int:
+    return (seed * 1_000_003 + LAYER_NAMES.index(name) * 7919 + tower * 104_729) % 2**63
+
+
+@dataclass(frozen=True)
+class TowerOps:
+    """How one tower's share of a layer is computed from its part — everything but the parameters.
+
+    The one definition of a tower's forward: `AlexNet`'s layers run it for both towers, the pipeline's
+    tower halves (alexnet_pp/pipeline.py) and the tower-parallel shards (cluster/stage_layers.py) for
+    the tower they hold, each bringing its own part.
     """
 
-    def __init__(
-        self,
-        name: str,
-        parts: Sequence[nn.Module],
-        connect: Connect,
-        post: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
-        pad: tuple[int, int, int, int] = (0, 0, 0, 0),
-        flatten: bool = False,
-        dropout: float = 0.0,
-    ):
-        super().__init__()
-        self.name = name
-        self.parts = nn.ModuleList(parts)
-        self.connect = connect
-        self.post = tuple(post)  # per tower, so LRN windows never cross the tower boundary
-        self.pad = pad
-        self.flatten = flatten
-        self.dropout = dropout
+    name: str
+    connect: Connect  # "image": the full input image; "own": its own tower's channels; "both": everything
+    post: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()  # per tower: LRN never crosses towers
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flatten: bool = False
+    dropout: float = 0.0
 
-    def tower_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    @property
+    def index(self) -> int:
+        """The layer's place in the network (salts its dropout masks)."""
+        return LAYER_NAMES.index(self.name)
+
+    def input(self, x: torch.Tensor, tower: int, both_towers: bool = True) -> torch.Tensor:
+        """What tower `tower`'s part reads from the layer's input. `both_towers`: x holds both towers'
+        activations (False on a tower-parallel rank, which holds only its own before an "own" layer)."""
         if self.flatten:
             x = torch.flatten(x, 1)
         if any(self.pad):
             x = F.pad(x, self.pad)
-        if self.connect == "own":
-            return list(x.chunk(len(self.parts), dim=1))
-        return [x] * len(self.parts)
+        if self.connect == "own" and both_towers:
+            return x.chunk(NUM_TOWERS, dim=1)[tower]
+        return x
 
-    def apply_part(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        y = self.parts[t](x)
+    def forward(self, part: nn.Module, tower: int, x: torch.Tensor, keys: Optional[torch.Tensor],
+                training: bool) -> torch.Tensor:
+        """Tower `tower`'s share of the output: the part, ReLU / LRN / pooling, then (training only)
+        dropout of this tower's neurons, masks from the rows' keys (alexnet_pp/dropout.py)."""
+        y = part(x)
         for op in self.post:
             y = op(y)
+        if self.dropout and training:
+            if keys is None:
+                keys = random_keys(y.shape[0], y.device)
+            y = dropout(y, keys, self.index, tower * y.shape[1], self.dropout)
         return y
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.apply_part(t, xi) for t, xi in enumerate(self.tower_inputs(x))]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        if self.dropout and self.training:
-            y = F.dropout(y, self.dropout, training=True)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"name={self.name}, connect={self.connect}, towers={len(self.parts)}"
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
@@ -182,61 +144,80 @@ def _maxpool(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, kernel_size=3, stride=2)  # overlapping pooling
 
 
-class AlexNet(nn.Module):
-    """The two-tower AlexNet. `AlexNet(ModelConfig())` is the paper's network, 60,965,224 parameters."""
+def layer_ops(cfg: ModelConfig) -> list[TowerOps]:
+    """The network's eight layers as data (picklable: ranks rebuild their share from it)."""
+    norm = functools.partial(lrn, size=cfg.lrn_size, alpha=cfg.lrn_alpha, beta=cfg.lrn_beta, k=cfg.lrn_k)
+    norm_pool = (_relu, norm, _maxpool) if cfg.lrn_order == "paper" else (_relu, _maxpool, norm)
+    return [
+        TowerOps("conv1", "image", norm_pool, pad=input_padding(cfg.image_size)),
+        TowerOps("conv2", "own", norm_pool),
+        TowerOps("conv3", "both", (_relu,)),
+        TowerOps("conv4", "own", (_relu,)),
+        TowerOps("conv5", "own", (_relu, _maxpool)),
+        TowerOps("fc6", "both", (_relu,), flatten=True, dropout=cfg.dropout),
+        TowerOps("fc7", "both", (_relu,), dropout=cfg.dropout),
+        TowerOps("fc8", "both"),
+    ]
 
-    def __init__(self, cfg: ModelConfig | None = None):
+
+class TowerLayer(nn.Module):
+    """One layer across both towers: `ops` applied to each tower's part, outputs concatenated
+    ([tower 0 | tower 1]); fc8 has one part that reads everything."""
+
+    def __init__(self, ops: TowerOps, parts: Sequence[nn.Module]):
+        super().__init__()
+        self.ops = ops
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def name(self) -> str:
+        return self.ops.name
+
+    @property
+    def replicated(self) -> bool:
+        """One part, computed in full by every tower that holds it (fc8)."""
+        return len(self.parts) == 1
+
+    def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.ops.dropout and self.training and keys is None:
+            keys = random_keys(x.shape[0], x.device)  # one draw per row, shared by both towers
+        outs = [self.ops.forward(part, t, self.ops.input(x, t), keys, self.training)
+                for t, part in enumerate(self.parts)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, connect={self.ops.connect}, towers={len(self.parts)}"
+
+
+class AlexNet(nn.Module):
+    """The two-tower AlexNet. `AlexNet(ModelConfig())` is the paper's network, 60,965,224 parameters;
+    `seed` fixes the initial weights (the same seed gives the same weights to every layout)."""
+
+    def __init__(self, cfg: ModelConfig | None = None, seed: int = 0):
         super().__init__()
         cfg = cfg or ModelConfig()
         check_model_config(cfg)
-        self.cfg = cfg
-        self.widths = w = Widths.of(cfg.width)
+        self.cfg, self.seed = cfg, seed
+        self.widths = Widths.of(cfg.width)
         self.sizes = spatial_sizes(cfg.image_size)
-        flat = NUM_TOWERS * w.conv5 * self.sizes["pool5"] ** 2
-        self.towers = nn.ModuleList(Tower(w, flat) for _ in range(NUM_TOWERS))
-        self.fc8 = nn.Linear(NUM_TOWERS * w.fc, cfg.num_classes)  # reads all of fc7
-        self._layers = self._build_layers()
-        self.reset_parameters()
-
-    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        return lrn(x, size=c.lrn_size, alpha=c.lrn_alpha, beta=c.lrn_beta, k=c.lrn_k)
-
-    def _build_layers(self) -> list[TowerLayer]:
-        c = self.cfg
-        norm_pool = [_relu, self._lrn, _maxpool] if c.lrn_order == "paper" else [_relu, _maxpool, self._lrn]
-        t = lambda name: [getattr(tw, name) for tw in self.towers]  # noqa: E731
-        return [
-            TowerLayer("conv1", t("conv1"), "image", norm_pool, pad=input_padding(c.image_size)),
-            TowerLayer("conv2", t("conv2"), "own", norm_pool),
-            TowerLayer("conv3", t("conv3"), "both", [_relu]),
-            TowerLayer("conv4", t("conv4"), "own", [_relu]),
-            TowerLayer("conv5", t("conv5"), "own", [_relu, _maxpool]),
-            TowerLayer("fc6", t("fc6"), "both", [_relu], flatten=True, dropout=c.dropout),
-            TowerLayer("fc7", t("fc7"), "both", [_relu], dropout=c.dropout),
-            TowerLayer("fc8", [self.fc8], "both"),
+        self.towers = nn.ModuleList(Tower(cfg, t, seed) for t in range(NUM_TOWERS))
+        self.fc8 = build_part(cfg, "fc8", None, seed)
+        self._layers = [
+            TowerLayer(ops, [self.fc8] if ops.name == "fc8" else [getattr(tw, ops.name) for tw in self.towers])
+            for ops in layer_ops(cfg)
         ]
 
     def layers(self) -> list[TowerLayer]:
         """The forward pass as a sequence of layers sharing this model's parameters."""
         return list(self._layers)
 
-    def reset_parameters(self) -> None:
-        """Paper initialisation: weights N(0, 0.01²); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
-        `init: kaiming` (scaled-down presets): He-normal weights for ReLU layers, zero biases."""
+    def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits. `keys` (training): one dropout key per row (alexnet_pp/dropout.py), so the masks are a
+        function of the images; without them masks come from torch's global generator."""
+        if self.training and self.cfg.dropout and keys is None:
+            keys = random_keys(x.shape[0], x.device)
         for layer in self._layers:
-            for part in layer.parts:
-                if self.cfg.init == "kaiming":
-                    relu = layer.name != "fc8"
-                    nn.init.kaiming_normal_(part.weight, nonlinearity="relu" if relu else "linear")
-                    nn.init.zeros_(part.bias)
-                else:
-                    nn.init.normal_(part.weight, mean=0.0, std=0.01)
-                    nn.init.constant_(part.bias, 1.0 if layer.name in BIAS_ONE else 0.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self._layers:
-            x = layer(x)
+            x = layer(x, keys)
         return x
 
     # Layers are plain attributes, not submodules, so train()/eval() must reach them explicitly.
@@ -249,37 +230,3 @@ class AlexNet(nn.Module):
 
 def layer_parameter_counts(model: AlexNet) -> dict[str, int]:
     return {layer.name: sum(p.numel() for p in layer.parameters()) for layer in model.layers()}
-
-
-def layer_output_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
-    """(channels over both towers, height, width) after each layer and its pooling."""
-    w, s = Widths.of(cfg.width), spatial_sizes(cfg.image_size)
-    p1, p2 = "pool1", "pool2"
-    return {
-        "conv1": (2 * w.conv1, s[p1], s[p1]),
-        "conv2": (2 * w.conv2, s[p2], s[p2]),
-        "conv3": (2 * w.conv3, s["conv3"], s["conv3"]),
-        "conv4": (2 * w.conv4, s["conv4"], s["conv4"]),
-        "conv5": (2 * w.conv5, s["pool5"], s["pool5"]),
-        "fc6": (2 * w.fc, 1, 1),
-        "fc7": (2 * w.fc, 1, 1),
-        "fc8": (cfg.num_classes, 1, 1),
-    }
-
-
-def layer_macs(cfg: ModelConfig) -> dict[str, int]:
-    """Multiply-adds per image of each layer's forward (convolutions and matrix products only)."""
-    w, s = Widths.of(cfg.width), spatial_sizes(cfg.image_size)
-    T = NUM_TOWERS
-    flat = T * w.conv5 * s["pool5"] ** 2
-    conv = lambda out_side, cin, cout, k: T * out_side**2 * cout * cin * k * k  # noqa: E731
-    return {
-        "conv1": conv(s["conv1"], 3, w.conv1, 11),
-        "conv2": conv(s["conv2"], w.conv1, w.conv2, 5),
-        "conv3": conv(s["conv3"], T * w.conv2, w.conv3, 3),
-        "conv4": conv(s["conv4"], w.conv3, w.conv4, 3),
-        "conv5": conv(s["conv5"], w.conv4, w.conv5, 3),
-        "fc6": T * flat * w.fc,
-        "fc7": T * T * w.fc * w.fc,
-        "fc8": T * w.fc * cfg.num_classes,
-    }

@@ -31,10 +31,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from alexnet_pp.config import ConfigError, ModelConfig
-from alexnet_pp.model import LAYER_NAMES, AlexNet, TowerLayer, layer_macs, layer_output_shapes
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.errors import ConfigError
+from alexnet_pp.model import AlexNet, TowerLayer, TowerOps, build_part, layer_ops
+from alexnet_pp.shapes import LAYER_NAMES, layer_macs, layer_output_shapes, layer_param_counts
 
 # Layers whose towers' halves can run in different stages: input and output share their spatial size,
 # so half 0 hands on [input | its output] as one tensor.
@@ -70,42 +71,69 @@ def model_key(layer: str, tower: Optional[int], leaf: str) -> str:
 
 
 class TowerHalf(nn.Module):
-    """Tower `tower`'s half of a TowerLayer. Half 0 returns [input | tower 0's output]; half 1 reads
-    that and returns the layer's output [tower 0 | tower 1], after the layer's dropout. The same
-    operations as the whole layer, in the same order."""
+    """Tower `tower`'s half of a layer. Half 0 returns [input | tower 0's output]; half 1 reads that
+    and returns the layer's output [tower 0 | tower 1]. The tower's share is the layer's own
+    `TowerOps.forward` (dropout included), so a split layer computes exactly what the whole one does."""
 
-    def __init__(self, layer: TowerLayer, tower: int):
+    def __init__(self, ops: TowerOps, part: nn.Module, tower: int):
         super().__init__()
-        if layer.name not in SPLITTABLE:
-            raise ValueError(f"{layer.name} cannot be split by tower (its output size differs from its input's)")
-        self.name, self.tower = layer.name, tower
-        self.part = layer.parts[tower]
-        self.connect, self.post, self.flatten, self.dropout = layer.connect, layer.post, layer.flatten, layer.dropout
-        width = self.part.in_channels if isinstance(self.part, nn.Conv2d) else self.part.in_features
-        self.in_width = 2 * width if layer.connect == "own" else width
+        if ops.name not in SPLITTABLE:
+            raise ValueError(f"{ops.name} cannot be split by tower (its output size differs from its input's)")
+        self.ops, self.part, self.tower = ops, part, tower
+        width = part.in_channels if isinstance(part, nn.Conv2d) else part.in_features
+        self.in_width = 2 * width if ops.connect == "own" else width
 
-    def _half(self, x: torch.Tensor, tower: int) -> torch.Tensor:
-        if self.connect == "own":
-            x = x.chunk(2, dim=1)[tower]
-        y = self.part(x)
-        for op in self.post:
-            y = op(y)
-        return y
+    @property
+    def name(self) -> str:
+        return self.ops.name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ops = self.ops
         if self.tower == 0:
-            if self.flatten:
+            if ops.flatten:
                 x = torch.flatten(x, 1)
-            return torch.cat([x, self._half(x, 0)], dim=1)
+            return torch.cat([x, ops.forward(self.part, 0, ops.input(x, 0), keys, self.training)], dim=1)
         x, y0 = x[:, : self.in_width], x[:, self.in_width :]
-        y = torch.cat([y0, self._half(x, 1)], dim=1)
-        if self.dropout and self.training:
-            y = F.dropout(y, self.dropout, training=True)
-        return y
+        return torch.cat([y0, ops.forward(self.part, 1, ops.input(x, 1), keys, self.training)], dim=1)
 
     def model_parameters(self):
         for leaf, p in self.part.named_parameters():
             yield model_key(self.name, self.tower, leaf), p
+
+
+def stage_plan(bounds: tuple[int, ...], tp: int = 1) -> tuple[list[Unit], tuple[int, ...]]:
+    """The modules a cut pipeline runs — whole layers (`tower` None) or tower halves — and the stage
+    bounds over them: a layer's two halves are fused back into the whole layer wherever both land in
+    one stage, since a split costs a concatenation and a slice and is only worth it at a cut."""
+    units = pipeline_units(tp)
+    if bounds[-1] != len(units):
+        raise ValueError(f"bounds {bounds} do not cover the {len(units)} pipeline units")
+    stage_of = [s for s in range(len(bounds) - 1) for _ in range(bounds[s], bounds[s + 1])]
+    plan: list[Unit] = []
+    counts = [0] * (len(bounds) - 1)
+    i = 0
+    while i < len(units):
+        u = units[i]
+        whole = u.tower is None or (u.tower == 0 and stage_of[i] == stage_of[i + 1])
+        plan.append(Unit(u.layer) if whole else u)
+        counts[stage_of[i]] += 1
+        i += 2 if whole and u.tower == 0 else 1
+    return plan, (0, *itertools.accumulate(counts))
+
+
+def unit_module(unit: Unit, ops: TowerOps, parts: list[nn.Module]) -> nn.Module:
+    """A planned unit as a module over the given parts (both towers' for a whole layer, else one)."""
+    return TowerLayer(ops, parts) if unit.tower is None else TowerHalf(ops, parts[0], unit.tower)
+
+
+def build_unit(cfg: ModelConfig, unit: Unit, seed: int) -> nn.Module:
+    """One planned unit built from scratch with only the parts it holds (the same weights as
+    `AlexNet(cfg, seed)`'s)."""
+    ops = layer_ops(cfg)[LAYER_NAMES.index(unit.layer)]
+    if unit.layer == "fc8":
+        return TowerLayer(ops, [build_part(cfg, "fc8", None, seed)])
+    towers = range(2) if unit.tower is None else (unit.tower,)
+    return unit_module(unit, ops, [build_part(cfg, unit.layer, t, seed) for t in towers])
 
 
 def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
@@ -115,24 +143,15 @@ def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
 
 
 def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple[list[nn.Module], tuple[int, ...]]:
-    """The modules a cut pipeline runs, and the stage bounds over them: a layer's two tower halves
-    are fused back into the whole layer wherever both land in one stage, since a split costs a
-    concatenation and a slice and is only worth it at a cut."""
-    units = pipeline_units(tp)
-    if bounds[-1] != len(units):
-        raise ValueError(f"bounds {bounds} do not cover the {len(units)} pipeline units")
+    """`stage_plan` as modules sharing `model`'s parameters."""
+    plan, bounds = stage_plan(bounds, tp)
     by_name = {layer.name: layer for layer in model.layers()}
-    stage_of = [s for s in range(len(bounds) - 1) for _ in range(bounds[s], bounds[s + 1])]
-    modules: list[nn.Module] = []
-    counts = [0] * (len(bounds) - 1)
-    i = 0
-    while i < len(units):
-        u = units[i]
-        whole = u.tower is None or (u.tower == 0 and stage_of[i] == stage_of[i + 1])
-        modules.append(by_name[u.layer] if whole else TowerHalf(by_name[u.layer], u.tower))
-        counts[stage_of[i]] += 1
-        i += 2 if whole and u.tower == 0 else 1
-    return modules, (0, *itertools.accumulate(counts))
+    modules = []
+    for u in plan:
+        layer = by_name[u.layer]
+        modules.append(layer if u.tower is None else unit_module(u, layer.ops, [layer.parts[u.tower]]))
+    return modules, bounds
+
 
 # Pointwise work per output element, in multiply-add equivalents, measured relative to the
 # convolutions on CPU (LRN: square, window sum, pow, divide; pooling: 9 reads).
@@ -173,23 +192,6 @@ def unit_param_counts(cfg: ModelConfig, tp: int = 1) -> list[int]:
     return [int(n) for n in _per_unit([float(n) for n in layer_param_counts(cfg)], tp)]
 
 
-def layer_param_counts(cfg: ModelConfig) -> list[int]:
-    from alexnet_pp.model import Widths, spatial_sizes
-
-    w, s = Widths.of(cfg.width), spatial_sizes(cfg.image_size)
-    flat = 2 * w.conv5 * s["pool5"] ** 2
-    per_tower = [
-        3 * 121 * w.conv1 + w.conv1,
-        w.conv1 * 25 * w.conv2 + w.conv2,
-        2 * w.conv2 * 9 * w.conv3 + w.conv3,
-        w.conv3 * 9 * w.conv4 + w.conv4,
-        w.conv4 * 9 * w.conv5 + w.conv5,
-        flat * w.fc + w.fc,
-        2 * w.fc * w.fc + w.fc,
-    ]
-    return [2 * n for n in per_tower] + [2 * w.fc * cfg.num_classes + cfg.num_classes]
-
-
 def _balanced(weights: list[float], parts: int) -> tuple[int, ...]:
     """Contiguous split minimising the largest part (exact, by dynamic programming: 8 layers)."""
     n = len(weights)
@@ -224,13 +226,12 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
     from alexnet_pp.deferred_grads import DeferredGrads
 
     gen = torch.Generator().manual_seed(seed)
-    model = AlexNet(cfg).to(device).train()
     x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     costs = []
-    modules = pipeline_modules(model, tp)
-    flush = DeferredGrads(modules).flush if defer_weight_grads else (lambda: None)
-    for i, layer in enumerate(modules):
+    for i, unit in enumerate(pipeline_units(tp)):
+        layer = build_unit(cfg, unit, seed).to(device).train()  # one unit at a time: never the whole network
+        flush = DeferredGrads([layer]).flush if defer_weight_grads else (lambda: None)
         best = float("inf")
         for _ in range(reps + 1):  # one warm-up
             xi = x.detach().requires_grad_(i > 0)
@@ -243,6 +244,7 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
             best = min(best, time.perf_counter() - t0)
         costs.append(best)
         x = y.detach()
+        del layer
     return costs
 
 

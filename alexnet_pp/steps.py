@@ -19,10 +19,12 @@ def train_step(
     labels: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     grad_clip: float = 0.0,
+    keys: torch.Tensor | None = None,
 ) -> float:
+    """One optimizer step; `keys`: the rows' dropout keys (alexnet_pp/dropout.py)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(images), labels)
+    loss = loss_fn(model(images, keys), labels)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, TextIO
+from typing import Optional, TextIO
 
 import torch
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.dropout import batch_keys
 from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.progress import Progress
 from alexnet_pp.steps import evaluate, train_step
+from alexnet_pp.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def setup_process(cfg: RunConfig) -> None:
     """Threads, allocator and seeds: everything that makes a run repeatable and fast."""
     configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the weights and dropout masks have their own seeds; this is for the rest
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -36,37 +36,13 @@ def eval_interval(cfg: RunConfig, steps_per_epoch: int) -> int:
     return max(1, round(cfg.train.eval_every * steps_per_epoch))
 
 
-@dataclass
-class RunSummary:
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    evals: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def images_per_sec(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "images": self.images,
-            "seconds": round(self.seconds, 3),
-            "images_per_sec": round(self.images_per_sec, 2),
-            "final_loss": self.losses[-1] if self.losses else None,
-            "losses": self.losses,
-            "evals": self.evals,
-        }
-
-
 def train_single(cfg: RunConfig, stream: Optional[TextIO] = None, save: bool = True) -> RunSummary:
     """Train on one process with the config's data, recipe and schedule; evaluate on the held-out split."""
     from alexnet_pp.data import build_eval_loader, build_train_loader, ensure_dataset
 
     setup_process(cfg)
     info = ensure_dataset(cfg)
-    model = AlexNet(cfg.model)
+    model = AlexNet(cfg.model, seed=cfg.train.seed)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     steps_per_epoch = len(build_train_loader(cfg, epoch=0))
     total = total_steps(cfg, steps_per_epoch)
@@ -77,16 +53,18 @@ def train_single(cfg: RunConfig, stream: Optional[TextIO] = None, save: bool = T
         f"{cfg.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {info.train_samples} train / "
         f"{info.val_samples} val samples, {steps_per_epoch} steps/epoch, {total} steps"
     )
-    summary = RunSummary()
+    summary = RunSummary(run_dir=str(cfg.run_dir))
     t0 = time.perf_counter()
-    step, epoch = 0, 0
+    step, epoch, images_seen = 0, 0, 0
     while step < total:
         for images, labels in build_train_loader(cfg, epoch=epoch):
-            loss = train_step(model, images, labels, optimizer, cfg.train.grad_clip)
+            keys = batch_keys(cfg.train.seed, step, 0, labels.shape[0])  # the masks every layout draws
+            loss = train_step(model, images, labels, optimizer, cfg.train.grad_clip, keys)
             step += 1
             schedule.after_step(step)
             summary.losses.append(loss)
-            summary.images += labels.numel()
+            summary.loss_steps.append(step)
+            images_seen += labels.numel()
             progress.update(step, labels.numel(), loss, schedule.lr)
             if step % every == 0 or step == total:
                 result = evaluate(model, build_eval_loader(cfg))
@@ -98,12 +76,13 @@ def train_single(cfg: RunConfig, stream: Optional[TextIO] = None, save: bool = T
             if step >= total:
                 break
         epoch += 1
-    summary.seconds = time.perf_counter() - t0
-    summary.steps = step
+    summary.wall_seconds = time.perf_counter() - t0
+    summary.steps = summary.steps_timed = step
+    summary.images_per_sec = images_seen / summary.wall_seconds if summary.wall_seconds > 0 else float("nan")
     progress.close()
     if save:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cfg.run_dir / "model.pt")
-        (cfg.run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
+        summary.write(cfg.run_dir / "summary.json")
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
     return summary

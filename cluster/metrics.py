@@ -5,11 +5,12 @@ so several exporters can live in one process, as in tests) and an HTTP server st
 `start()`. In a Ray Train worker:
 
     metrics = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # started + registered, or None
-    metrics.attach(worker)           # checkpoints (wraps worker.save), planned steps, data skip counts
-    ... on_step: metrics.on_step(stats); on_eval: metrics.on_eval(m); finally: metrics.close()
+    PipelineWorker(cfg, layout, callbacks=[metrics, ...]).run(); finally: metrics.close()
 
-(or feed `set_skips(counts)`, `checkpoint(seconds)`, `set_total_steps(n)` by hand). Every series
-carries the labels run, stage, tower, replica, node (DESIGN.md §4); discovery adds `rank` as a
+It is a cluster.callbacks.Callback: steps (with planned steps and data skip counts), evaluations
+and checkpoints arrive through on_step / on_eval / on_checkpoint (or feed `set_skips(counts)`,
+`checkpoint(seconds)`, `set_total_steps(n)` by hand). Every series
+carries the labels run, stage, tower, replica, node; discovery adds `rank` as a
 target label (cluster.discovery).
 
 Counting images without double counting. Every rank of a replica's pipeline (P stages × T towers)
@@ -39,12 +40,13 @@ from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cluster.callbacks import Callback
 from cluster.discovery import bind_with_fallback, node_ip, register_endpoint, resolve_host, unregister_endpoint
+from cluster.timing import PHASES
 
 log = logging.getLogger(__name__)
 
 LABELS = ("run", "stage", "tower", "replica", "node")
-PHASES = ("forward", "backward", "send", "recv", "idle", "data_wait", "optimizer")
 # Step times run from ~10 ms (scaled-down CPU tests) to a minute (full AlexNet, long pipelines).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -134,8 +136,8 @@ def _field(stats: Any, name: str, default: Any = None) -> Any:
 # --- the exporter ------------------------------------------------------------------------------------
 
 
-class WorkerMetrics:
-    """One rank's exporter. `coord` is a cluster.topology.Coord (stage, tower, replica)."""
+class WorkerMetrics(Callback):
+    """One rank's exporter. `coord` is an alexnet_pp.layout.Coord (stage, tower, replica)."""
 
     def __init__(self, run: str, coord: Any, node: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
                  replicas: int = 1, restarts: int = 0, total_steps: Optional[int] = None):
@@ -150,7 +152,6 @@ class WorkerMetrics:
         self._skips_seen: dict[str, int] = {}
         self._server = None
         self._registration: Optional[tuple[Any, dict[str, Any]]] = None
-        self._worker: Any = None
         self.address: Optional[tuple[str, int]] = None
         self.cuda = self._cuda_available()
         self.m: dict[str, Any] = {}
@@ -268,27 +269,10 @@ class WorkerMetrics:
     def set_total_steps(self, steps: int) -> None:
         self._c("alexnet_pp_steps_planned").set(steps)
 
-    def attach(self, worker: Any) -> None:
-        """Follow a cluster.engine.PipelineWorker: count and time its checkpoints (wraps its `save`),
-        and read its planned steps and data skip counts at every on_step."""
-        self._worker = worker
-        save = worker.save
-
-        def timed_save(*args: Any, **kwargs: Any) -> Any:
-            out = save(*args, **kwargs)
-            self.checkpoint(getattr(worker, "last_checkpoint_seconds", math.nan))
-            return out
-
-        worker.save = timed_save
-
-    def on_step(self, stats: Any, total_steps: Optional[int] = None) -> None:
-        """A cluster.engine.StepStats (or its asdict form)."""
-        w = self._worker
-        if w is not None:
-            total_steps = total_steps if total_steps is not None else getattr(w, "total_steps", None)
-            data = getattr(w, "data", None)
-            if data is not None:
-                self.set_skips(data.skip_counts())
+    def on_step(self, stats: Any, coord: Any = None) -> None:
+        """A cluster.timing.StepStats (or its asdict form): step, loss, phases, planned steps, skips."""
+        self.set_skips(_field(stats, "skip_counts"))
+        total_steps = _field(stats, "total_steps")
         with self._lock:
             step = _field(stats, "step")
             self._c("alexnet_pp_step").set(step)
@@ -309,7 +293,7 @@ class WorkerMetrics:
             self._c("alexnet_pp_loss").set(_field(stats, "loss", math.nan))
             self._c("alexnet_pp_learning_rate").set(_field(stats, "lr", math.nan))
 
-    def on_eval(self, metrics: Mapping[str, float]) -> None:
+    def on_eval(self, metrics: Mapping[str, float], coord: Any = None) -> None:
         """PipelineWorker's evaluation dict: top1 / top5 (ratios), val_loss."""
         with self._lock:
             for key, name in (("top1", "alexnet_pp_eval_top1_accuracy"), ("top5", "alexnet_pp_eval_top5_accuracy"),
@@ -330,6 +314,9 @@ class WorkerMetrics:
                 child = self._c("alexnet_pp_samples_skipped_total", kind=kind)
                 if delta > 0:
                     child.inc(delta)
+
+    def on_checkpoint(self, step: int, seconds: float, coord: Any = None) -> None:
+        self.checkpoint(seconds)
 
     def checkpoint(self, seconds: float) -> None:
         with self._lock:

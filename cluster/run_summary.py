@@ -1,9 +1,9 @@
 """End-of-run numbers from every rank's per-step stats, and the driver's live progress.
 
-`summarize_run(ranks)` folds the StepStats dicts of all ranks (`WorkerResult.stats`, with the
-rank's `coord`) into what a run reports: job images/s, step time p50/p95, the measured pipeline
-bubble per stage next to theory, the data-wait share and the per-stage phase breakdown.
-`format_run_summary` prints it. The ranks of a synchronous pipeline finish a step together, so a
+`summarize_run(ranks)` folds the StepStats dicts of all ranks (`RankResult.stats`, with the
+rank's `coord`) into the timing fields of a `RunSummary` (alexnet_pp/summary.py): job images/s,
+step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share and
+the per-stage phase breakdown. The ranks of a synchronous pipeline finish a step together, so a
 step's job time is the slowest rank's; each rank's first step (warm-up: allocation, the first p2p
 shape exchange) is left out when there are others.
 
@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from alexnet_pp.summary import RunSummary
+
 
 def _percentile(values: list[float], q: float) -> float:
     if not values:
@@ -34,7 +36,7 @@ def _get(obj: Any, name: str) -> Any:
     return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
 
 
-def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> dict[str, Any]:
+def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
     """`ranks`: per rank, a WorkerResult or {"coord": {...stage...}, "stats": [StepStats dict, ...]}."""
     step_time: dict[int, float] = {}
     step_images: dict[int, float] = {}
@@ -51,45 +53,26 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> dict[str, Any]
             theory = s.get("theoretical_bubble", theory)
     seconds = [step_time[k] for k in sorted(step_time)]
     total = sum(seconds)
-    out: dict[str, Any] = {
-        "steps_timed": len(seconds),
-        "images_per_sec": sum(step_images.values()) / total if total > 0 else math.nan,
-        "step_time_p50": _percentile(seconds, 0.5),
-        "step_time_p95": _percentile(seconds, 0.95),
-        "theoretical_bubble": theory,
-        "bubble_per_stage": {},
-        "phase_share_per_stage": {},
-        "data_wait_share": math.nan,
-    }
+    out = RunSummary(
+        steps_timed=len(seconds),
+        images_per_sec=sum(step_images.values()) / total if total > 0 else math.nan,
+        step_time_p50=_percentile(seconds, 0.5),
+        step_time_p95=_percentile(seconds, 0.95),
+        theoretical_bubble=theory,
+    )
     for stage, stats in sorted(by_stage.items()):
         if not stats:
             continue
-        out["bubble_per_stage"][str(stage)] = statistics.fmean(s["bubble"] for s in stats)
+        out.bubble_per_stage[str(stage)] = statistics.fmean(s["bubble"] for s in stats)
         t = sum(s["seconds"] for s in stats)
         phases: dict[str, float] = {}
         for s in stats:
             for k, v in s["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
-        out["phase_share_per_stage"][str(stage)] = {k: v / t if t > 0 else math.nan for k, v in sorted(phases.items())}
+        out.phase_share_per_stage[str(stage)] = {k: v / t if t > 0 else math.nan for k, v in sorted(phases.items())}
         if stage == 0:  # only the first stage reads data
-            out["data_wait_share"] = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
+            out.data_wait_share = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
     return out
-
-
-def format_run_summary(s: Mapping[str, Any]) -> str:
-    def f(x: Any, spec: str) -> str:
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-    lines = [
-        f"throughput {f(s['images_per_sec'], '.1f')} images/s over {s['steps_timed']} steps; "
-        f"step time p50 {f(s['step_time_p50'], '.3f')} s, p95 {f(s['step_time_p95'], '.3f')} s; "
-        f"data wait {f(s['data_wait_share'] * 100, '.1f')}% of stage 0's time",
-    ]
-    for stage, bubble in s["bubble_per_stage"].items():
-        shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in s["phase_share_per_stage"].get(stage, {}).items())
-        lines.append(f"  stage {stage}: bubble {f(bubble, '.3f')} (theory {f(s['theoretical_bubble'], '.3f')}); "
-                     f"{shares}")
-    return "\n".join(lines)
 
 
 class HistoryProgress:

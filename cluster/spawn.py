@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch.multiprocessing as mp
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.layout import Layout
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,8 +25,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, data_factory, out_dir: str, keep: bool,
-               threads: int) -> None:
+def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, layout: Layout, data_factory, out_dir: str,
+               keep: bool, threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -40,7 +41,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, data_factory, o
     out = Path(out_dir) / f"rank{rank}.pkl"
     try:
         init_process_group_from_env(cfg.parallel.collective_timeout_s)
-        worker = PipelineWorker(cfg, data=data_factory(rank) if data_factory else None, keep_parameters=keep)
+        worker = PipelineWorker(cfg, layout, data=data_factory(rank) if data_factory else None, keep_parameters=keep)
         result = worker.run()
         payload: Any = {"ok": True, "result": result}
     except BaseException as e:  # reported to the parent, which raises
@@ -53,13 +54,14 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, data_factory, o
 
 
 def run_local(cfg: RunConfig, data_factory: Optional[Callable[[int], Any]] = None, keep_parameters: bool = False,
-              threads: int = 1) -> list:
-    """Run all pp × tp × dp ranks as processes on this machine; returns each rank's WorkerResult."""
-    world = cfg.world_size
+              threads: int = 1, layout: Optional[Layout] = None) -> list:
+    """Run all pp × tp × dp ranks as processes on this machine; returns each rank's RankResult."""
+    layout = layout or Layout.from_config(cfg)
+    world = layout.world_size
     with tempfile.TemporaryDirectory(prefix="alexnet-pp-spawn-") as tmp:
         ctx = mp.spawn(
             _rank_main,
-            args=(world, free_port(), cfg.to_dict(), data_factory, tmp, keep_parameters, threads),
+            args=(world, free_port(), cfg.to_dict(), layout, data_factory, tmp, keep_parameters, threads),
             nprocs=world,
             join=False,
         )

@@ -1,9 +1,10 @@
-"""The plan that turns the model's TowerLayers into one rank's pipeline layers.
+"""The plan that turns the network into one rank's pipeline layers.
 
-T = 1: a rank runs whole layers (both towers). T = 2: a rank holds only its tower's half of each
-layer; cross-tower layers (conv3, fc6, fc7, fc8) all-gather the towers' activations inside the
-tower group first. Labels ride along with the activations from the first stage to the last, so
-the loss always sees the labels of the images that produced its logits.
+T = 1: a rank runs whole layers (both towers), or tower halves at a cut. T = 2: a rank holds only its
+tower's half of each layer; cross-tower layers (conv3, fc6, fc7, fc8) all-gather the towers'
+activations inside the tower group first. Labels and the rows' dropout keys ride along with the
+activations from the first stage to the last, so the loss always sees the labels of the images that
+produced its logits and every stage draws the masks the single network would.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from alexnet_pp.model import AlexNet, TowerLayer
-from alexnet_pp.pipeline import TowerHalf, model_key, stage_modules
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.model import build_part, layer_ops
+from alexnet_pp.pipeline import TowerHalf, Unit, build_unit, model_key, stage_plan
+from alexnet_pp.shapes import LAYER_NAMES
+from alexnet_pp.steps import EvalAccumulator, average_crops, loss_fn
 
 
 class GroupRef:
@@ -63,12 +66,12 @@ def _first_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 class StageLayer(nn.Module):
-    """A pipeline unit holding both towers (a whole TowerLayer, or one TowerHalf) as a pipeline
-    layer: (x, labels) → (y, labels)."""
+    """A pipeline unit holding both towers (a whole layer, or one tower half) as a pipeline layer:
+    (x, labels, dropout keys) → (y, labels, dropout keys). Builds only the parts it holds."""
 
-    def __init__(self, layer: nn.Module, first: bool):
+    def __init__(self, cfg: ModelConfig, unit: Unit, seed: int, first: bool):
         super().__init__()
-        self.layer = layer
+        self.layer = build_unit(cfg, unit, seed)
         self.first = first
 
     def model_parameters(self):
@@ -81,75 +84,54 @@ class StageLayer(nn.Module):
                 yield model_key(self.layer.name, t, leaf), p
 
     def forward(self, inputs):
-        x, labels = inputs
+        x, labels, keys = inputs
         if self.first:
             x = _first_input(x, self.layer)
-        return self.layer(x), labels
+        return self.layer(x, keys), labels, keys
 
 
 class TowerShard(nn.Module):
-    """Tower `tower`'s half of a TowerLayer, communicating with the other tower where the layer crosses.
+    """Tower `tower`'s share of a layer on a tower-parallel rank: the layer's own `TowerOps` over this
+    tower's part, after all-gathering the towers' activations where the layer crosses towers. Dropout
+    masks come from the rows' keys and this tower's neuron offset, as in the single network."""
 
-    Dropout masks are drawn for the full (two-tower) width from a generator both towers advance in
-    step, and each tower keeps its slice: neurons stay independent, and a run is reproducible.
-    """
-
-    def __init__(self, layer: TowerLayer, tower: int, group: GroupRef, first: bool, dropout_seed: int):
+    def __init__(self, cfg: ModelConfig, name: str, tower: int, group: GroupRef, seed: int, first: bool):
         super().__init__()
-        self.name = layer.name
-        self.connect = layer.connect
-        self.replicated = len(layer.parts) == 1  # fc8: one part, computed by both towers
-        self.part = layer.parts[0 if self.replicated else tower]
-        self.post = layer.post
-        self.pad = layer.pad
-        self.flatten = layer.flatten
-        self.dropout = layer.dropout
-        self.tower = tower
-        self.group = group
-        self.first = first
-        self.generator = torch.Generator().manual_seed(dropout_seed) if layer.dropout else None
+        self.ops = layer_ops(cfg)[LAYER_NAMES.index(name)]
+        self.replicated = name == "fc8"  # one part, computed by both towers
+        self.part = build_part(cfg, name, None if self.replicated else tower, seed)
+        self.tower, self.group, self.first = tower, group, first
+
+    @property
+    def name(self) -> str:
+        return self.ops.name
 
     def model_parameters(self):
         for leaf, p in self.part.named_parameters():
             yield model_key(self.name, None if self.replicated else self.tower, leaf), p
 
     def forward(self, inputs):
-        x, labels = inputs
+        x, labels, keys = inputs
         if self.first:
             x = _first_input(x, self.part)
-        if self.connect == "both":
+        if self.ops.connect == "both":
             x = _GatherTowers.apply(x, self.group.get(), self.tower, 2, not self.replicated)
-        if self.flatten:
-            x = torch.flatten(x, 1)
-        if any(self.pad):
-            x = F.pad(x, self.pad)
-        y = self.part(x)
-        for op in self.post:
-            y = op(y)
-        if self.dropout and self.training:
-            y = self._dropout(y)
-        return y, labels
-
-    def _dropout(self, y: torch.Tensor) -> torch.Tensor:
-        n, width = y.shape
-        keep = torch.empty(n, 2 * width).bernoulli_(1 - self.dropout, generator=self.generator)
-        mine = keep[:, self.tower * width : (self.tower + 1) * width].to(y.device, y.dtype)
-        return y * mine / (1 - self.dropout)
+        x = self.ops.input(x, self.tower, both_towers=False)
+        return self.ops.forward(self.part, self.tower, x, keys, self.training), labels, keys
 
 
-def stage_layers(model: AlexNet, tp: int, tower: int, group: GroupRef, seed: int, replica: int,
-                 bounds: tuple[int, ...]) -> tuple[list[nn.Module], tuple[int, ...]]:
-    """Every pipeline layer of the network as this rank would run it (DeepSpeed keeps its stage's
-    slice), and the stage bounds over them. T = 1: alexnet_pp.pipeline's stage modules (whole
-    layers, tower halves only at a cut). T = 2: whole layers, this rank's tower of each."""
+def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: int,
+                bounds: tuple[int, ...]) -> tuple[list, tuple[int, ...]]:
+    """Every pipeline layer of the network as this rank would run it, as DeepSpeed LayerSpecs (the
+    engine builds only its own stage's, so a rank allocates only its stage's and tower's parameters),
+    and the stage bounds over them. T = 1: whole layers, tower halves only at a cut. T = 2: whole
+    layers, this rank's tower of each."""
+    from deepspeed.pipe import LayerSpec  # deepspeed picks its accelerator at import: inside the worker
+
     if tp == 1:
-        modules, bounds = stage_modules(model, bounds, 1)
-        return [StageLayer(m, first=i == 0) for i, m in enumerate(modules)], bounds
-    layers = [
-        TowerShard(layer, tower, group, first=i == 0, dropout_seed=seed * 1_000_003 + replica * 101 + i)
-        for i, layer in enumerate(model.layers())
-    ]
-    return layers, bounds
+        plan, bounds = stage_plan(bounds, 1)
+        return [LayerSpec(StageLayer, cfg, u, seed, i == 0) for i, u in enumerate(plan)], bounds
+    return [LayerSpec(TowerShard, cfg, name, tower, group, seed, i == 0) for i, name in enumerate(LAYER_NAMES)], bounds
 
 
 def mark_norm_ownership(module: nn.Module, tp: int, tower: int) -> None:
@@ -167,18 +149,14 @@ def mark_norm_ownership(module: nn.Module, tp: int, tower: int) -> None:
 
 def pipeline_loss(outputs, _labels_from_loader):
     """Loss on the last stage, from the labels carried with the activations."""
-    from alexnet_pp.steps import loss_fn
-
-    logits, labels = outputs
+    logits, labels, _keys = outputs
     return loss_fn(logits, labels)
 
 
 def eval_stats(outputs, _labels_from_loader) -> torch.Tensor:
     """[loss sum, top-1 hits, top-5 hits, samples] of a (possibly padded, multi-crop) eval micro-batch.
     Padding rows carry label -1 and count nowhere."""
-    from alexnet_pp.steps import EvalAccumulator, average_crops
-
-    logits, labels = outputs
+    logits, labels, _keys = outputs
     probs = average_crops(logits, labels.shape[0])
     valid = labels >= 0
     acc = EvalAccumulator()

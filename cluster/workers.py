@@ -10,14 +10,10 @@ for the driver goes under `run_dir`, so the driver can read it even after a fail
     run_dir/history.jsonl          rank 0: one line per optimizer step and per evaluation
 
 Reports: every worker calls `ray.train.report` at every evaluation and once at the end, with rank
-0's metrics (PITFALLS: the same number of calls on every worker, or Ray Train hangs). Before the
-final report the per-rank summaries (throughput, step-time percentiles, measured bubble) are
-all-gathered, and rank 0 returns the whole job summary as the train function's return value.
-
-Test hooks (set on the driver, passed in the loop config; never set them in real runs):
-    ALEXNET_PP_TEST_FAIL_RANK=R      rank R raises in its step callback after its first step
-    ALEXNET_PP_TEST_STEP_DELAY=S     every rank sleeps S seconds after each step (widens windows
-                                     for the failure test)
+0's metrics (Ray Train hangs unless every worker reports equally often). Before the final report
+the per-rank step stats are all-gathered, and rank 0 returns the job's RunSummary as the train
+function's return value. The layout arrives built and checked from the driver; workers never
+re-derive it. Extra callbacks named in `cfg.callbacks` are constructed on every worker.
 """
 
 from __future__ import annotations
@@ -31,10 +27,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.layout import Layout
+from cluster.callbacks import Callback
 from alexnet_pp.fileio import write_atomic
 
-TEST_FAIL_RANK_ENV = "ALEXNET_PP_TEST_FAIL_RANK"
-TEST_STEP_DELAY_ENV = "ALEXNET_PP_TEST_STEP_DELAY"
 START_RETRIES = 10  # worker-group start attempts (Ray waits 60 s each) before the job fails
 SUMMARY_STEPS = 5000  # per-rank step stats gathered for the end-of-run summary
 
@@ -98,12 +94,11 @@ def _register_attempt(cfg: RunConfig, job_id: str, rank: int) -> tuple[int, Opti
     """Rank 0 logs this worker-group start; everyone learns the attempt number and resume step."""
     import torch.distributed as dist
 
-    from cluster.checkpoint import CheckpointStore
+    from cluster.checkpoint import CheckpointStore, checkpoint_dir
 
     box: list[Any] = [None]
     if rank == 0:
-        store = CheckpointStore(cfg.checkpoint.dir or str(cfg.run_dir / "checkpoints"), cfg.checkpoint.keep)
-        latest = store.latest() if cfg.checkpoint.resume else None
+        latest = CheckpointStore(checkpoint_dir(cfg)).latest() if cfg.checkpoint.resume else None
         resume_step = latest[0] if latest else None
         attempt = len(read_jsonl(attempts_path(cfg.run_dir), job_id)) + 1
         _append_jsonl(attempts_path(cfg.run_dir),
@@ -113,8 +108,31 @@ def _register_attempt(cfg: RunConfig, job_id: str, rank: int) -> tuple[int, Opti
     return box[0]
 
 
+class HistoryLog(Callback):
+    """Rank 0's step and evaluation lines in run_dir/history.jsonl (the driver's progress reads them);
+    every rank reports each evaluation to Ray Train (equal report counts on every worker)."""
+
+    def __init__(self, cfg: RunConfig, job_id: str, attempt: int, rank: int):
+        self.path, self.job_id, self.attempt, self.rank = history_path(cfg.run_dir), job_id, attempt, rank
+        self.last_loss: Optional[float] = None
+
+    def on_step(self, stats, coord) -> None:
+        self.last_loss = stats.loss
+        if self.rank == 0:
+            _append_jsonl(self.path, {"job": self.job_id, "attempt": self.attempt, "kind": "step", "step": stats.step,
+                                      "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
+                                      "seconds": stats.seconds, "bubble": stats.bubble})
+
+    def on_eval(self, metrics, coord) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            _append_jsonl(self.path, {"job": self.job_id, "attempt": self.attempt, "kind": "eval", **metrics})
+        ray.train.report({"kind": "eval", "attempt": self.attempt, "loss": self.last_loss, **metrics})
+
+
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "job_id": str, "test": {...}}."""
+    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "layout": Layout, "job_id": str}."""
     cfg_dict = config["cfg"]
     gpus = cfg_dict["parallel"]["gpus_per_worker"] > 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")  # before deepspeed is imported
@@ -123,20 +141,18 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     import torch.distributed as dist
 
     from alexnet_pp.config import from_dict
+    from cluster.callbacks import load_callbacks
     from cluster.engine import PipelineWorker
     from cluster.metrics import WorkerMetrics
     from cluster.run_summary import summarize_run
-    from cluster.topology import build_topology
 
-    cfg = from_dict(cfg_dict)
-    job_id = config["job_id"]
-    hooks = config.get("test", {})
+    cfg, layout, job_id = from_dict(cfg_dict), config["layout"], config["job_id"]
     if gpus and torch.cuda.is_available():
         import ray.train.torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
     rank = dist.get_rank()
-    coord = build_topology(cfg).coord(rank)
+    coord = layout.coord(rank)
     attempt, resume_step = _register_attempt(cfg, job_id, rank)
     write_atomic(workers_dir(cfg.run_dir) / f"rank{rank}.json", json.dumps({
         "job": job_id, "attempt": attempt, "rank": rank, "stage": coord.stage, "tower": coord.tower,
@@ -144,36 +160,8 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         "node_ip": ray.util.get_node_ip_address(), "started": time.time(),
     }, indent=1))
     exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
-    history = history_path(cfg.run_dir)
-    fail_rank = hooks.get("fail_rank")
-    delay = float(hooks.get("step_delay") or 0.0)
-    last_loss: list[float] = []
-
-    def on_step(stats, c) -> None:
-        if exporter:
-            exporter.on_step(stats)
-        last_loss[:] = [stats.loss]
-        if rank == 0:
-            _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "step", "step": stats.step,
-                                    "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
-                                    "seconds": stats.seconds, "bubble": stats.bubble})
-        if fail_rank is not None and int(fail_rank) == rank:  # test hook, see the module docstring
-            raise RuntimeError(f"test failure injected by {TEST_FAIL_RANK_ENV}={fail_rank} after step {stats.step}")
-        if delay > 0:
-            time.sleep(delay)
-
-    def on_eval(metrics, c) -> None:
-        if exporter:
-            exporter.on_eval(metrics)
-        if rank == 0:
-            _append_jsonl(history, {"job": job_id, "attempt": attempt, "kind": "eval", **metrics})
-        # every rank evaluates (a collective), so every rank reports here: equal report counts
-        ray.train.report({"kind": "eval", "attempt": attempt, "loss": last_loss[0] if last_loss else None,
-                          **metrics})
-
-    worker = PipelineWorker(cfg, on_step=on_step, on_eval=on_eval)
-    if exporter:
-        exporter.attach(worker)
+    history = HistoryLog(cfg, job_id, attempt, rank)
+    worker = PipelineWorker(cfg, layout, callbacks=[exporter, history, *load_callbacks(cfg.callbacks)])
     try:
         result = worker.run()  # raises WorkerError naming rank / stage / tower
     finally:
@@ -184,31 +172,26 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     summary = summarize_run(gathered)
-    final = {
-        "kind": "final",
-        "attempt": attempt,
-        "resume_step": resume_step,
-        "steps": result.steps,
-        "loss": result.losses[-1] if result.losses else None,
-        "images_per_sec": summary["images_per_sec"],
-        "step_time_p50": summary["step_time_p50"],
-        "step_time_p95": summary["step_time_p95"],
-        "bubble_per_stage": summary["bubble_per_stage"],
-    }
-    ray.train.report(final)
+    ray.train.report({"kind": "final", "attempt": attempt, "resume_step": resume_step, "steps": result.steps,
+                      "loss": result.losses[-1] if result.losses else None,
+                      "images_per_sec": summary.images_per_sec, "step_time_p50": summary.step_time_p50,
+                      "step_time_p95": summary.step_time_p95, "bubble_per_stage": summary.bubble_per_stage})
     if rank != 0:
         return None
-    return {**summary, "attempt": attempt, "resume_step": resume_step, "resumed_from": result.resumed_from,
-            "steps": result.steps, "losses": result.losses, "evals": result.evals}
+    summary.steps, summary.losses, summary.evals = result.steps, result.losses, result.evals
+    summary.resumed_from = result.resumed_from
+    return summary.to_dict()
 
 
 # --- the trainer ------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: RunConfig, job_id: str, test_hooks: Optional[dict[str, Any]] = None):
+def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
     """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.engine import process_group_backend
 
     p = cfg.parallel
     resources: dict[str, float] = {"CPU": p.cpus_per_worker}
@@ -218,10 +201,10 @@ def build_trainer(cfg: RunConfig, job_id: str, test_hooks: Optional[dict[str, An
     storage.mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "job_id": job_id, "test": dict(test_hooks or {})},
-        torch_config=TorchConfig(backend=process_group_backend(cfg), timeout_s=max(1, int(p.collective_timeout_s))),
+        train_loop_config={"cfg": cfg.to_dict(), "layout": layout, "job_id": job_id},
+        torch_config=TorchConfig(backend=process_group_backend(p.gpus_per_worker > 0), timeout_s=max(1, int(p.collective_timeout_s))),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.world_size,
+            num_workers=layout.world_size,
             use_gpu=p.gpus_per_worker > 0,
             resources_per_worker=resources,
             placement_strategy="PACK",  # towers of a stage are neighbouring ranks: same node
@@ -236,19 +219,3 @@ def build_trainer(cfg: RunConfig, job_id: str, test_hooks: Optional[dict[str, An
                                                    controller_failure_limit=START_RETRIES),
         ),
     )
-
-
-def process_group_backend(cfg: RunConfig) -> str:
-    """gloo on CPU. With GPUs NCCL carries the CUDA tensors (pipeline p2p, tower all-gathers) and gloo
-    the few CPU tensors the engine all-reduces for bookkeeping (steps per epoch, eval counts), which
-    NCCL alone would reject; Ray Train accepts the combined form."""
-    return "cpu:gloo,cuda:nccl" if cfg.parallel.gpus_per_worker > 0 else "gloo"
-
-
-def hooks_from_env() -> dict[str, Any]:
-    hooks: dict[str, Any] = {}
-    if os.environ.get(TEST_FAIL_RANK_ENV, "").strip():
-        hooks["fail_rank"] = int(os.environ[TEST_FAIL_RANK_ENV])
-    if os.environ.get(TEST_STEP_DELAY_ENV, "").strip():
-        hooks["step_delay"] = float(os.environ[TEST_STEP_DELAY_ENV])
-    return hooks

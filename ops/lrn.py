@@ -38,12 +38,14 @@ in the processed layout.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import lrn_cpu
+from .memory_layout import LAYOUT_CHANNELS_LAST, LAYOUT_CONTIGUOUS
+from .memory_layout import empty_in_layout as _empty
 
 __all__ = ["LRNFunction", "lrn_forward", "lrn_backward", "select_backend", "BACKENDS"]
 
@@ -51,8 +53,6 @@ BACKENDS = ("auto", "triton", "cpu_ext", "torch")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-LAYOUT_CONTIGUOUS = 0  # N, C, spatial... row-major
-LAYOUT_CHANNELS_LAST = 1  # N, spatial..., C row-major (channels innermost)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,26 +77,6 @@ def _layout_of(x: torch.Tensor) -> int:
     if x.movedim(1, -1).is_contiguous():
         return LAYOUT_CHANNELS_LAST
     return -1
-
-
-def _strides(shape: Sequence[int], layout: int) -> tuple:
-    """Row-major strides of ``shape`` in ``layout`` (channels-last = channels innermost)."""
-    if layout == LAYOUT_CONTIGUOUS:
-        order = list(range(len(shape)))
-    else:
-        order = [0, *range(2, len(shape)), 1]
-    strides = [0] * len(shape)
-    acc = 1
-    for d in reversed(order):
-        strides[d] = acc
-        acc *= max(int(shape[d]), 1)
-    return tuple(strides)
-
-
-def _empty(like: torch.Tensor, layout: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A fresh (non-view) tensor shaped like ``like`` in the given dense layout."""
-    return torch.empty_strided(like.shape, _strides(like.shape, layout),
-                               dtype=dtype or like.dtype, device=like.device)
 
 
 def _to_layout(t: torch.Tensor, layout: int) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from .memory_layout import empty_in_layout
+
 __all__ = ["available", "forward", "backward", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,13 +105,6 @@ def _config(layout: int, c: int, s: int):
     return block_c, block_s, num_warps
 
 
-def _empty(like: torch.Tensor, layout: int, dtype: torch.dtype) -> torch.Tensor:
-    from .lrn import _strides
-
-    return torch.empty_strided(like.shape, _strides(like.shape, layout), dtype=dtype,
-                               device=like.device)
-
-
 def _grid(x: torch.Tensor, layout: int):
     c, s, sn, sc, ss = _geometry(x, layout)
     block_c, block_s, num_warps = _config(layout, c, s)
@@ -136,8 +131,8 @@ def forward(x: torch.Tensor, layout: int, size: int, alpha: float, beta: float, 
     if not available():
         raise RuntimeError(f"Triton LRN kernels unavailable: {_error}")
     fwd, _ = _kernels
-    y = _empty(x, layout, x.dtype)
-    sbuf = _empty(x, layout, torch.float32) if need_saved else None
+    y = empty_in_layout(x, layout, x.dtype)
+    sbuf = empty_in_layout(x, layout, torch.float32) if need_saved else None
     if x.numel() == 0:
         return y, sbuf
     c, s, sn, sc, ss, bc, bs, nw, n_cb, n_sb, grid = _grid(x, layout)
@@ -155,7 +150,7 @@ def backward(x: torch.Tensor, sbuf: torch.Tensor, g: torch.Tensor, layout: int, 
     if not available():
         raise RuntimeError(f"Triton LRN kernels unavailable: {_error}")
     _, bwd = _kernels
-    gi = _empty(x, layout, x.dtype)
+    gi = empty_in_layout(x, layout, x.dtype)
     if x.numel() == 0:
         return gi
     if g.dtype != x.dtype:

@@ -3,13 +3,8 @@ import torch
 import torch.nn as nn
 
 from alexnet_pp.config import ConfigError, ModelConfig
-from alexnet_pp.model import (
-    CROSS_TOWER,
-    AlexNet,
-    layer_macs,
-    layer_output_shapes,
-    layer_parameter_counts,
-)
+from alexnet_pp.model import CROSS_TOWER, AlexNet, layer_parameter_counts
+from alexnet_pp.shapes import layer_macs, layer_output_shapes
 
 PAPER_COUNTS = {
     "conv1": 34_944,

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from alexnet_pp.config import load_config
+from alexnet_pp.dropout import batch_keys
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
-from cluster.engine import TensorData
+from cluster.feeds import TensorData
 from cluster.spawn import run_local
 
-STEPS = 3
+STEPS = 5
 
 
 def make_batches(n, batch, size=64, classes=10, seed=0):
@@ -23,7 +24,7 @@ def make_batches(n, batch, size=64, classes=10, seed=0):
 
 def layout_cfg(tmp_path, pp, tp, dp, m, **extra):
     overrides = {
-        "model.dropout": "0", "parallel.pp": pp, "parallel.tp": tp, "parallel.dp": dp, "parallel.micro_batches": m,
+        "model.dropout": "0.5", "parallel.pp": pp, "parallel.tp": tp, "parallel.dp": dp, "parallel.micro_batches": m,
         "train.batch_size": 16, "train.epochs": 1, "train.eval_every": 100, "train.schedule": "constant",
         "train.lr": "0.05", "checkpoint.dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "runs"),
     }
@@ -36,10 +37,13 @@ def data_factory(batches, tp, dp, m, rank):
 
 
 def reference(cfg, batches, device="cpu"):
-    torch.manual_seed(cfg.train.seed)
-    model = AlexNet(cfg.model).to(device)
+    """The single-process trainer's steps on the same global batches, with the dropout keys it gives them."""
+    model = AlexNet(cfg.model, seed=cfg.train.seed).to(device)
     opt = build_optimizer(model.parameters(), cfg.train)
-    losses = [train_step(model, x.to(device), y.to(device), opt, cfg.train.grad_clip) for x, y in batches]
+    seed = cfg.train.seed
+    losses = [train_step(model, x.to(device), y.to(device), opt, cfg.train.grad_clip,
+                         batch_keys(seed, step, 0, y.shape[0]).to(device))
+              for step, (x, y) in enumerate(batches)]
     return losses, model.state_dict()
 
 
@@ -55,13 +59,15 @@ def gathered_state(results, cfg):
     return state
 
 
-LAYOUTS = [(2, 2, 1, 2), (2, 1, 2, 1), (1, 2, 1, 2), (3, 1, 1, 4)]
+LAYOUTS = [(2, 2, 1, 2), (2, 1, 2, 1), (1, 2, 2, 2), (3, 1, 1, 4), (2, 2, 2, 2), (1, 2, 1, 2)]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("pp,tp,dp,m", LAYOUTS, ids=lambda v: str(v))
-def test_layouts_match_single_process(tmp_path, pp, tp, dp, m):
+def test_layouts_match_single_process_with_dropout_on(tmp_path, pp, tp, dp, m):
+    """The paper's dropout 0.5 on fc6 and fc7: every layout draws the single network's masks."""
     cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"checkpoint.resume": "false"})
+    assert cfg.model.dropout == 0.5
     batches = make_batches(STEPS, cfg.train.batch_size)
     ref_losses, ref_state = reference(cfg, batches)
     results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
@@ -74,12 +80,27 @@ def test_layouts_match_single_process(tmp_path, pp, tp, dp, m):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("pp,tp,dp,m", [(2, 1, 1, 2), (2, 2, 1, 2)], ids=lambda v: str(v))
+def test_activation_checkpointing_recomputes_the_same_dropout_masks(tmp_path, pp, tp, dp, m):
+    """DeepSpeed recomputes each layer's forward in backward; masks keyed by the samples come out the
+    same, so gradients (and so the weights after every step) match the single process."""
+    cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"checkpoint.resume": "false",
+                                                "parallel.activation_checkpoint_interval": "1"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("cuts", ["conv3.1", "conv4.1,fc6.1"])
 def test_stages_cut_between_tower_halves_match_single_process(tmp_path, cuts):
     """A stage boundary inside a layer: tower 0's half on one stage, tower 1's on the next."""
     pp = cuts.count(",") + 2
-    cfg = layout_cfg(tmp_path, pp, 1, 1, 2, **{"checkpoint.resume": "false", "parallel.partition": cuts,
-                                              "model.dropout": "0"})
+    cfg = layout_cfg(tmp_path, pp, 1, 1, 2, **{"checkpoint.resume": "false", "parallel.partition": cuts})
     batches = make_batches(STEPS, cfg.train.batch_size)
     ref_losses, ref_state = reference(cfg, batches)
     results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2), keep_parameters=True)
@@ -123,18 +144,23 @@ def test_gradient_clipping_counts_sharded_and_replicated_parameters_once(tmp_pat
 @pytest.mark.e2e
 @pytest.mark.parametrize("pp,tp,dp,m", [(2, 2, 1, 2), (2, 1, 1, 2)], ids=lambda v: str(v))
 def test_resume_continues_with_the_same_losses(tmp_path, pp, tp, dp, m):
-    """2K steps straight vs K steps, stop, resume for K more — dropout on, so RNG state must resume too."""
+    """2K steps straight vs K steps, stop, resume for K more — dropout on: losses and weights agree."""
     k = 2
     batches = make_batches(3, 16)  # an epoch of 3 steps: the resume point falls mid-epoch
     factory = functools.partial(data_factory, batches, tp, dp, m)
     common = {"model.dropout": "0.5", "train.epochs": "2"}
-    straight = run_local(layout_cfg(tmp_path / "a", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory)
+    straight = run_local(layout_cfg(tmp_path / "a", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory,
+                         keep_parameters=True)
     first = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": k}), factory)
-    resumed = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory)
+    resumed = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory,
+                        keep_parameters=True)
     assert resumed[0].resumed_from == k
     assert len(first[0].losses) == k and len(resumed[0].losses) == k
     torch.testing.assert_close(torch.tensor(first[0].losses + resumed[0].losses),
                                torch.tensor(straight[0].losses), rtol=1e-5, atol=1e-6)
+    a, b = gathered_state(straight, None), gathered_state(resumed, None)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.e2e

@@ -16,11 +16,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.layout import Coord
 from cluster.discovery import (DiscoveryServer, file_sd_path, read_endpoints, register_endpoint, resolve_host,
                                scrape_config, unregister_endpoint)
-from cluster.engine import StepStats
 from cluster.metrics import LABELS, PHASES, WorkerMetrics, lead_only_names, sample_names
-from cluster.topology import Coord
+from cluster.timing import StepStats
 
 
 def step_stats(step: int, images: int = 128, seconds: float = 0.25, bubble: float = 0.3) -> StepStats:
@@ -103,7 +103,7 @@ def test_exporter_serves_every_metric_with_labels(lead):
 def test_stats_dicts_are_accepted_too(lead):
     from dataclasses import asdict
 
-    lead.on_step(asdict(step_stats(7)), total_steps=20)
+    lead.on_step({**asdict(step_stats(7)), "total_steps": 20})
     s = scrape(lead.url)
     assert value(s, "alexnet_pp_step") == 7
     assert value(s, "alexnet_pp_steps_planned") == 20
@@ -145,45 +145,25 @@ def test_two_exporters_in_one_process_are_independent():
         assert value(scrape(b.url), "alexnet_pp_step") == 0
 
 
-class FakeData:
-    def __init__(self):
-        self.counts = {"decode": 0}
-
-    def skip_counts(self):
-        return dict(self.counts)
-
-
-class FakeWorker:
-    """The parts of cluster.engine.PipelineWorker that WorkerMetrics.attach uses."""
-
-    def __init__(self):
-        self.total_steps, self.data, self.saved = 12, FakeData(), []
-
-    def save(self, step, epoch, step_in_epoch):
-        self.saved.append(step)
-        self.last_checkpoint_seconds = 0.5 * len(self.saved)
-
-
-def test_worker_integration_registers_attaches_and_cleans_up(tmp_path):
+def test_worker_integration_registers_follows_the_callbacks_and_cleans_up(tmp_path):
     cfg = RunConfig(name="r9", out_dir=str(tmp_path))
     cfg.parallel.dp = 2
     off = RunConfig(name="r9", out_dir=str(tmp_path))
     off.metrics.enabled = False
     assert WorkerMetrics.for_worker(off, Coord(0, 0, 0, 0), "job1", 1) is None
 
-    m = WorkerMetrics.for_worker(cfg, Coord(0, 0, 0, 1), "job1", attempt=3)
-    worker = FakeWorker()
+    coord = Coord(0, 0, 0, 1)
+    m = WorkerMetrics.for_worker(cfg, coord, "job1", attempt=3)
     try:
-        m.attach(worker)
         [target] = DiscoveryServer(cfg.run_dir, "r9", job="job1").targets()
         assert target["targets"] == ["%s:%d" % m.address]
         assert target["labels"]["replica"] == "1" and target["labels"]["node"] == m.node
-        worker.data.counts["decode"] = 4
-        m.on_step(step_stats(1))
-        worker.save(1, 0, 1)  # what PipelineWorker._run calls
-        worker.save(2, 0, 2)
+        stats = step_stats(1)
+        stats.skip_counts, stats.total_steps = {"decode": 4}, 12  # what PipelineWorker fills in
+        m.on_step(stats, coord)
+        m.on_checkpoint(1, 0.5, coord)  # what PipelineWorker calls after each checkpoint
+        m.on_checkpoint(2, 1.0, coord)
         s = scrape(m.url)
-        assert worker.saved == [1, 2]
         assert value(s, "alexnet_pp_checkpoints_total") == 2
         assert value(s, "alexnet_pp_checkpoint_duration_seconds_sum") == pytest.approx(1.5)
         assert value(s, "alexnet_pp_samples_skipped_total", kind="decode") == 4

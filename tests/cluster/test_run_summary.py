@@ -9,7 +9,8 @@ import math
 import pytest
 
 from alexnet_pp.progress import Progress
-from cluster.run_summary import HistoryProgress, format_run_summary, summarize_run
+from alexnet_pp.summary import RunSummary
+from cluster.run_summary import HistoryProgress, summarize_run
 
 
 def stats(step: int, seconds: float, bubble: float, data_wait: float = 0.0) -> dict:
@@ -29,24 +30,24 @@ def test_summary_of_a_two_stage_job():
          "stats": [stats(1, 10.0, 0.9)] + [stats(s, 1.0 if s < 11 else 3.0, 0.4) for s in range(2, 12)]},
     ]
     s = summarize_run(ranks)
-    assert s["steps_timed"] == 10
-    assert s["images_per_sec"] == pytest.approx(640 / 12.0)  # step time = the slowest rank's
-    assert s["step_time_p50"] == pytest.approx(1.0)
-    assert 1.0 < s["step_time_p95"] <= 3.0
-    assert s["bubble_per_stage"] == {"0": pytest.approx(0.25), "1": pytest.approx(0.4)}
-    assert s["theoretical_bubble"] == 0.2
-    assert s["data_wait_share"] == pytest.approx(0.1)
-    assert s["phase_share_per_stage"]["1"]["backward"] == pytest.approx(0.5)
-    text = format_run_summary(s)
+    assert s.steps_timed == 10
+    assert s.images_per_sec == pytest.approx(640 / 12.0)  # step time = the slowest rank's
+    assert s.step_time_p50 == pytest.approx(1.0)
+    assert 1.0 < s.step_time_p95 <= 3.0
+    assert s.bubble_per_stage == {"0": pytest.approx(0.25), "1": pytest.approx(0.4)}
+    assert s.theoretical_bubble == 0.2
+    assert s.data_wait_share == pytest.approx(0.1)
+    assert s.phase_share_per_stage["1"]["backward"] == pytest.approx(0.5)
+    text = s.format()
     assert "53.3 images/s" in text and "stage 1: bubble 0.400 (theory 0.200)" in text
 
 
 def test_summary_of_a_single_step_and_of_nothing():
     one = summarize_run([{"coord": {"stage": 0}, "stats": [stats(1, 2.0, 0.0)]}])
-    assert one["images_per_sec"] == 32.0  # the only step is kept
+    assert one.images_per_sec == 32.0  # the only step is kept
     empty = summarize_run([])
-    assert math.isnan(empty["images_per_sec"]) and empty["bubble_per_stage"] == {}
-    assert "n/a images/s" in format_run_summary(empty)
+    assert math.isnan(empty.images_per_sec) and empty.bubble_per_stage == {}
+    assert "n/a images/s" in empty.format()
 
 
 def test_history_progress_feeds_progress(tmp_path):
@@ -68,3 +69,15 @@ def test_history_progress_feeds_progress(tmp_path):
     assert "step 2/4 loss=0.5000" in text and "step 4/4 loss=0.2500" in text
     assert "eval at step 2: top-1 0.500 top-5 0.900" in text
     assert "9.0000" not in text and "5.0000" not in text
+
+
+def test_one_summary_type_survives_the_trip_to_summary_json_and_back(tmp_path):
+    s = summarize_run([{"coord": {"stage": 0}, "stats": [stats(1, 2.0, 0.0), stats(2, 1.0, 0.1)]}])
+    s.job_id, s.layout, s.losses, s.loss_steps, s.restarts = "j1", (2, 1, 1), [2.0, 1.5], [1, 2], 1
+    s.wall_seconds = 3.0  # NaN (unset) never equals itself
+    s.write(tmp_path / "summary.json")
+    back = RunSummary.read(tmp_path / "summary.json")
+    assert back == s and back.final_loss == 1.5
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == 1.5
+    failed = RunSummary(ok=False, job_id="j2", steps=3, error="rank 1 (stage 0, tower 1, replica 0): boom")
+    assert "FAILED after 3 steps" in failed.format() and "rank 1" in failed.format()

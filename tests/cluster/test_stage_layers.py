@@ -1,22 +1,56 @@
 import torch
 
 from alexnet_pp.config import ModelConfig
+from alexnet_pp.dropout import batch_keys
 from alexnet_pp.model import AlexNet
-from cluster.stage_layers import GroupRef, TowerShard, eval_stats
+from cluster.stage_layers import GroupRef, TowerShard, eval_stats, rank_layers
 
 
-def test_tower_dropout_masks_are_independent_slices_of_one_full_width_mask():
-    model = AlexNet(ModelConfig(width=0.25, image_size=64, num_classes=10))
-    fc6 = model.layers()[5]
-    shards = [TowerShard(fc6, t, GroupRef(), first=False, dropout_seed=7) for t in (0, 1)]
-    y = torch.ones(64, model.widths.fc)
-    halves = [s._dropout(y) for s in shards]
-    full = torch.empty(64, 2 * model.widths.fc).bernoulli_(0.5, generator=torch.Generator().manual_seed(7)) * 2
-    torch.testing.assert_close(torch.cat(halves, 1), full)
-    assert not torch.equal(halves[0], halves[1])  # the towers' neurons are not dropped in lockstep
-    assert 0.4 < (halves[0] == 0).float().mean() < 0.6
-    again = TowerShard(fc6, 0, GroupRef(), first=False, dropout_seed=7)._dropout(y)
-    torch.testing.assert_close(again, halves[0])  # reproducible from the seed
+def test_a_tower_shard_holds_only_its_towers_part_with_the_single_networks_weights():
+    cfg = ModelConfig(width=0.25, image_size=64, num_classes=10)
+    model = AlexNet(cfg, seed=5)
+    for tower in (0, 1):
+        shard = TowerShard(cfg, "fc6", tower, GroupRef(), seed=5, first=False)
+        assert sum(p.numel() for p in shard.parameters()) == sum(p.numel() for p in model.towers[tower].fc6.parameters())
+        assert torch.equal(shard.part.weight, model.towers[tower].fc6.weight)
+        assert [k for k, _ in shard.model_parameters()] == [f"towers.{tower}.fc6.weight", f"towers.{tower}.fc6.bias"]
+    fc8 = TowerShard(cfg, "fc8", 1, GroupRef(), seed=5, first=False)
+    assert fc8.replicated and torch.equal(fc8.part.weight, model.fc8.weight)
+
+
+def test_tower_shards_draw_the_dropout_masks_of_the_single_network():
+    """An own-tower layer needs no collective: each shard's output is its slice of the whole layer's,
+    dropout included (the masks come from the rows' keys and the tower's neuron offset)."""
+    cfg = ModelConfig(width=0.25, image_size=64, num_classes=10, dropout=0.5)
+    model = AlexNet(cfg, seed=2).train()
+    conv4 = model.layers()[3]
+    x = torch.randn(4, 2 * model.widths.conv3, 13, 13)
+    keys = batch_keys(seed=9, step=3, start=8, rows=4)
+    whole = conv4(x, keys)
+    fc7_ops = model.layers()[6].ops
+    h = torch.randn(4, 2 * model.widths.fc)
+    for tower in (0, 1):
+        shard = TowerShard(cfg, "conv4", tower, GroupRef(), seed=2, first=False).train()
+        mine = x.chunk(2, dim=1)[tower]
+        y, _, _ = shard((mine, torch.zeros(4, dtype=torch.long), keys))
+        torch.testing.assert_close(y, whole.chunk(2, dim=1)[tower], rtol=0, atol=0)
+        part = model.towers[tower].fc7
+        dropped = fc7_ops.forward(part, tower, h, keys, training=True)
+        full = model.layers()[6](h, keys)
+        assert torch.equal(dropped, full.chunk(2, dim=1)[tower])
+    assert 0.3 < (full == 0).float().mean() < 0.7
+
+
+def test_rank_layers_are_specs_that_build_only_when_asked():
+    from deepspeed.pipe import LayerSpec
+
+    cfg = ModelConfig(width=0.25, image_size=64, num_classes=10)
+    specs, bounds = rank_layers(cfg, 1, 0, GroupRef(), 0, (0, 3, 12))
+    assert all(isinstance(s, LayerSpec) for s in specs) and bounds == (0, 3, 9)
+    specs2, _ = rank_layers(cfg, 2, 1, GroupRef(), 0, (0, 4, 8))
+    assert len(specs2) == 8
+    built = specs2[5].build()
+    assert isinstance(built, TowerShard) and built.tower == 1 and built.name == "fc6"
 
 
 def test_eval_stats_average_crops_and_ignore_padding():
@@ -25,6 +59,6 @@ def test_eval_stats_average_crops_and_ignore_padding():
     logits[0, 0] = logits[1, 0] = 5.0  # sample 0: both crops say class 0 (right)
     logits[2, 2] = 5.0  # sample 1: crop 1 says 2 (wrong) ...
     logits[3, 1] = 9.0  # ... crop 2 says 1 strongly: the average picks 1 (right)
-    loss, h1, h5, n = eval_stats((logits, labels), None).tolist()
+    loss, h1, h5, n = eval_stats((logits, labels, torch.zeros(2, dtype=torch.long)), None).tolist()
     assert (h1, h5, n) == (2, 2, 2)
     assert loss > 0

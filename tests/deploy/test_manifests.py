@@ -8,8 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from cluster.job import config_from_args
-from cluster.topology import build_topology
+from alexnet_pp.layout import Layout
+from cluster.job import resolve
+
+
+def build_topology(cfg):
+    return Layout.from_config(cfg)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
@@ -20,7 +24,7 @@ RAY_VERSION = version("ray")
 def entrypoint_config(entrypoint: str):
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "cluster.job"], argv[:3]
-    cfg, _ = config_from_args(argv[3:])
+    cfg, _ = resolve(argv[3:])
     return cfg
 
 

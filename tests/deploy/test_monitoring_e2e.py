@@ -40,8 +40,9 @@ def test_dashboard_expressions_return_data_for_every_worker_of_a_real_job(tmp_pa
            "--data.synthetic_dir", str(tmp_path / "data"), "--parallel.pp", "2", "--parallel.tp", "2",
            "--parallel.micro_batches", "2", "--train.batch_size", "16", "--train.max_steps", "40",
            "--train.eval_every", "0.03", "--train.threads", "1", "--checkpoint.every_steps", "4",
-           "--metrics.enabled", "true", "--metrics.sd_port", str(sd_port)]
-    env = {**os.environ, "ALEXNET_PP_TEST_STEP_DELAY": "0.4", "PYTHONUNBUFFERED": "1"}
+           "--metrics.enabled", "true", "--metrics.sd_port", str(sd_port),
+           "--callbacks", "tests.cluster.job_callbacks:SlowSteps"]  # a live job to scrape
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "job.log"
     with open(log_path, "w") as log, PrometheusServer(project_scrape_config(sd_port), tmp_path / "prom") as prom:
         job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -65,7 +66,7 @@ def test_dashboard_expressions_return_data_for_every_worker_of_a_real_job(tmp_pa
                 job.wait(timeout=30)
     out = log_path.read_text()
     assert "Prometheus service discovery at" in out and "http_sd_configs" in out  # the driver prints the config
-    summary = json.loads(out.split("ALEXNET_PP_SUMMARY ", 1)[1].splitlines()[0])
+    summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
     assert summary["ok"] and summary["steps"] == 40
     assert set(summary["bubble_per_stage"]) == {"0", "1"}
     assert "step time p50" in out  # the end-of-run summary

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from cluster.discovery import DiscoveryServer, register_endpoint
-from cluster.engine import StepStats
+from cluster.timing import StepStats
 from cluster.metrics import WorkerMetrics, cuda_only_names, lead_only_names, sample_names
-from cluster.topology import Coord
+from alexnet_pp.layout import Coord
 from tests.prometheus_server import (PrometheusServer, assert_dashboard_results, dashboard_expressions,
                                      evaluate_dashboard_expressions, metric_names, requires_prometheus,
                                      substitute_grafana_variables)

@@ -2,11 +2,15 @@ import pytest
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from alexnet_pp.config import ConfigError, load_config
-from cluster.topology import build_topology
+from alexnet_pp.layout import Layout
 
 
 def cfg_for(**kw):
     return load_config("test", overrides={f"parallel.{k}": str(v) for k, v in kw.items()})
+
+
+def build_topology(cfg, workers=None):
+    return Layout.from_config(cfg, workers)
 
 
 @pytest.mark.parametrize("pp,tp,dp", [(2, 2, 1), (2, 1, 2), (1, 2, 1), (3, 1, 1), (2, 2, 2), (4, 2, 1)])
@@ -43,6 +47,30 @@ def test_invalid_layouts_fail_before_workers_start(overrides, workers, message):
         build_topology(cfg_for(**overrides), workers=workers)
 
 
-def test_batch_must_split_into_micro_batches_and_replicas():
-    with pytest.raises(ConfigError, match="micro_batch × parallel.micro_batches"):
-        load_config("test", overrides={"parallel.dp": "2", "parallel.micro_batches": "3", "train.batch_size": "16"})
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"parallel.dp": "2", "parallel.micro_batches": "3", "train.batch_size": "16"}, "micro_batch × parallel.micro_batches"),
+        ({"train.batch_size": "30", "parallel.dp": "4"}, "divisible by 4"),
+        ({"parallel.precision": "fp16"}, "needs GPUs"),
+        ({"parallel.cpus_per_worker": "0"}, "cpus_per_worker must be > 0"),
+        ({"parallel.micro_batches": "0"}, "micro_batches must be ≥ 1"),
+        ({"parallel.activation_checkpoint_interval": "-1"}, "activation_checkpoint_interval"),
+    ],
+)
+def test_batch_precision_and_resources_are_checked_by_the_layout(overrides, message):
+    cfg = load_config("test", overrides=overrides)  # the settings parse; the layout refuses them
+    with pytest.raises(ConfigError, match=message):
+        Layout.from_config(cfg)
+
+
+def test_workers_derive_the_replicas_or_must_match_them():
+    assert Layout.replicas_for(8, pp=2, tp=2) == 2
+    with pytest.raises(ConfigError, match="not a multiple of pp × tp = 4"):
+        Layout.replicas_for(6, pp=2, tp=2)
+
+
+def test_a_measured_cut_keeps_everything_else_of_the_layout():
+    lay = build_topology(cfg_for(pp=2, micro_batches=4))
+    cut = lay.with_bounds((0, 5, 12))
+    assert cut.partition.bounds == (0, 5, 12) and cut.shape == lay.shape and cut.micro_batch == lay.micro_batch

@@ -1,0 +1,98 @@
+"""A run's result, one type from the worker to the driver to `run_dir/summary.json`.
+
+The single-process trainer fills the same fields it can (no stages, no restarts); a distributed
+job's rank 0 fills the timing fields from every rank's step stats (cluster/run_summary.py) and the
+driver adds what only it knows (job id, restarts, error). `summary.json` is `to_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from alexnet_pp.fileio import write_atomic
+
+
+@dataclass
+class RunSummary:
+    ok: bool = True
+    job_id: str = ""
+    run_dir: str = ""
+    layout: tuple[int, int, int] = (1, 1, 1)  # (P, T, D)
+    error: Optional[str] = None
+    steps: int = 0
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+    resume_steps: list[Optional[int]] = field(default_factory=list)  # per worker-group start
+    resumed_from: Optional[int] = None
+    wall_seconds: float = math.nan
+    # timing, from the steps after the first (warm-up)
+    steps_timed: int = 0
+    images_per_sec: float = math.nan
+    step_time_p50: float = math.nan
+    step_time_p95: float = math.nan
+    theoretical_bubble: float = math.nan
+    bubble_per_stage: dict[str, float] = field(default_factory=dict)
+    phase_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
+    data_wait_share: float = math.nan
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def last_eval(self) -> dict[str, Any]:
+        return self.evals[-1] if self.evals else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "final_loss": self.final_loss}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSummary":
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = cls(**{k: v for k, v in data.items() if k in names})
+        out.layout = tuple(out.layout)
+        return out
+
+    def write(self, path: str | Path) -> None:
+        write_atomic(path, json.dumps(self.to_dict(), indent=1, default=str) + "\n")
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunSummary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def format(self) -> str:
+        """The lines printed at the end of a run."""
+        last = self.last_eval
+        if not self.ok:
+            return f"job {self.job_id} FAILED after {self.steps} steps, restarts {self.restarts}:\n{self.error}"
+        lines = []
+        if self.bubble_per_stage:
+            lines.append(
+                f"throughput {_f(self.images_per_sec, '.1f')} images/s over {self.steps_timed} steps; "
+                f"step time p50 {_f(self.step_time_p50, '.3f')} s, p95 {_f(self.step_time_p95, '.3f')} s; "
+                f"data wait {_f(self.data_wait_share * 100, '.1f')}% of stage 0's time")
+            for stage, bubble in self.bubble_per_stage.items():
+                shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.phase_share_per_stage.get(stage, {}).items())
+                lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "
+                             f"{shares}")
+        who = f"job {self.job_id}" if self.job_id else "run"
+        lines.append(
+            f"{who} done: {self.steps} steps, final loss {_f(self.final_loss, '.4f')}, "
+            f"val top-1 {_f(last.get('top1'), '.3f')} top-5 {_f(last.get('top5'), '.3f')}, "
+            f"{_f(self.images_per_sec, '.1f')} images/s"
+            + (f", restarts {self.restarts}" if self.job_id else "")
+            + f"; outputs in {self.run_dir}")
+        return "\n".join(lines)
+
+
+def _f(x: Any, spec: str) -> str:
+    if x is None or not isinstance(x, (int, float)) or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, spec)

@@ -1,0 +1,135 @@
+"""The `alexnet-pp` command: the one parser for every entry point.
+
+    alexnet-pp train  [--preset P] [--config Y] [--pp N --tp N --dp N | --workers N] [--setting VALUE ...]
+    alexnet-pp info   …   the network's layers and the stage plan        alexnet-pp config …  the resolved YAML
+    alexnet-pp data synth|ingest …                                        (dataset commands)
+    python -m cluster.job ARGS   ≡   alexnet-pp train --distributed ARGS  (the `ray job submit` entrypoint)
+
+A run is resolved once here: preset → YAML → settings (`--section.key VALUE`, `--name`, `--out_dir`)
+→ `RunConfig`, then its `Layout` (alexnet_pp/layout.py), which every downstream piece receives.
+This module sits in cluster/ because it reaches both floors: the single-process trainer
+(alexnet_pp/) and the Ray job (cluster/driver.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from alexnet_pp.config import PRESETS, RunConfig, load_config, parse_override_args
+from alexnet_pp.data.commands import register as register_data
+from alexnet_pp.errors import ConfigError
+from alexnet_pp.layout import Layout
+
+RUN_COMMANDS = ("train", "info", "config")  # the commands that describe a run (and take --setting VALUE)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=tuple(PRESETS), default="demo", help="starting point (default: demo)")
+    p.add_argument("--config", help="YAML file applied on top of the preset")
+    p.add_argument("--pp", type=int, help="pipeline stages (= --parallel.pp)")
+    p.add_argument("--tp", type=int, help="towers per stage, 1 or 2 (= --parallel.tp)")
+    p.add_argument("--dp", type=int, help="data-parallel replicas (= --parallel.dp)")
+    p.add_argument("--workers", type=int, help="total workers; must equal pp × tp × dp (dp is derived if unset)")
+
+
+def resolve(args: argparse.Namespace, extra: Sequence[str], check_data: bool = True) -> tuple[RunConfig, Layout]:
+    """The run's config and its checked layout, from parsed arguments and `--setting VALUE` pairs."""
+    overrides: dict[str, str] = dict(parse_override_args(list(extra)))
+    for axis in ("pp", "tp", "dp"):
+        if getattr(args, axis, None) is not None:
+            overrides[f"parallel.{axis}"] = str(getattr(args, axis))
+    cfg = load_config(args.preset, args.config, overrides, check_data=check_data)
+    workers = getattr(args, "workers", None)
+    if workers is not None and "parallel.dp" not in overrides:
+        cfg.parallel.dp = Layout.replicas_for(workers, cfg.parallel.pp, cfg.parallel.tp)
+    return cfg, Layout.from_config(cfg, workers)
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    cfg, layout = resolve(args, extra)
+    if args.distributed or layout.world_size > 1:
+        from cluster.driver import run_job
+
+        return 0 if run_job(cfg, layout, address=args.address).ok else 1
+    from alexnet_pp.trainer import train_single
+
+    print(train_single(cfg).format())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    cfg, _ = resolve(args, extra)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from alexnet_pp.model import AlexNet, layer_parameter_counts
+    from alexnet_pp.pipeline import describe, partition
+    from alexnet_pp.shapes import layer_macs, layer_output_shapes
+
+    cfg, layout = resolve(args, extra, check_data=False)  # the network only: no dataset needed
+    model = AlexNet(cfg.model)
+    params, macs, shapes = layer_parameter_counts(model), layer_macs(cfg.model), layer_output_shapes(cfg.model)
+    print(f"{'layer':<7}{'output (both towers)':>24}{'parameters':>14}{'multiply-adds':>16}")
+    for name in params:
+        c, h, w = shapes[name]
+        shape = f"{h}×{w}×{c}" if h > 1 else f"{c}"
+        print(f"{name:<7}{shape:>24}{params[name]:>14,}{macs[name]:>16,}")
+    print(f"{'total':<7}{'':>24}{sum(params.values()):>14,}{sum(macs.values()):>16,}")
+    print(f"\npipeline units with parallel.tp={layout.tp}: {', '.join(layout.units)}")
+    if layout.pp > 1:  # the counted plan; a run measures its devices first (parallel.partition=measured)
+        method = cfg.parallel.partition.strip()
+        plan = partition(cfg.model, layout.pp, "flops", tp=layout.tp) if method == "measured" else layout.partition
+        print(describe(cfg.model, plan, tp=layout.tp))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alexnet-pp",
+        description="Pipeline-parallel training of the original two-tower AlexNet. "
+        "Settings: --section.key VALUE (e.g. --train.lr 0.02 --model.width 0.5), --name / --out_dir VALUE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (one process, or a Ray job when pp × tp × dp > 1)")
+    _add_run_args(train)
+    train.add_argument("--distributed", action="store_true", help="run through the Ray engine even for 1 worker")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster to use (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)")
+    train.set_defaults(func=cmd_train)
+    info = sub.add_parser("info", help="print the network's layers, shapes, parameters and multiply-adds")
+    _add_run_args(info)
+    info.set_defaults(func=cmd_info)
+    config = sub.add_parser("config", help="print the resolved configuration as YAML")
+    _add_run_args(config)
+    config.set_defaults(func=cmd_config)
+    register_data(sub)
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    if extra and args.command not in RUN_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return parser, args, extra
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _, args, extra = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command in RUN_COMMANDS:
+            return args.func(args, extra)
+        return args.func(args)
+    except ConfigError as e:
+        print(f"alexnet-pp: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

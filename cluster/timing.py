@@ -1,0 +1,98 @@
+"""Where a rank's step time goes: every pipeline instruction timed under one of `PHASES`.
+
+The phase list is the one the metrics (cluster/metrics.py), the run summary and the dashboard use.
+`InstructionTimer` wraps DeepSpeed's instruction table on one engine instance (the class stays
+untouched); `step_stats` turns one step's phase seconds into the bubble: the share of the pipeline
+schedule (the step minus its optimizer work) this rank spent neither computing nor loading data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+PHASES = ("forward", "backward", "send", "recv", "idle", "data_wait", "optimizer")
+
+# DeepSpeed's pipeline instructions (deepspeed.runtime.pipe.schedule) → phase
+INSTRUCTION_PHASE = {
+    "ForwardPass": "forward",
+    "BackwardPass": "backward",
+    "LoadMicroBatch": "data_wait",
+    "SendActivation": "send",
+    "SendGrad": "send",
+    "RecvActivation": "recv",
+    "RecvGrad": "recv",
+    "ReduceGrads": "optimizer",
+    "ReduceTiedGrads": "optimizer",
+    "OptimizerStep": "optimizer",
+}
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as one rank saw it."""
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    images: int  # images in this optimizer step, whole job
+    seconds: float
+    phases: dict[str, float]
+    bubble: float  # this rank's idle share of the pipeline schedule (excluding the optimizer step)
+    theoretical_bubble: float
+    total_steps: Optional[int] = None  # the run's planned steps
+    skip_counts: dict[str, int] = field(default_factory=dict)  # data samples skipped this epoch, by kind
+
+
+def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, seconds: float,
+               phases: dict[str, float], theoretical_bubble: float, **extra) -> StepStats:
+    """Fill in the idle phase and the bubble from the timed phases of one step."""
+    pipe_time = seconds - phases.get("optimizer", 0.0)
+    busy = phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("data_wait", 0.0)
+    phases = {**phases, "idle": max(0.0, pipe_time - busy)}
+    bubble = phases["idle"] / pipe_time if pipe_time > 0 else 0.0
+    return StepStats(step, epoch, loss, lr, images, seconds, phases, bubble, theoretical_bubble, **extra)
+
+
+class InstructionTimer:
+    """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
+    `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase)."""
+
+    def __init__(self, engine, before: Optional[dict[str, tuple[Callable[[], None], str]]] = None) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        for cmd_type, fn in list(table.items()):
+            timed = self._timed(fn, INSTRUCTION_PHASE.get(cmd_type.__name__, "other"))
+            if before and cmd_type.__name__ in before:
+                timed = self._preceded(timed, *before[cmd_type.__name__])
+            table[cmd_type] = timed
+        engine._INSTRUCTION_MAP = table
+
+    def _preceded(self, run: Callable, extra: Callable[[], None], phase: str) -> Callable:
+        def both(engine, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                extra()
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+            return run(engine, **kwargs)
+
+        return both
+
+    def _timed(self, fn: Callable, phase: str) -> Callable:
+        def run(engine, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(engine, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+
+        return run
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        self.seconds.clear()
+        return out
