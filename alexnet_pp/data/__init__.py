@@ -10,8 +10,9 @@ explains splitting, epoch length and pipeline-stage alignment.
 
 Submodules: synthetic (the embedded images), shards (writing), tarstream (reading one shard),
 sources (source strings → shards), stream (epoch splitting, shuffling, skipping), transforms
-(decode, crops, lighting, normalise), loader (DataLoader wrapper), alignment (comparing two
-streams), ingest + commands (`alexnet-pp data synth|ingest`), testing (small shard sets for tests).
+(decode, crops, lighting, normalise), loader (DataLoader wrapper), ingest + commands
+(`alexnet-pp data synth|ingest`). Test-only helpers (small shard sets, comparing two streams)
+live in tests/helpers, not here.
 The loaders import torch lazily, so shard generation in worker pools stays light.
 """
 

@@ -31,7 +31,7 @@ Everything above is a pure function of (seed, epoch, replica, num_replicas, work
 config): shard order, slices, shuffle buffer and augmentation use numpy generators seeded from
 those, corruption is a property of the bytes, and the DataLoader order is fixed. So loaders
 built independently for the first and the last pipeline stage of a replica yield the same
-samples in the same order (`with_keys=True` shows the keys; alignment.py compares streams).
+samples in the same order (`with_keys=True` shows the keys).
 
 Evaluation
 ----------

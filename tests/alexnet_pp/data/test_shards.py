@@ -9,7 +9,8 @@ import pytest
 from alexnet_pp.data.shards import Encoded, read_manifest, write_split
 from alexnet_pp.data.sources import NoShardsError, resolve
 from alexnet_pp.data.tarstream import ShardOpenError, ShardTruncated, count_samples, iter_samples
-from alexnet_pp.data.testing import make_shards, truncate
+
+from shardsets import make_shards, truncate
 
 
 def _enc(i, size=100):

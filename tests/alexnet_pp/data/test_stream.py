@@ -8,7 +8,8 @@ import torch
 from alexnet_pp.config import preset
 from alexnet_pp.data import build_eval_loader, build_train_loader
 from alexnet_pp.data.stream import segments, worker_slice
-from alexnet_pp.data.testing import make_shards
+
+from shardsets import make_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
