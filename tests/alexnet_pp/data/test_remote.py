@@ -1,0 +1,107 @@
+"""Remote shard sources: opened through webdataset's gopen, expanded by webdataset, counted once."""
+
+import functools
+import http.server
+import threading
+
+import pytest
+import webdataset
+
+from alexnet_pp.config import preset
+from alexnet_pp.data import sources
+from alexnet_pp.data.tarstream import ShardOpenError, ShardTruncated, count_samples, iter_samples
+
+from shardsets import make_shards
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+COUNTS = [5, 9, 3, 11, 4]
+PATTERN = "train-{000000..000004}.tar"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("remote")
+    make_shards(r, "train", COUNTS, size=40)
+    make_shards(r, "val", [4, 3], size=40)
+    return r
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts(monkeypatch):
+    """Each test starts with the process-wide memo of remote counts and manifests empty."""
+    monkeypatch.setattr(sources, "_REMOTE_COUNTS", {}, raising=False)
+    monkeypatch.setattr(sources, "_REMOTE_MANIFESTS", {}, raising=False)
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """URLs streamed to count their samples, in order."""
+    calls = []
+
+    def counting(url):
+        calls.append(url)
+        return count_samples(url)
+
+    monkeypatch.setattr(sources, "count_samples", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def http_root(root):
+    """The shard folder served over http on 127.0.0.1."""
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def cfg_for(train, val=None, workers=0):
+    cfg = preset("test")
+    cfg.model.image_size, cfg.model.num_classes = 32, 10
+    d = cfg.data
+    d.train, d.val = train, val or train
+    d.stored_size, d.workers, d.shuffle_buffer = 40, workers, 6
+    cfg.train.batch_size, cfg.train.seed = 8, 5
+    return cfg
+
+
+def keys_of(loader):
+    return [k for _, _, keys in loader for k in keys]
+
+
+def test_any_scheme_registered_with_gopen_is_read(root, monkeypatch):
+    """The reader opens URLs with webdataset's gopen: a scheme registered there just works."""
+    opened = []
+
+    def handler(url, mode="rb", bufsize=8192, **kw):
+        opened.append(url)
+        return open(url[len("shardtest://"):], mode)
+
+    monkeypatch.setitem(webdataset.gopen_schemes, "shardtest", handler)
+    url = f"shardtest://{root}/train-000001.tar"
+    assert [k for _, k, _ in iter_samples(url, 2, 4)] == ["train-s1-2", "train-s1-3"]
+    assert count_samples(url) == (9, None)
+    assert opened == [url, url]
+
+
+def test_failing_and_breaking_commands(root, tmp_path):
+    with pytest.raises(ShardOpenError, match=r"cannot open shard pipe:exit 3.*status 3"):
+        list(iter_samples("pipe:exit 3"))
+    whole = (root / "train-000003.tar").read_bytes()
+    (tmp_path / "half").write_bytes(whole[: len(whole) // 2])
+    seen = []
+    with pytest.raises(ShardTruncated):
+        for p, _, _ in iter_samples(f"pipe:cat {tmp_path}/half; exit 4"):
+            seen.append(p)
+    assert 0 < len(seen) < 11
+    # stopping early on purpose kills the command: no error, no process left behind
+    assert [p for p, _, _ in iter_samples(f"pipe:cat {root}/train-000003.tar; sleep 30", 0, 2)] == [0, 1]
