@@ -4,7 +4,8 @@ A source is one of (several may be joined with `::`):
 - a directory: the shards its `{split}-manifest.json` lists, else its `{split}-*.tar` files;
 - a `*-manifest.json` file;
 - a local path, a brace pattern (`train-{000000..000127}.tar`) or a glob (`train-*.tar`);
-- `pipe:COMMAND` (brace-expanded, like WebDataset), or an http(s) URL (read through `curl`).
+- a URL that webdataset's `gopen` opens: `pipe:COMMAND`, http(s), `gs:`, `ais:`, … (brace-expanded).
+Expansion is webdataset's (`shardlists.expand_urls`: braces, and `${NAME}` from $WDS_NAME).
 
 Sample counts come from the manifests written beside the shards (shards.py); shards without
 one are counted by reading their tar headers (local files seek over the data, so this is quick).
@@ -19,10 +20,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
-from braceexpand import braceexpand
-
-from .tarstream import ShardOpenError, count_samples
+from .tarstream import ShardOpenError, ShardTruncated, count_samples
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,26 @@ def _manifest_counts(directory: Path) -> dict[str, int]:
     return out
 
 
+def _expand(pattern: str) -> list[str]:
+    from webdataset.shardlists import expand_urls
+
+    try:
+        return expand_urls(pattern)
+    except AssertionError as e:  # webdataset asserts that ${NAME} has a $WDS_NAME
+        raise NoShardsError(f"cannot expand {pattern!r}: {e}") from None
+
+
+def is_remote(url: str) -> bool:
+    """A URL for webdataset's gopen (pipe:, http(s), gs:, …) rather than a local path."""
+    from webdataset.gopen import gopen_schemes
+
+    scheme = urlparse(url).scheme.lower()
+    return bool(scheme) and scheme != "file" and (scheme in gopen_schemes or "://" in url)
+
+
 def _expand_one(part: str, split: str) -> list[str]:
-    if part.startswith("pipe:"):
-        return list(braceexpand(part))
-    if part.startswith(("http://", "https://")):
-        return [f"pipe:curl -s -L -f {u!r}" for u in braceexpand(part)]
+    if is_remote(part):
+        return _expand(part)
     path = part[5:] if part.startswith("file:") else part
     p = Path(path).expanduser()
     if p.is_dir():
@@ -75,11 +90,9 @@ def _expand_one(part: str, split: str) -> list[str]:
     if p.name.endswith("-manifest.json") and p.exists():
         return _from_manifest(p)
     out: list[str] = []
-    for e in braceexpand(str(p)):
+    for e in _expand(str(p)):
         if any(c in e for c in "*?["):
             out.extend(sorted(glob.glob(e)))
-        elif os.path.exists(e):
-            out.append(e)
         else:
             out.append(e)  # a missing member of a pattern: an unopenable shard, reported when read
     if not any(os.path.exists(u) for u in out):
@@ -97,12 +110,12 @@ def _from_manifest(path: Path) -> list[str]:
     return names
 
 
-_COUNTS: dict[tuple, tuple] = {}
+_COUNTS: dict[tuple, tuple[int, Optional[ShardTruncated]]] = {}
 
 
-def _count(url: str):
+def _count(url: str) -> tuple[int, Optional[ShardTruncated]]:
     # a trainer builds loaders every epoch: count an unchanged local shard only once per process
-    if url.startswith("pipe:"):
+    if is_remote(url):
         return count_samples(url)
     try:
         st = os.stat(url)
@@ -128,11 +141,11 @@ def resolve(spec: str, split: str, skip_bad_shards: bool = False) -> ShardList:
     if not urls:
         raise NoShardsError(f"no shards match {spec!r}")
     known: dict[str, int] = {}
-    for d in {str(Path(u).parent) for u in urls if not u.startswith("pipe:")}:
+    for d in {str(Path(u).parent) for u in urls if not is_remote(u)}:
         known.update(_manifest_counts(Path(d)))
     counts, problems = [], []
     for u in urls:
-        key = str(Path(u)) if not u.startswith("pipe:") else u
+        key = u if is_remote(u) else str(Path(u))
         if key in known:
             counts.append(known[key])
             continue
@@ -149,7 +162,7 @@ def resolve(spec: str, split: str, skip_bad_shards: bool = False) -> ShardList:
             problems.append((u, "truncated", str(trunc)))
         counts.append(n)
     classes = None
-    local = [u for u in urls if not u.startswith("pipe:")]
+    local = [u for u in urls if not is_remote(u)]
     if local:
         from .shards import read_classes
 

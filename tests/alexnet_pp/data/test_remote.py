@@ -8,7 +8,8 @@ import pytest
 import webdataset
 
 from alexnet_pp.config import preset
-from alexnet_pp.data import sources
+from alexnet_pp.data import build_eval_loader, build_train_loader, sources
+from alexnet_pp.data.sources import NoShardsError, resolve
 from alexnet_pp.data.tarstream import ShardOpenError, ShardTruncated, count_samples, iter_samples
 
 from shardsets import make_shards
@@ -93,6 +94,35 @@ def test_any_scheme_registered_with_gopen_is_read(root, monkeypatch):
     assert opened == [url, url]
 
 
+def test_sources_with_a_gopen_scheme_feed_the_loader(root, monkeypatch):
+    monkeypatch.setitem(webdataset.gopen_schemes, "shardtest",
+                        lambda url, mode="rb", bufsize=8192, **kw: open(url[len("shardtest://"):], mode))
+    cfg = cfg_for(f"shardtest://{root}/{PATTERN}")
+    assert keys_of(build_train_loader(cfg, epoch=1, with_keys=True)) == keys_of(
+        build_train_loader(cfg_for(str(root)), epoch=1, with_keys=True))
+
+
+def test_unknown_scheme_is_a_clear_error_naming_the_shard(root):
+    with pytest.raises(ShardOpenError, match=r"cannot open shard nosuch://x/train-000000\.tar"):
+        resolve("nosuch://x/train-{000000..000001}.tar", "train")
+
+
+def test_http_sources_stream_like_files(root, http_root):
+    cfg = cfg_for(f"{http_root}/{PATTERN}", f"{http_root}/val-{{000000..000001}}.tar", workers=2)
+    local = cfg_for(str(root), workers=2)
+    assert keys_of(build_train_loader(cfg, 1, 2, epoch=2, with_keys=True)) == keys_of(
+        build_train_loader(local, 1, 2, epoch=2, with_keys=True))
+    assert keys_of(build_eval_loader(cfg, with_keys=True)) == keys_of(build_eval_loader(local, with_keys=True))
+
+
+def test_http_shard_missing_is_an_error_naming_it(root, http_root):
+    url = f"{http_root}/train-000099.tar"
+    with pytest.raises(ShardOpenError, match=r"cannot open shard .*train-000099\.tar.*status 22"):
+        list(iter_samples(url))  # curl -f: HTTP 404 is exit status 22
+    r = resolve(f"{http_root}/train-{{000003..000004}}.tar::{url}", "train", skip_bad_shards=True)
+    assert r.counts == [11, 4, 0] and [(u, k) for u, k, _ in r.problems] == [(url, "shard")]
+
+
 def test_failing_and_breaking_commands(root, tmp_path):
     with pytest.raises(ShardOpenError, match=r"cannot open shard pipe:exit 3.*status 3"):
         list(iter_samples("pipe:exit 3"))
@@ -105,3 +135,13 @@ def test_failing_and_breaking_commands(root, tmp_path):
     assert 0 < len(seen) < 11
     # stopping early on purpose kills the command: no error, no process left behind
     assert [p for p, _, _ in iter_samples(f"pipe:cat {root}/train-000003.tar; sleep 30", 0, 2)] == [0, 1]
+
+
+def test_webdataset_expansion_with_environment(root, monkeypatch):
+    monkeypatch.setenv("WDS_SHARDROOT", str(root))
+    r = resolve("${SHARDROOT}/train-{000001..000002}.tar", "train")
+    assert r.counts == [9, 3] and r.urls == [f"{root}/train-000001.tar", f"{root}/train-000002.tar"]
+    r = resolve("pipe:cat ${SHARDROOT}/train-{000000..000001}.tar", "train")
+    assert r.urls == [f"pipe:cat {root}/train-000000.tar", f"pipe:cat {root}/train-000001.tar"]
+    with pytest.raises(NoShardsError, match="NOSUCHVAR"):
+        resolve("${NOSUCHVAR}/train-000000.tar", "train")
