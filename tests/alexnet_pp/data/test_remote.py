@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import shutil
 import threading
 
 import pytest
@@ -9,10 +10,11 @@ import webdataset
 
 from alexnet_pp.config import preset
 from alexnet_pp.data import build_eval_loader, build_train_loader, sources
+from alexnet_pp.data.shards import Encoded, write_split
 from alexnet_pp.data.sources import NoShardsError, resolve
 from alexnet_pp.data.tarstream import ShardOpenError, ShardTruncated, count_samples, iter_samples
 
-from shardsets import make_shards
+from shardsets import jpeg_bytes, make_shards, random_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -145,3 +147,45 @@ def test_webdataset_expansion_with_environment(root, monkeypatch):
     assert r.urls == [f"pipe:cat {root}/train-000000.tar", f"pipe:cat {root}/train-000001.tar"]
     with pytest.raises(NoShardsError, match="NOSUCHVAR"):
         resolve("${NOSUCHVAR}/train-000000.tar", "train")
+
+
+def test_pipe_source_is_counted_once_per_process_not_per_loader_build(root, counted):
+    cfg = cfg_for(f"pipe:cat {root}/{PATTERN}", f"pipe:cat {root}/val-{{000000..000001}}.tar")
+    for epoch in range(3):  # what a trainer does: a loader per epoch, evaluations in between
+        list(build_train_loader(cfg, 0, 2, epoch=epoch))
+        list(build_train_loader(cfg, 1, 2, epoch=epoch))
+        list(build_eval_loader(cfg))
+    assert sorted(counted) == sorted([f"pipe:cat {root}/train-{i:06d}.tar" for i in range(5)]
+                                     + [f"pipe:cat {root}/val-{i:06d}.tar" for i in range(2)])
+
+
+def test_count_cache_file_keeps_remote_counts_across_processes(root, tmp_path, counted, monkeypatch):
+    cache = tmp_path / "cache" / "counts.json"
+    spec = f"pipe:cat {root}/{PATTERN}"
+    assert resolve(spec, "train", count_cache=cache).counts == COUNTS
+    assert len(counted) == 5 and cache.exists()
+    monkeypatch.setattr(sources, "_REMOTE_COUNTS", {})  # a new process
+    assert resolve(spec, "train", count_cache=cache).counts == COUNTS
+    assert len(counted) == 5  # nothing streamed again
+    # a shard that cannot be opened is not cached as empty
+    bad = f"pipe:cat {tmp_path}/nothing.tar"
+    assert resolve(f"{spec}::{bad}", "train", skip_bad_shards=True, count_cache=cache).counts == COUNTS + [0]
+    assert bad not in cache.read_text()
+
+
+def test_remote_manifest_gives_urls_counts_and_classes(tmp_path, http_root, root, counted):
+    def enc(i):
+        return Encoded(index=i, key=f"k{i:03d}", data=jpeg_bytes(random_image(i, 40)), label=i % 3)
+
+    write_split(tmp_path, "train", 10, enc, {"t": 1}, max_count=4)
+    (tmp_path / "classes.json").write_text('["a", "b", "c"]')
+    r = resolve(f"pipe:cat {tmp_path}/train-manifest.json", "train")
+    assert r.urls == [f"pipe:cat {tmp_path}/train-{i:06d}.tar" for i in range(3)]
+    assert r.counts == [4, 4, 2] and r.classes == ["a", "b", "c"]
+    assert counted == []  # from the manifest, no shard streamed
+    shutil.copy(tmp_path / "train-manifest.json", root / "copied-manifest.json")
+    shutil.copy(tmp_path / "train-000000.tar", root / "train-000000.tar.copy")  # not listed: never read
+    r = resolve(f"{http_root}/copied-manifest.json", "train")
+    assert r.urls[0] == f"{http_root}/train-000000.tar" and r.counts == [4, 4, 2] and counted == []
+    with pytest.raises(NoShardsError, match="cannot read the manifest"):
+        resolve(f"{http_root}/missing-manifest.json", "train")
