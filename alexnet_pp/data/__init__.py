@@ -4,9 +4,10 @@
     train = build_train_loader(cfg, replica, dp)    # (images, labels) batches, len(train) per epoch
     val = build_eval_loader(cfg, replica, dp)
 
-Loaders: `len(loader)` batches per epoch (equal on every replica), `loader.skip_counts()` for
+Loaders: `len(loader)` batches per epoch (equal on every replica), `loader.iter_from(k)` for the
+epoch from batch k on (resuming: the batches before k are not decoded), `loader.skip_counts()` for
 skipped corrupt samples by kind, `with_keys=True` to also get sample keys; stream.py's docstring
-explains splitting, epoch length and pipeline-stage alignment.
+explains splitting, epoch length, replacement of corrupt samples and pipeline-stage alignment.
 
 Submodules: synthetic (the embedded images), shards (writing), tarstream (reading one shard),
 sources (source strings → shards), stream (epoch splitting, shuffling, skipping), transforms
