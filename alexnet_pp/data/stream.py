@@ -8,7 +8,8 @@ and T = epoch_samples or N samples per epoch, every replica gets L = ceil(T / (R
 (rounded up to a multiple of `batch_multiple`, e.g. the micro-batches per optimizer step) —
 the same L everywhere — and replica r owns the contiguous positions [r·L·B, (r+1)·L·B), taken
 modulo N: when R·L·B > N the last positions wrap round to the start of the epoch, so a few samples
-(< R·B) are seen twice and none is missed (DistributedSampler's padding, at sample level).
+(< R·B, or < R·M·B with batch_multiple M) are seen twice and none is missed (DistributedSampler's
+padding, at sample level).
 Inside a replica, DataLoader worker w of W produces batches w, w+W, w+2W, … (the DataLoader
 returns workers' batches round-robin, which is exactly batch order because the per-worker batch
 counts never increase with w); worker w owns the contiguous slice of the replica's positions
@@ -32,6 +33,17 @@ Starting an epoch at batch k (resuming mid-epoch: ShardLoader.iter_from(k)) ther
 decoding of batches 0..k-1: each worker reads its shuffled stream up to its first batch ≥ k
 (tar-level skips — missing members, bad labels, truncation — happen there, as in a full pass,
 since they come before the shuffle) and goes on exactly as a full pass would from there.
+
+Epoch length and whole optimizer steps
+--------------------------------------
+With `batch_multiple` M (the micro-batches per optimizer step) L = ceil(T / (R·B)) becomes
+L' = ceil(L / M)·M, so an epoch is L'/M whole steps on every replica and no micro-batch is
+dropped. The epoch covers positions [0, R·L'·B); with T = N the R·L'·B − N of them past the end
+(fewer than R·M·B) wrap round to the first positions of the epoch's shard order. They are the
+end of the last replica's range (of the last replicas' when the data set is tiny), in its last
+worker's slice, where the shuffle buffer mixes them in: the last step is a full step that
+repeats samples of the epoch's start. Every sample is seen at least once per epoch; the
+repeats number R·L'·B − N < R·M·B.
 
 Determinism and pipeline-stage alignment
 ----------------------------------------
