@@ -81,7 +81,8 @@ class ShardLoader:
             yield (images, labels, keys) if self.with_keys else (images, labels)
         if self.stream.spec.train:
             if n != n_batches:  # cannot happen by construction; a silent short epoch would desync stages
-                raise DataError(f"epoch {self.epoch}: {n - start} batches from {start} instead of {n_batches - start}")
+                raise DataError(f"epoch {self.epoch}: {n - start} batches from batch {start} "
+                                f"instead of {n_batches - start}")
             self.stream.epoch += 1
 
 
