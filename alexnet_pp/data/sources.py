@@ -27,9 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
-from .tarstream import ShardOpenError, ShardTruncated, count_samples
+from .tarstream import ShardOpenError, ShardTruncated, count_samples, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,6 @@ def _expand(pattern: str) -> list[str]:
         return expand_urls(pattern)
     except AssertionError as e:  # webdataset asserts that ${NAME} has a $WDS_NAME
         raise NoShardsError(f"cannot expand {pattern!r}: {e}") from None
-
-
-def is_remote(url: str) -> bool:
-    """A URL for webdataset's gopen (pipe:, http(s), gs:, …) rather than a local path."""
-    from webdataset.gopen import gopen_schemes
-
-    scheme = urlparse(url).scheme.lower()
-    return bool(scheme) and scheme != "file" and (scheme in gopen_schemes or "://" in url)
 
 
 _MANIFEST_NAME = re.compile(r"[^/\s'\"]*-manifest\.json")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 from typing import Iterator, Optional
+from urllib.parse import urlparse
 
 BLOCK = 512
 
@@ -29,6 +30,15 @@ class ShardTruncated(Exception):
     def __init__(self, url: str, position: int, why: str):
         super().__init__(f"{url}: {why} after {position} samples")
         self.url, self.position, self.why = url, position, why
+
+
+def is_remote(url: str) -> bool:
+    """A URL for one of webdataset's gopen handlers (pipe:, http(s), gs:, …) rather than a local
+    path (or `file:` URL): its scheme has a handler, or it looks like `scheme://…`."""
+    from webdataset.gopen import gopen_schemes
+
+    scheme = urlparse(url).scheme.lower()
+    return bool(scheme) and scheme != "file" and (scheme in gopen_schemes or "://" in url)
 
 
 class _ReadError(Exception):
@@ -46,8 +56,10 @@ class _Source:
         from webdataset.gopen import Pipe, gopen
 
         self.url = url
+        # a local path is made absolute, so that a colon in it (`run:3/train.tar`) is no scheme
+        target = url if is_remote(url) or url.startswith("file:") else os.path.abspath(url)
         try:
-            self.f = gopen(url, "rb", bufsize=1 << 20)
+            self.f = gopen(target, "rb", bufsize=1 << 20)
         except (OSError, ValueError) as e:  # ValueError: a scheme without handler, WDS_SECURE
             raise ShardOpenError(f"cannot open shard {url}: {getattr(e, 'strerror', None) or e}") from None
         self.pipe: Optional[Pipe] = self.f if isinstance(self.f, Pipe) else None

@@ -104,6 +104,15 @@ def test_sources_with_a_gopen_scheme_feed_the_loader(root, monkeypatch):
         build_train_loader(cfg_for(str(root)), epoch=1, with_keys=True))
 
 
+def test_relative_local_paths_with_a_colon_are_no_urls(root, tmp_path, monkeypatch):
+    make_shards(tmp_path / "run:3", "train", [4, 2], size=40)
+    make_shards(tmp_path / "run:3", "val", [2], size=40)
+    monkeypatch.chdir(tmp_path)
+    assert resolve("run:3/train-{000000..000001}.tar", "train").counts == [4, 2]
+    assert [k for _, k, _ in iter_samples("run:3/train-000001.tar")] == ["train-s1-0", "train-s1-1"]
+    assert len(keys_of(build_train_loader(cfg_for("run:3"), with_keys=True))) == 8  # 6 samples, one batch of 8
+
+
 def test_unknown_scheme_is_a_clear_error_naming_the_shard(root):
     with pytest.raises(ShardOpenError, match=r"cannot open shard nosuch://x/train-000000\.tar"):
         resolve("nosuch://x/train-{000000..000001}.tar", "train")
