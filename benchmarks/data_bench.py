@@ -1,13 +1,20 @@
-"""Training-stream throughput: the shard pipeline against torchvision ImageFolder + DataLoader.
+"""Training-stream throughput: the shard pipeline against torchvision ImageFolder + DataLoader,
+and the project's tar reader against webdataset's.
 
-    python -m benchmarks.data_bench [--workers 2] [--images 2000] [--batch 64]
+    python -m benchmarks.data_bench [--workers 2] [--images 2000] [--batch 64] [--readers-only]
 
 Both read the same JPEGs (the embedded dataset at 256 px, written as shards and, byte for byte,
 as a class-folder tree) with the same transforms: random 224 crop, horizontal flip, PCA lighting
 noise (std 0.1), normalisation; same batch size and worker count. The baseline needs torchvision,
 which does not import beside the project's torch 2.13 CPU build: create the separate venv with
 `benchmarks/setup_tv_venv.sh` and run this module with `.venv-tv/bin/python`. In the main venv the
-benchmark runs without the baseline and says so. Results are printed and saved as JSON.
+benchmark runs without the baseline and says so.
+
+Readers: every training sample's members read from the same shards (no decoding) by the
+project's reader (tarstream.iter_samples, what the loader runs) and by `webdataset.WebDataset`'s
+iterator (gopen, tarfile stream, grouping by key), passes alternating, in one process; samples/s
+of each (median over the passes) and the ratio. The loader keeps its own reader only while this
+shows it faster. Results are printed and saved as JSON.
 """
 
 from __future__ import annotations
@@ -118,6 +125,35 @@ def bench_decoders(shards: Path, n: int = 200) -> dict[str, float]:
     return out
 
 
+def bench_readers(shards: Path, passes: int = 5) -> dict:
+    """Samples/s reading all train shards' samples (members as bytes, nothing decoded)."""
+    import webdataset as wds
+
+    urls = [str(shards / e["name"]) for e in read_manifest(shards, "train")["shards"]]
+
+    def own() -> list[str]:
+        return [key for u in urls for _, key, _ in iter_samples(u)]
+
+    def library() -> list[str]:
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        return [s["__key__"] for s in ds]
+
+    readers = {"tarstream": own, "webdataset": library}
+    keys = {name: f() for name, f in readers.items()}  # warm-up: files in the page cache
+    if keys["tarstream"] != keys["webdataset"]:
+        raise RuntimeError("the two readers disagree on the samples")
+    rates: dict[str, list[float]] = {name: [] for name in readers}
+    for _ in range(passes):
+        for name, f in readers.items():
+            t = _timed(f)
+            rates[name].append(len(keys[name]) / t)
+    med = {name: float(np.median(v)) for name, v in rates.items()}
+    return {"samples": len(keys["tarstream"]), "shards": len(urls), "passes": passes,
+            "samples_per_s": {k: round(v, 1) for k, v in med.items()},
+            "passes_samples_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "ratio": round(med["tarstream"] / med["webdataset"], 2)}
+
+
 def _timed(f) -> float:
     t0 = time.perf_counter()
     f()
@@ -136,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/bench", help="where the benchmark images go (default data/bench)")
     p.add_argument("--out", default="runs/bench/data_bench.json", help="results file")
     p.add_argument("--no-baseline", action="store_true", help="skip the torchvision baseline")
+    p.add_argument("--reader-passes", type=int, default=5, help="timed passes per tar reader (default 5)")
+    p.add_argument("--readers-only", action="store_true", help="only the tar reader comparison")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # the main process only receives batches; workers do the work
@@ -145,6 +183,19 @@ def main(argv=None) -> int:
           f"{args.workers} workers, {cores} cores, torch {torch.__version__}")
     result = {"machine": platform.node(), "cores": cores, "torch": torch.__version__, "workers": args.workers,
               "images": args.images, "batch": args.batch, "size": args.size, "crop": args.crop}
+
+    result["readers"] = rd = bench_readers(shards, args.reader_passes)
+    print(f"{'tar reader (no decoding)':<28}{'samples/s':>10}   {rd['samples']} samples in {rd['shards']} shards, "
+          f"median of {rd['passes']} passes")
+    for name, label in (("tarstream", "alexnet_pp tarstream"), ("webdataset", "webdataset.WebDataset")):
+        print(f"{label:<28}{rd['samples_per_s'][name]:>10.0f}   passes: {rd['passes_samples_per_s'][name]}")
+    print(f"ratio tarstream / webdataset: {rd['ratio']:.2f}×")
+    out = Path(args.out)
+    if args.readers_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"saved {out}")
+        return 0
 
     result["decoders"] = dec = bench_decoders(shards)
     print(f"decode 256px JPEG: simplejpeg {dec['simplejpeg_us']} µs, pillow {dec['pillow_us']} µs "
@@ -185,7 +236,6 @@ def main(argv=None) -> int:
     else:
         result["baseline"] = baseline_note
         print(f"baseline {baseline_note}")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -13,7 +14,8 @@ from .stream import DataError, ShardStream, StreamSpec
 
 
 class ShardLoader:
-    """Iterating yields one epoch of (images, labels) — or (images, labels, keys) with with_keys.
+    """Iterating yields one epoch of (images, labels) — or (images, labels, keys) with with_keys;
+    `iter_from(k)` the same epoch from batch k on, without decoding the batches before it.
 
     `len(loader)` is the number of batches per epoch, equal on every replica for training.
     After a complete training epoch the loader moves on to the next epoch by itself, so
@@ -48,23 +50,39 @@ class ShardLoader:
         """Samples skipped so far, by kind (stream.SKIP_KINDS), over all worker processes."""
         return dict(self._skips)
 
-    def _dataloader(self) -> DataLoader:
+    def _dataloader(self, stream: ShardStream) -> DataLoader:
         kw = {}
         if self.workers > 0:
             kw["prefetch_factor"] = 2
-        return DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+        return DataLoader(stream, batch_size=None, num_workers=self.workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False, **kw)
 
     def __iter__(self) -> Iterator[tuple]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple]:
+        """The current epoch from batch `start` on: batches start, start + 1, …, len(self) - 1,
+        exactly those (same samples, same augmentation, same skipped and replaced samples) that
+        iterating the whole epoch yields there. The samples of batches before `start` are read
+        but not decoded or augmented (resuming mid-epoch costs reading, not decoding). Like a
+        full pass, it moves the loader on to the next epoch when it completes. Training only."""
+        n_batches = len(self)
+        if not 0 <= start <= n_batches:
+            raise ValueError(f"start batch {start} not in 0..{n_batches}")
+        if start and not self.stream.spec.train:
+            raise ValueError("evaluation has no start batch")
         # workers are forked per iteration, so they see the current epoch
-        n = 0
-        for images, labels, keys, skips in self._dataloader():
+        stream = copy.copy(self.stream)
+        stream.start = start
+        n = start
+        for images, labels, keys, skips in self._dataloader(stream):
             self._skips.update(skips)
             n += 1
             yield (images, labels, keys) if self.with_keys else (images, labels)
         if self.stream.spec.train:
-            if n != len(self):  # cannot happen by construction; a silent short epoch would desync stages
-                raise DataError(f"epoch {self.epoch}: {n} batches instead of {len(self)}")
+            if n != n_batches:  # cannot happen by construction; a silent short epoch would desync stages
+                raise DataError(f"epoch {self.epoch}: {n - start} batches from batch {start} "
+                                f"instead of {n_batches - start}")
             self.stream.epoch += 1
 
 

@@ -1,4 +1,5 @@
-"""Writing WebDataset shards: `{split}-{000000..}.tar` holding `{key}.jpg` + `{key}.cls` per sample.
+"""Writing WebDataset shards: `{split}-{000000..}.tar` holding `{key}.cls` + `{key}.jpg` per sample,
+written by webdataset's TarWriter.
 
 Beside the shards: `classes.json` (class names in index order) and `{split}-manifest.json`
 (generation parameters, shard names, samples per shard, total). A shard is written to
@@ -15,12 +16,10 @@ applies to the members; tar's final padding to 10 KiB records may add up to 10 K
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -78,22 +77,24 @@ class Encoded:
 
 
 class ShardFile:
-    """One shard being written: members stream into `<name>.tmp`, renamed to `<name>` by close().
-    Members get a fixed mtime/owner so that the same samples always give the same bytes."""
+    """One shard being written by webdataset's TarWriter: members stream into `<name>.tmp`, renamed
+    to `<name>` by close(). Members get a fixed mtime/owner/mode, so the same samples always give
+    the same bytes. (Not ShardWriter: write_split cuts a shard before a sample would pass the byte
+    limit and journals each shard's index range for resuming; ShardWriter cuts after the limit is
+    passed and keeps no journal, so each shard is one TarWriter.)"""
 
     def __init__(self, path: Path):
+        from webdataset import TarWriter
+
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
         self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = TarWriter(self._f, user="", group="", mode=0o644, mtime=0, encoder=False)
         self.count = 0
         self.bytes = 1024  # the two zero blocks that end a tar
 
     def add(self, s: Encoded) -> None:
-        for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.cls", str(s.label).encode())):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(payload), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(payload))
+        self._tar.write({"__key__": s.key, s.ext: s.data, "cls": str(s.label).encode()})
         self.count += 1
         self.bytes += _sample_bytes(s)
 

@@ -8,7 +8,8 @@ and T = epoch_samples or N samples per epoch, every replica gets L = ceil(T / (R
 (rounded up to a multiple of `batch_multiple`, e.g. the micro-batches per optimizer step) —
 the same L everywhere — and replica r owns the contiguous positions [r·L·B, (r+1)·L·B), taken
 modulo N: when R·L·B > N the last positions wrap round to the start of the epoch, so a few samples
-(< R·B) are seen twice and none is missed (DistributedSampler's padding, at sample level).
+(< R·B, or < R·M·B with batch_multiple M) are seen twice and none is missed (DistributedSampler's
+padding, at sample level).
 Inside a replica, DataLoader worker w of W produces batches w, w+W, w+2W, … (the DataLoader
 returns workers' batches round-robin, which is exactly batch order because the per-worker batch
 counts never increase with w); worker w owns the contiguous slice of the replica's positions
@@ -17,13 +18,32 @@ does not own. Sample-level slicing, rather than handing whole shards to workers,
 "every sample once" and "equal length everywhere" hold for any shard count (WebDataset issues
 #303/#188/#225: rank/worker imbalance, hangs with few shards).
 
-Each worker shuffles its slice through a buffer (cfg.data.shuffle_buffer) and then decodes and
-augments. A sample that turns out corrupt is skipped, counted and replaced: once its own slice
-is used up the worker keeps reading the positions that follow it (wrapping, at most one pass
-over the data), so every worker emits exactly its full batches and never runs dry; only if the
-whole data set cannot fill them does it raise. Skip counts are events: a corrupt sample that
-a replacement read meets again is counted again. In resampled mode (cfg.data.resampled) each
-worker instead draws shards with replacement, epoch length from cfg.data.epoch_samples.
+Each worker shuffles its slice through a buffer (cfg.data.shuffle_buffer); its j-th batch is
+the next B samples of that shuffled stream, decoded and augmented with a generator of the
+batch's own (seeded with j). A sample that turns out corrupt is skipped, counted and replaced
+from the batch's own replacement run: the positions that follow the worker's slice, starting
+j·B after its end (wrapping, at most one pass over the data). So every worker emits exactly its
+full batches and never runs dry (only if the whole data set cannot fill a batch does it raise),
+and no batch depends on what failed to decode in another. Skip counts are events: a corrupt
+sample that a replacement read meets again is counted again. In resampled mode
+(cfg.data.resampled) each worker instead draws shards with replacement, epoch length from
+cfg.data.epoch_samples, and batch j's replacements come from shards drawn by its own generator.
+
+Starting an epoch at batch k (resuming mid-epoch: ShardLoader.iter_from(k)) therefore needs no
+decoding of batches 0..k-1: each worker reads its shuffled stream up to its first batch ≥ k
+(tar-level skips — missing members, bad labels, truncation — happen there, as in a full pass,
+since they come before the shuffle) and goes on exactly as a full pass would from there.
+
+Epoch length and whole optimizer steps
+--------------------------------------
+With `batch_multiple` M (the micro-batches per optimizer step) L = ceil(T / (R·B)) becomes
+L' = ceil(L / M)·M, so an epoch is L'/M whole steps on every replica and no micro-batch is
+dropped. The epoch covers positions [0, R·L'·B); with T = N the R·L'·B − N of them past the end
+(fewer than R·M·B) wrap round to the first positions of the epoch's shard order. They are the
+end of the last replica's range (of the last replicas' when the data set is tiny), in its last
+worker's slice, where the shuffle buffer mixes them in: the last step is a full step that
+repeats samples of the epoch's start. Every sample is seen at least once per epoch; the
+repeats number R·L'·B − N < R·M·B.
 
 Determinism and pipeline-stage alignment
 ----------------------------------------
@@ -31,7 +51,7 @@ Everything above is a pure function of (seed, epoch, replica, num_replicas, work
 config): shard order, slices, shuffle buffer and augmentation use numpy generators seeded from
 those, corruption is a property of the bytes, and the DataLoader order is fixed. So loaders
 built independently for the first and the last pipeline stage of a replica yield the same
-samples in the same order (`with_keys=True` shows the keys; alignment.py compares streams).
+samples in the same order (`with_keys=True` shows the keys).
 
 Evaluation
 ----------
@@ -43,10 +63,12 @@ are skipped (their batch shrinks; a batch with nothing readable is left out).
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import Iterator, Optional
 
 import numpy as np
@@ -125,10 +147,11 @@ class ShardStream(IterableDataset):
     Items are (images, labels, keys, skips): skips is the worker's {kind: count} since its
     previous batch, so the main process can add them up (ShardLoader.skip_counts)."""
 
-    def __init__(self, spec: StreamSpec, epoch: int = 0):
+    def __init__(self, spec: StreamSpec, epoch: int = 0, start: int = 0):
         super().__init__()
         self.spec = spec
         self.epoch = epoch
+        self.start = start  # training: the epoch's first batch to yield (the ones before are fast-forwarded)
         if spec.total <= 0 and not spec.resampled:
             raise DataError(f"no samples in {len(spec.urls)} shard(s) (first: {spec.urls[0] if spec.urls else '-'})")
 
@@ -161,8 +184,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.worker_batches(w, n)
+        i, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader worker i plays stream worker (start + i) mod n, so that the DataLoader's
+        # round robin, which begins at its worker 0, yields batches start, start + 1, … in order
+        return self.worker_batches((self.start + i) % n, n, self.start)
 
     # ------------------------------------------------------------------ reading
     def _skip(self, url: str, key: Optional[str], kind: str, why: str = "") -> None:
@@ -224,8 +249,9 @@ class ShardStream(IterableDataset):
         for i in rng.permutation(len(buf)).tolist():
             yield buf[i]
 
-    def _decoded(self, it, rng: Optional[np.random.Generator], patience: int):
-        """(position, key, label, crop(s), lighting offset) of the samples that decode."""
+    def _decoded(self, it, rng: Optional[np.random.Generator], patience: Optional[int] = None):
+        """(position, key, label, crop(s), lighting offset) of the samples that decode; DataError
+        after more than `patience` failures in a row."""
         s, side = self.spec, self.spec.image_size
         failures = 0
         for pos, url, key, label, data, ext in it:
@@ -234,7 +260,7 @@ class ShardStream(IterableDataset):
             except T.DecodeError as e:
                 self._skip(url, key, "decode", str(e))
                 failures += 1
-                if failures > patience:
+                if patience is not None and failures > patience:
                     raise DataError(f"{failures} samples in a row failed to decode (last: {url} {key})")
                 continue
             failures = 0
@@ -245,9 +271,9 @@ class ShardStream(IterableDataset):
             else:
                 yield pos, key, label, T.center_crop(img, side), None
 
-    def _resampled_raw(self, worker: int, workers: int):
+    def _resampled_raw(self, worker: int, workers: int, *salt: int):
         s = self.spec
-        rng = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 3])
+        rng = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, *(salt or (3,))])
         empty_visits = 0
         while True:
             k = int(rng.integers(len(s.urls)))
@@ -276,8 +302,12 @@ class ShardStream(IterableDataset):
         self._skips.clear()
         return images, labels, keys, skips
 
-    def worker_batches(self, worker: int = 0, workers: int = 1) -> Iterator[tuple]:
-        """The batches of DataLoader worker `worker` of `workers` (the whole stream when 1)."""
+    def worker_batches(self, worker: int = 0, workers: int = 1, start: int = 0) -> Iterator[tuple]:
+        """The batches of DataLoader worker `worker` of `workers` (the whole stream when 1):
+        batches worker, worker + workers, … of the epoch, from the first one ≥ `start` on.
+        Batches before `start` are fast-forwarded: their samples are read (the shuffle buffer
+        needs them) but never decoded or augmented; what follows is bit for bit what a full
+        pass yields, because no batch depends on the decoding of another (see _fill)."""
         self._skips: Counter = Counter()
         self._logged: set[str] = set()
         s = self.spec
@@ -285,35 +315,60 @@ class ShardStream(IterableDataset):
             yield from self._eval_batches(worker, workers)
             return
         offset, nb = worker_slice(self.num_batches, s.batch, worker, workers)
-        if nb == 0:
+        skip = len(range(worker, min(start, self.num_batches), workers))  # this worker's batches before start
+        if nb - skip <= 0:
             return
         first, _ = self.replica_range()
-        need = nb * s.batch
-        aug = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 2])
+        a, need = first + offset, nb * s.batch
+        shuf = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 4])
+        order = shard_order(len(s.urls), s.seed, self.epoch)
         if s.resampled:
-            shuf = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 4])
-            stream = self._decoded(self._shuffled(self._resampled_raw(worker, workers), shuf), aug, 10 * s.total + 10)
+            own = self._shuffled(self._resampled_raw(worker, workers), shuf)
         else:
-            order = shard_order(len(s.urls), s.seed, self.epoch)
-            a = first + offset
-            own = self._raw(segments(order, s.counts, a, a + need))
-            shuf = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 4])
-            # replacements for skipped samples: the positions after the slice, one pass at most
-            spare = self._raw(segments(order, s.counts, a + need, a + need + s.total))
-            stream = _chain(self._decoded(self._shuffled(own, shuf), aug, s.total + 1),
-                            self._decoded(spare, aug, s.total + 1))
-        for b in range(nb):
-            batch = []
-            for x in stream:
-                batch.append(x)
-                if len(batch) == s.batch:
-                    break
-            if len(batch) < s.batch:
-                raise DataError(
-                    f"replica {s.replica} worker {worker}: only {b * s.batch + len(batch)} of {need} samples "
-                    f"readable in the whole data set; skipped so far: {dict(self._skips)}"
-                )
-            yield self._emit(batch)
+            own = self._shuffled(self._raw(segments(order, s.counts, a, a + need)), shuf)
+        deque(islice(own, skip * s.batch), maxlen=0)  # fast-forward
+        try:
+            for j in range(skip, nb):
+                aug = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 2, j])
+                spare = functools.partial(self._replacements, worker, workers, j, order, a + need)
+                yield self._emit(self._fill(islice(own, s.batch), spare, aug, worker + j * workers, worker))
+        finally:
+            own.close()
+
+    def _replacements(self, worker: int, workers: int, j: int, order: list[int], end: int):
+        """Raw samples that stand in for the skipped ones of the worker's batch j: the positions
+        after its slice (which ends at `end`) from j·B on, one pass over the data at most; in
+        resampled mode, shards drawn by a generator of the batch's own."""
+        s = self.spec
+        if s.resampled:
+            return self._resampled_raw(worker, workers, 5, j)
+        return self._raw(segments(order, s.counts, end + j * s.batch, end + j * s.batch + s.total))
+
+    def _fill(self, items, spare, aug: np.random.Generator, index: int, worker: int) -> list:
+        """One training batch: the decodable ones of `items` (its B samples of the shuffled slice),
+        then, for the ones that were skipped, samples from `spare()`, the batch's own replacement
+        run, in order. So a batch's content depends on its own samples only, never on what failed
+        in the batches before it; augmentation draws come from the batch's own generator `aug`."""
+        s = self.spec
+        patience = 10 * s.total + 10 if s.resampled else None
+        batch = list(self._decoded(items, aug, patience))
+        if len(batch) < s.batch:
+            raw = spare()
+            decoded = self._decoded(raw, aug, patience)
+            try:
+                for x in decoded:
+                    batch.append(x)
+                    if len(batch) == s.batch:
+                        break
+            finally:
+                decoded.close()
+                raw.close()
+        if len(batch) < s.batch:
+            raise DataError(
+                f"replica {s.replica} worker {worker}: only {len(batch)} of batch {index}'s {s.batch} samples "
+                f"readable in the whole data set; skipped so far: {dict(self._skips)}"
+            )
+        return batch
 
     def _eval_batches(self, worker: int, workers: int) -> Iterator[tuple]:
         # batch b is positions [b·B, (b+1)·B) of the replica's range, so the partial one is last
@@ -326,8 +381,3 @@ class ShardStream(IterableDataset):
             batch = list(self._decoded(self._raw(segs), None, s.batch + 1))
             if batch:
                 yield self._emit(batch)
-
-
-def _chain(*its):
-    for it in its:
-        yield from it

@@ -10,8 +10,9 @@ import torch
 
 from alexnet_pp.config import preset
 from alexnet_pp.data import build_train_loader
-from alexnet_pp.data.alignment import first_misalignment
-from alexnet_pp.data.testing import make_shards
+
+from shardsets import make_shards
+from stream_alignment import first_misalignment
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -10,7 +10,8 @@ from alexnet_pp.data import build_eval_loader, build_train_loader
 from alexnet_pp.data.shards import Encoded, write_split
 from alexnet_pp.data.stream import DataError
 from alexnet_pp.data.tarstream import ShardOpenError
-from alexnet_pp.data.testing import jpeg_bytes, make_shards, random_image, truncate
+
+from shardsets import jpeg_bytes, make_shards, random_image, truncate
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -9,7 +9,8 @@ import pytest
 from alexnet_pp.data.shards import Encoded, read_manifest, write_split
 from alexnet_pp.data.sources import NoShardsError, resolve
 from alexnet_pp.data.tarstream import ShardOpenError, ShardTruncated, count_samples, iter_samples
-from alexnet_pp.data.testing import make_shards, truncate
+
+from shardsets import make_shards, truncate
 
 
 def _enc(i, size=100):
@@ -26,12 +27,25 @@ def test_write_split_limits_manifest_and_content(tmp_path):
     assert rep.bad == [("img5", "broken")]
     with tarfile.open(tmp_path / "train-000001.tar") as t:
         names = t.getnames()
-    assert names[:4] == ["k004.jpg", "k004.cls", "k006.jpg", "k006.cls"]  # 5 was skipped
+    assert names[:4] == ["k004.cls", "k004.jpg", "k006.cls", "k006.jpg"]  # 5 was skipped
     # byte limit: 100-byte payloads take 512 + 512 + 512 + 512 bytes per sample in the tar
     rep = write_split(tmp_path / "b", "val", 10, _enc, {"p": 2}, max_count=100, max_bytes=1024 + 3 * 2048)
     assert [e["count"] for e in read_manifest(tmp_path / "b", "val")["shards"]] == [3, 3, 3]
     for e in read_manifest(tmp_path / "b", "val")["shards"]:
         assert (tmp_path / "b" / e["name"]).stat().st_size <= 1024 + 3 * 2048 + 10240  # tar pads to 10 KiB blocks
+
+
+def test_shards_are_what_webdataset_tarwriter_writes(tmp_path):
+    import webdataset as wds
+
+    write_split(tmp_path, "train", 8, _enc, {"p": 1}, max_count=4)
+    for shard, indices in (("train-000000.tar", [0, 1, 2, 3]), ("train-000001.tar", [4, 6, 7])):
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False) as w:
+            for i in indices:
+                e = _enc(i)
+                w.write({"__key__": e.key, "jpg": e.data, "cls": str(e.label).encode()})
+        assert (tmp_path / shard).read_bytes() == buf.getvalue()
 
 
 def test_write_split_resumes_without_duplicates_or_holes(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from alexnet_pp.config import preset
 from alexnet_pp.data import build_eval_loader, build_train_loader
 from alexnet_pp.data.stream import segments, worker_slice
-from alexnet_pp.data.testing import make_shards
+
+from shardsets import make_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -181,3 +182,29 @@ def test_batch_multiple_rounds_epochs_to_whole_steps(uneven):
     assert [len(ld) for ld in lds] == [6, 6]
     seen = [k for ld in lds for k in keys_of(ld)]
     assert len(seen) == 60 and set(seen) == set(all_keys)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("replicas,micro,workers", [(1, 3, 1), (2, 5, 2), (3, 2, 1), (4, 1, 3)])
+def test_batch_multiple_gives_whole_steps_with_every_sample(uneven, replicas, micro, workers, m):
+    """Any M: whole optimizer steps, the same on every replica, every sample at least once and
+    fewer than replicas × M × micro seen twice (also where M does not divide a replica's share)."""
+    root, all_keys = uneven
+    cfg = shard_cfg(root, workers=workers)
+    lds = [build_train_loader(cfg, r, replicas, epoch=2, micro_batch=micro, batch_multiple=m) for r in range(replicas)]
+    share = -(-len(all_keys) // (replicas * micro))  # batches per replica without rounding
+    n = len(lds[0])
+    assert all(len(ld) == n for ld in lds) and n % m == 0 and share <= n < share + m
+    seen = Counter(k for ld in lds for ks in worker_keys(ld, workers) for k in ks)
+    assert set(seen) == set(all_keys)
+    assert sum(seen.values()) == replicas * n * micro and sum(seen.values()) - len(all_keys) < replicas * m * micro
+    assert max(seen.values()) <= 1 + (replicas * n * micro - 1) // len(all_keys)
+
+
+def test_batch_multiple_not_dividing_the_share_through_the_dataloader(uneven):
+    root, all_keys = uneven
+    cfg = shard_cfg(root, workers=2)
+    lds = [build_train_loader(cfg, r, 2, micro_batch=3, batch_multiple=4, with_keys=True) for r in range(2)]
+    assert [len(ld) for ld in lds] == [8, 8]  # ceil(32 / 6) = 6 batches, rounded up to 2 steps of 4
+    seen = Counter(k for ld in lds for k in keys_of(ld))
+    assert set(seen) == set(all_keys) and sum(seen.values()) == 48

@@ -11,7 +11,8 @@ from alexnet_pp.config import preset
 from alexnet_pp.data import build_eval_loader, build_train_loader
 from alexnet_pp.data import transforms as T
 from alexnet_pp.data.shards import Encoded, write_split
-from alexnet_pp.data.testing import jpeg_bytes
+
+from shardsets import jpeg_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .shards import shard_name
+from alexnet_pp.data.shards import shard_name
 
 
 def jpeg_bytes(img: np.ndarray, quality: int = 95) -> bytes:
