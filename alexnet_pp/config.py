@@ -69,6 +69,9 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement; needs epoch_samples
     epoch_samples: int = 0  # samples per epoch over the whole job (0: one pass over the data)
     skip_bad_shards: bool = False  # a shard that cannot be opened: error (default) or skip and count
+    # JSON file keeping the sample counts of remote shards without a manifest across processes
+    # ("": counted once per process); `data ingest` writes manifests that make counting unnecessary
+    count_cache: str = ""
 
 
 @dataclass

@@ -227,9 +227,33 @@ class PipelineWorker:
 
     def _train_iter(self, epoch: int, step: int, in_epoch: int):
         if self.coord.stage != 0:
-            return no_data()  # labels and dropout keys arrive with the activations
+            return None  # labels and dropout keys arrive with the activations
         return train_micro_batches(self.data, self.layout, self.coord.replica, self.cfg.train.seed, epoch,
                                    step, in_epoch, self.engine.device)
+
+    def _step_inputs(self, stream, step: int):
+        """What `train_batch` pulls for one step: ((images, labels, keys), labels) per micro-batch. With
+        T = 2 both towers of a first stage read and decode the images; before the step runs they compare
+        the samples' digests, so mismatched halves never train together."""
+        if stream is None:
+            return no_data()
+        if self.layout.tp == 1:
+            return ((batch, batch[1]) for batch, _ in stream)
+        chunk = [next(stream) for _ in range(self.layout.micro_batches)]
+        self._check_towers_read_alike([d for _, d in chunk], step)
+        return iter([(batch, batch[1]) for batch, _ in chunk])
+
+    def _check_towers_read_alike(self, digests: list[int], step: int) -> None:
+        mine = torch.tensor(digests, dtype=torch.int64)
+        both = [torch.empty_like(mine) for _ in range(self.layout.tp)]
+        dist.all_gather(both, mine, group=self.group.get())
+        if not all(torch.equal(both[0], other) for other in both[1:]):
+            bad = next(i for i in range(len(digests)) if len({int(t[i]) for t in both}) > 1)
+            raise WorkerError(
+                f"{self.coord.label()}: the towers of stage 0 read different samples for step {step + 1} "
+                f"(micro-batch {bad}: digests {[int(t[bad]) for t in both]}); a shard read differently on the "
+                "two ranks (changed, or a transient read error). Stopped before training on mismatched halves; "
+                "the last checkpoint is intact")
 
     def _run(self) -> RankResult:
         self._build()
@@ -246,11 +270,11 @@ class PipelineWorker:
         ckpt_every = cfg.checkpoint.every_steps
         theory = layout.theoretical_bubble()
         while step < self.total_steps:
-            it = self._train_iter(epoch, step, in_epoch)
+            stream = self._train_iter(epoch, step, in_epoch)
             while in_epoch < self.steps_per_epoch and step < self.total_steps:
                 self.timer.take()
                 t0 = time.perf_counter()
-                loss = float(self.engine.train_batch(it))
+                loss = float(self.engine.train_batch(self._step_inputs(stream, step)))
                 seconds = time.perf_counter() - t0
                 step, in_epoch = step + 1, in_epoch + 1
                 self.schedule.after_step(step)

@@ -3,20 +3,22 @@
 Two sources behind one protocol (`TrainData`): `ShardData`, the WebDataset stream of one replica
 (alexnet_pp.data), and `TensorData`, fixed in-memory global batches (benchmarks on tensors, and
 equivalence tests that feed every layout the same global batches). `train_micro_batches` and
-`eval_micro_batches` turn either into what `train_batch`/`eval_batch` consume: ((images, labels,
-dropout keys), labels), where micro-batch m of replica r in step s holds rows
+`eval_micro_batches` turn either into what `train_batch`/`eval_batch` consume: (images, labels,
+dropout keys) per micro-batch, where micro-batch m of replica r in step s holds rows
 [(r·M + m)·mb, (r·M + m + 1)·mb) of that step's global batch — the rows whose dropout keys the
 single-process trainer would give them (alexnet_pp/dropout.py).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Iterator, Optional, Protocol
 
 import torch
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.data.digest import batch_digest
 from alexnet_pp.dropout import batch_keys
 from alexnet_pp.layout import Layout
 from cluster.device_feed import pinned, prefetch_to_device
@@ -25,11 +27,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainData(Protocol):
-    """What the first pipeline stage reads. Replicas must agree on steps per epoch."""
+    """What the first pipeline stage reads. Replicas must agree on steps per epoch. An epoch yields
+    (images, labels, digest): the digest identifies the batch's samples (alexnet_pp.data.batch_digest),
+    so two ranks that read the same images independently can check they did."""
 
     def micro_batches_per_epoch(self) -> int: ...
 
-    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]: ...
 
     def eval_batches(self) -> Iterator[Batch]: ...
 
@@ -54,15 +58,16 @@ class ShardData:
 
     def _loader(self, epoch: int):
         return self._train(self.cfg, replica=self.replica, num_replicas=self.replicas, epoch=epoch,
-                           micro_batch=self.micro_batch, batch_multiple=self.multiple)
+                           micro_batch=self.micro_batch, with_keys=True, batch_multiple=self.multiple)
 
     def micro_batches_per_epoch(self) -> int:
         return self._len
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Micro-batches `start`, start + 1, … of the epoch; the ones before are never decoded (resume)."""
         self._current = self._loader(epoch)
-        for images, labels, *_ in self._current:
-            yield images, labels
+        for images, labels, keys in self._current.iter_from(start):
+            yield images, labels, batch_digest(keys, labels)
 
     def eval_batches(self) -> Iterator[Batch]:
         loader = self._eval(self.cfg, replica=self.replica, num_replicas=self.replicas)
@@ -91,21 +96,22 @@ class TensorData:
             batches = [(pinned(x), pinned(y)) for x, y in batches]
         self.batches, self.replica, self.replicas, self.m = batches, replica, replicas, micro_batches
 
-    def _split(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[Batch]:
+    def _split(self, step: int, images: torch.Tensor, labels: torch.Tensor):
         mb = labels.shape[0] // (self.replicas * self.m)
         for m in range(self.m):
             lo = (self.replica * self.m + m) * mb
-            yield images[lo : lo + mb], labels[lo : lo + mb]
+            rows = [f"{step}/{i}" for i in range(lo, lo + mb)]  # a sample's identity: its place in the data
+            yield images[lo : lo + mb], labels[lo : lo + mb], batch_digest(rows, labels[lo : lo + mb])
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.batches) * self.m
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        for images, labels in self.batches:
-            yield from self._split(images, labels)
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        micro_batches = (b for step, (x, y) in enumerate(self.batches) for b in self._split(step, x, y))
+        return itertools.islice(micro_batches, start, None)
 
     def eval_batches(self) -> Iterator[Batch]:
-        return self.epoch(0)
+        return ((x, y) for x, y, _ in self.epoch(0))
 
     def eval_batch_count(self) -> int:
         return self.micro_batches_per_epoch()
@@ -115,20 +121,21 @@ class TensorData:
 
 
 def train_micro_batches(data: TrainData, layout: Layout, replica: int, seed: int, epoch: int,
-                        first_step: int, skip_steps: int, device) -> Iterator:
-    """Epoch `epoch`'s micro-batches from step `skip_steps` of the epoch on, for `train_batch`; the
-    first one yielded belongs to global step `first_step` (0-based), which keys its dropout masks."""
+                        first_step: int, skip_steps: int, device) -> Iterator[tuple[tuple, int]]:
+    """Epoch `epoch`'s micro-batches from step `skip_steps` of the epoch on (the skipped ones are not
+    decoded), as ((images, labels, dropout keys), digest) with the tensors on `device`. The first one
+    belongs to global step `first_step` (0-based), which keys its dropout masks."""
     m, mb = layout.micro_batches, layout.micro_batch
-    stream = data.epoch(epoch)
-    for _ in range(skip_steps * m):  # resume mid-epoch on the same stream
-        next(stream)
+    digests: collections.deque[int] = collections.deque()
 
     def keyed():
-        for k, (images, labels) in enumerate(stream):
+        for k, (images, labels, digest) in enumerate(data.epoch(epoch, skip_steps * m)):
             step, i = first_step + k // m, k % m
+            digests.append(digest)
             yield images, labels, batch_keys(seed, step, (replica * m + i) * mb, labels.shape[0])
 
-    return (((x, y, keys), y) for x, y, keys in prefetch_to_device(keyed(), device))
+    for batch in prefetch_to_device(keyed(), device):  # reads one ahead: the digests queue in order
+        yield batch, digests.popleft()
 
 
 def eval_micro_batches(data: TrainData, layout: Layout, n: int, blank_images: torch.Tensor) -> Iterator:

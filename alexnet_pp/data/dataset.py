@@ -111,9 +111,8 @@ def _lock(root: Path):
 def resolve_split(cfg, split: str) -> ShardList:
     d = cfg.data
     spec = getattr(d, split) or d.synthetic_dir
-    # data.count_cache (a file keeping remote shards' sample counts across processes) is read
-    # when the config has it; without it remote counts are kept per process
-    return resolve(spec, split, skip_bad_shards=d.skip_bad_shards, count_cache=getattr(d, "count_cache", "") or None)
+    # remote shards without a manifest are counted once per process, or once ever with data.count_cache
+    return resolve(spec, split, skip_bad_shards=d.skip_bad_shards, count_cache=d.count_cache or None)
 
 
 def ensure_dataset(cfg) -> DatasetInfo:

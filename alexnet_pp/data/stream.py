@@ -19,8 +19,11 @@ does not own. Sample-level slicing, rather than handing whole shards to workers,
 #303/#188/#225: rank/worker imbalance, hangs with few shards).
 
 Each worker shuffles its slice through a buffer (cfg.data.shuffle_buffer); its j-th batch is
-the next B samples of that shuffled stream, decoded and augmented with a generator of the
-batch's own (seeded with j). A sample that turns out corrupt is skipped, counted and replaced
+the next B samples of that shuffled stream, decoded and augmented with draws keyed by each
+sample's position (transforms.SampleRandom), so an image is augmented the same way whatever
+batch it lands in: with one reader per replica (data.workers ≤ 1) a replica's sample stream and
+its augmentation do not depend on the micro-batch size, and every pipeline layout with the same
+D trains on the single-process trainer's images. A sample that turns out corrupt is skipped, counted and replaced
 from the batch's own replacement run: the positions that follow the worker's slice, starting
 j·B after its end (wrapping, at most one pass over the data). So every worker emits exactly its
 full batches and never runs dry (only if the whole data set cannot fill a batch does it raise),
@@ -249,7 +252,7 @@ class ShardStream(IterableDataset):
         for i in rng.permutation(len(buf)).tolist():
             yield buf[i]
 
-    def _decoded(self, it, rng: Optional[np.random.Generator], patience: Optional[int] = None):
+    def _decoded(self, it, rng: Optional[T.SampleRandom], patience: Optional[int] = None):
         """(position, key, label, crop(s), lighting offset) of the samples that decode; DataError
         after more than `patience` failures in a row."""
         s, side = self.spec, self.spec.image_size
@@ -265,7 +268,8 @@ class ShardStream(IterableDataset):
                 continue
             failures = 0
             if rng is not None:
-                yield pos, key, label, T.random_crop(img, side, rng, s.flip), T.lighting_offset(rng, s.color_noise)
+                g = rng.at(pos)
+                yield pos, key, label, T.random_crop(img, side, g, s.flip), T.lighting_offset(g, s.color_noise)
             elif s.eval_crops == 10:
                 yield pos, key, label, T.ten_crop(img, side), None
             else:
@@ -327,9 +331,9 @@ class ShardStream(IterableDataset):
         else:
             own = self._shuffled(self._raw(segments(order, s.counts, a, a + need)), shuf)
         deque(islice(own, skip * s.batch), maxlen=0)  # fast-forward
+        aug = T.SampleRandom(s.seed, self.epoch)
         try:
             for j in range(skip, nb):
-                aug = np.random.default_rng([s.seed, self.epoch, s.replica, worker, workers, 2, j])
                 spare = functools.partial(self._replacements, worker, workers, j, order, a + need)
                 yield self._emit(self._fill(islice(own, s.batch), spare, aug, worker + j * workers, worker))
         finally:
@@ -344,11 +348,11 @@ class ShardStream(IterableDataset):
             return self._resampled_raw(worker, workers, 5, j)
         return self._raw(segments(order, s.counts, end + j * s.batch, end + j * s.batch + s.total))
 
-    def _fill(self, items, spare, aug: np.random.Generator, index: int, worker: int) -> list:
+    def _fill(self, items, spare, aug: T.SampleRandom, index: int, worker: int) -> list:
         """One training batch: the decodable ones of `items` (its B samples of the shuffled slice),
         then, for the ones that were skipped, samples from `spare()`, the batch's own replacement
         run, in order. So a batch's content depends on its own samples only, never on what failed
-        in the batches before it; augmentation draws come from the batch's own generator `aug`."""
+        in the batches before it; augmentation draws are the sample's own (`aug`, keyed by position)."""
         s = self.spec
         patience = 10 * s.total + 10 if s.resampled else None
         batch = list(self._decoded(items, aug, patience))

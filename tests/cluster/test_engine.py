@@ -222,3 +222,70 @@ def test_engine_on_cuda_matches_the_plain_step(tmp_path, monkeypatch, precision,
     ref_losses, _ = reference(cfg, batches, "cuda")
     results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2))
     torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=tol, atol=tol)
+
+
+class DivergentTower(TensorData):
+    """Tower 1 of stage 0 reads another label for one sample of the second step (a transient read error)."""
+
+    def _split(self, step, images, labels):
+        if step == 1:
+            labels = labels.clone()
+            labels[0] = (labels[0] + 1) % 10
+        yield from super()._split(step, images, labels)
+
+
+def divergent_factory(batches, rank):
+    cls = DivergentTower if rank == 1 else TensorData  # rank 1: stage 0, tower 1
+    return cls(batches, replica=0, replicas=1, micro_batches=2)
+
+
+@pytest.mark.e2e
+def test_towers_that_read_different_samples_stop_before_training_on_them(tmp_path):
+    cfg = layout_cfg(tmp_path, 2, 2, 1, 2, **{"checkpoint.resume": "false"})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    with pytest.raises(RuntimeError, match=r"towers of stage 0 read different samples for step 2 \(micro-batch 0"):
+        run_local(cfg, functools.partial(divergent_factory, batches))
+
+
+@pytest.mark.e2e
+def test_a_rank_allocates_only_its_stage_and_towers_parameters(tmp_path):
+    """The paper network at (P, T, D) = (4, 2, 1): every part a rank ever builds is one it holds."""
+    from alexnet_pp.shapes import layer_param_counts
+
+    cfg = load_config("paper", overrides={
+        "parallel.pp": "4", "parallel.tp": "2", "parallel.micro_batches": "2", "parallel.partition": "flops",
+        "train.batch_size": "2", "train.max_steps": "1", "train.eval_every": "100", "train.threads": "1",
+        "checkpoint.dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "runs"),
+        "data.train": "unused", "data.val": "unused"})
+    batches = make_batches(1, 2, size=224, classes=1000)
+    results = run_local(cfg, functools.partial(counting_factory, batches, tmp_path), keep_parameters=True)
+    per_layer = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"),
+                         layer_param_counts(cfg.model)))
+    total = 0
+    for res in results:
+        held = sum(p.numel() for p in res.parameters.values())
+        built = int((tmp_path / f"built-{res.coord['rank']}").read_text())
+        layers = {k.split(".")[-2] for k in res.parameters}
+        expected = sum(per_layer[n] if n == "fc8" else per_layer[n] // 2 for n in layers)
+        assert built == held == expected, (res.coord, built, held, expected)
+        total += held
+    assert total == sum(per_layer.values()) + per_layer["fc8"]  # the whole network once, fc8 on both towers
+
+
+def counting_factory(batches, out_dir, rank):
+    """Runs in the rank's process before its engine is built: count every parameter the rank creates."""
+    import alexnet_pp.model as model
+    import alexnet_pp.pipeline as pipeline
+    import cluster.stage_layers as stage_layers
+
+    built = [0]
+    original = model.build_part
+
+    def counted(*args, **kwargs):
+        part = original(*args, **kwargs)
+        built[0] += sum(p.numel() for p in part.parameters())
+        (out_dir / f"built-{rank}").write_text(str(built[0]))
+        return part
+
+    model.build_part = pipeline.build_part = stage_layers.build_part = counted
+    return TensorData(batches, replica=0, replicas=1, micro_batches=2)
