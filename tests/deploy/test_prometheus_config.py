@@ -22,7 +22,7 @@ import yaml
 
 from cluster.discovery import DiscoveryServer, register_endpoint
 from cluster.engine import StepStats
-from cluster.metrics import WorkerMetrics, cuda_only_names, lead_only_names, sample_names
+from cluster.metrics import SPECS, WorkerMetrics, cuda_only_names, lead_only_names, sample_names
 from cluster.topology import Coord
 from tests.prometheus_server import (PrometheusServer, assert_dashboard_results, dashboard_expressions,
                                      evaluate_dashboard_expressions, metric_names, requires_prometheus,
@@ -59,17 +59,30 @@ def test_promtool_check_rules():
     r = subprocess.run([PROMTOOL, "check", "rules", str(PROM_DIR / "alerts.yml")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 rules found" in r.stdout + r.stderr
+    assert "6 rules found" in r.stdout + r.stderr
 
 
-def alert_rules() -> list[dict]:
+def all_rules() -> list[dict]:
     return [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
 
 
+def alert_rules() -> list[dict]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in all_rules() if "record" in r}
+
+
+# Series Prometheus makes itself for every target (what alerts on scrape health select).
+PROMETHEUS_OWN = {"up"}
+
+
 def test_alerts_and_config_use_only_exported_metrics():
-    known = sample_names()
-    for rule in alert_rules():
-        assert metric_names(rule["expr"]) <= known, (rule["alert"], metric_names(rule["expr"]) - known)
+    known = sample_names() | recorded_names() | PROMETHEUS_OWN
+    for rule in all_rules():
+        name = rule.get("alert") or rule["record"]
+        assert metric_names(rule["expr"]) <= known, (name, metric_names(rule["expr"]) - known)
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     job = cfg["scrape_configs"][0]
     assert job["honor_labels"] is True  # discovery's target labels repeat the exporters' labels
@@ -100,13 +113,25 @@ tests:
       - series: 'alexnet_pp_steps_planned{run="c",stage="0",tower="0",replica="0",node="n"}'
         values: '10x40'
       # run d: the worker restarts at minute 10 (a new process: a new instance, restarts = 1)
-      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:1"}'
+      - series: 'alexnet_pp_worker_restarts{run="d",stage="0",tower="0",replica="0",node="n",instance="h:1"}'
         values: '0x10'
-      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:2"}'
+      - series: 'alexnet_pp_worker_restarts{run="d",stage="0",tower="0",replica="0",node="n",instance="h:2"}'
         values: '_x10 1x30'
-      # run e: decode errors from minute 10
+      # run e: decode errors from minute 10 to minute 40
       - series: 'alexnet_pp_samples_skipped_total{run="e",kind="decode",stage="0",tower="0",replica="0",node="n"}'
-        values: '0x10 0+2x10'
+        values: '0x10 0+2x30'
+      # run f: one worker endpoint stops answering at minute 10; run g's answers again after a minute
+      - series: 'up{job="alexnet-pp",run="f",instance="h:3"}'
+        values: '1x10 0x20'
+      - series: 'up{job="alexnet-pp",run="g",instance="h:4"}'
+        values: '1x10 0 1x20'
+    promql_expr_test:
+      # the recorded job throughput: 100 images per minute
+      - expr: run:alexnet_pp_images:rate5m
+        eval_time: 20m
+        exp_samples:
+          - labels: 'run:alexnet_pp_images:rate5m{run="a"}'
+            value: 1.6666666666666667
     alert_rule_test:
       - {eval_time: 25m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
       - eval_time: 40m
@@ -123,9 +148,14 @@ tests:
         exp_alerts: [{exp_labels: {severity: warning, run: d}}]
       - {eval_time: 39m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
       - {eval_time: 5m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}
-      - eval_time: 15m
+      - {eval_time: 15m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}  # skipping for 4 minutes
+      - eval_time: 25m
         alertname: AlexnetPPSamplesSkipped
         exp_alerts: [{exp_labels: {severity: warning, run: e, kind: decode}}]
+      - {eval_time: 11m, alertname: AlexnetPPTargetDown, exp_alerts: []}
+      - eval_time: 13m
+        alertname: AlexnetPPTargetDown
+        exp_alerts: [{exp_labels: {severity: critical, job: alexnet-pp, run: f, instance: "h:3"}}]
 """
 
 
@@ -143,6 +173,34 @@ def test_alerts_fire_when_they_should(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_job_throughput_is_recorded_once_and_read_by_alert_and_dashboard():
+    """sum by (run) (rate(alexnet_pp_images_total[...])) is written once, as the recording rule; the
+    throughput alert and the dashboard's total throughput panel read the recorded series."""
+    [rule] = [r for r in all_rules() if r.get("record") == "run:alexnet_pp_images:rate5m"]
+    assert " ".join(rule["expr"].split()) == "sum by (run) (rate(alexnet_pp_images_total[5m]))"
+    job_rate = re.compile(r"sum\s+by\s*\(\s*run\s*\)\s*\(\s*rate\(\s*alexnet_pp_images_total")
+    others = [(r["alert"], r["expr"]) for r in alert_rules()] + \
+        [(t, e) for t, _, e in dashboard_expressions(load_dashboard())]
+    for name, expr in others:
+        assert not job_rate.search(expr), (name, expr)
+    [drop] = [r for r in alert_rules() if r["alert"] == "AlexnetPPThroughputDropped"]
+    assert "run:alexnet_pp_images:rate5m" in metric_names(drop["expr"])
+    total = [e for t, _, e in dashboard_expressions(load_dashboard()) if t == "Throughput: total images/s"]
+    assert total and all(metric_names(e) == {"run:alexnet_pp_images:rate5m"} for e in total)
+
+
+def test_every_alert_waits_before_firing_and_targets_going_down_alert():
+    """A condition must hold for a while before it pages (a `for:`), except the restart alert, whose
+    condition already spans 15 minutes of history; scrape failures of listed targets alert."""
+    for rule in alert_rules():
+        if rule["alert"] != "AlexnetPPWorkerRestarted":
+            assert "for" in rule, rule["alert"]
+    [down] = [r for r in alert_rules() if r["alert"] == "AlexnetPPTargetDown"]
+    assert metric_names(down["expr"]) == {"up"} and 'job="alexnet-pp"' in down["expr"]
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    assert cfg["scrape_configs"][0]["job_name"] == "alexnet-pp"  # the job the alert selects
+
+
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
@@ -153,7 +211,7 @@ def test_dashboard_is_valid_and_selects_only_exported_metrics():
     assert "run" in variables and "alexnet_pp_" in json.dumps(variables["run"]["query"])
     exprs = dashboard_expressions(dash)
     assert len(exprs) >= 14
-    known = sample_names()
+    known = sample_names() | recorded_names()
     used: set[str] = set()
     for title, ref, expr in exprs:
         names = metric_names(expr)
@@ -168,8 +226,10 @@ def test_dashboard_is_valid_and_selects_only_exported_metrics():
     for needed in ("images/s", "per replica", "p50 / p95", "bubble", "phase", "data wait", "loss", "learning rate",
                    "accuracy", "memory", "gpu", "skipped", "restarts"):
         assert needed in titles, needed
-    # every family the exporter defines is on the dashboard (histograms through one of their series)
-    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in known}
+    # every family the exporter defines is on the dashboard (histograms through one of their series), and
+    # of the standard process collector the resident memory
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in sample_names(SPECS)}
+    families.add("process_resident_memory_bytes")
     assert families <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
 
 
@@ -270,14 +330,16 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(tmp_path
             # (a short window: rate() divides by the whole window, and these series are seconds old)
             ips = float(prom.query(f'sum(rate(alexnet_pp_images_total{{run="{run}"}}[4s]))')[0]["value"][1])
             assert 64 / 0.6 < ips < 64 / 0.1
-            assert float(prom.query(f'max(alexnet_pp_worker_restarts_total{{run="{run}"}})')[0]["value"][1]) == 1
+            assert float(prom.query(f'max(alexnet_pp_worker_restarts{{run="{run}"}})')[0]["value"][1]) == 1
 
-            # the alert rules load and evaluate cleanly against live data
+            # the rules load and evaluate cleanly against live data
             groups = prom.api("rules")["groups"]
-            assert {r["name"] for g in groups for r in g["rules"]} == {a["alert"] for a in alert_rules()}
+            assert {r["name"] for g in groups for r in g["rules"]} == \
+                {r.get("alert") or r["record"] for r in all_rules()}
             assert all(r["health"] in ("ok", "unknown") for g in groups for r in g["rules"]), groups
-            for rule in alert_rules():
+            for rule in all_rules():
                 prom.query(rule["expr"])  # raises on an error
+            assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "AlexnetPPTargetDown"]
     finally:
         sd.close()
         job.close()
