@@ -44,22 +44,6 @@ def test_kuberay_manifests_pin_the_installed_ray():
         assert spec["rayVersion"] == RAY_VERSION, name
 
 
-def test_launcher_yaml_and_its_documented_submit_command():
-    text = (DEPLOY / "ray" / "cluster.yaml").read_text()
-    cluster = yaml.safe_load(text)
-    assert cluster["head_node_type"] in cluster["available_node_types"]
-    # the submit command in the file's header parses into a valid job
-    header = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
-    start = next(i for i, line in enumerate(header) if line.startswith("python -m cluster.job"))
-    parts = []
-    for line in header[start:]:
-        parts.append(line.rstrip("\\").strip())
-        if not line.endswith("\\"):
-            break
-    cfg = entrypoint_config(" ".join(parts))
-    assert build_topology(cfg).world_size == 8
-
-
 def test_dockerfile_copies_every_package_and_installs_the_project():
     docker = (DEPLOY / "docker" / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (?:--\S+ )*(\S+)", docker, re.M))
