@@ -1,9 +1,15 @@
-"""deploy/ manifests: what they run must be a valid alexnet-pp job for the versions this repo pins."""
+"""deploy/ manifests: what they run must be a valid alexnet-pp job for the versions this repo pins, and
+the command lines they hold must mean, to the shells that run them, what they say.
 
-from importlib.metadata import version
+KubeRay's RayJob and the launcher's header are checked word by word as bash and /bin/sh split them
+(tests/deploy/shellwords.py), never with shlex. deploy/ray/cluster.yaml has its own tests in
+test_launcher.py, the KubeRay fields theirs in test_kuberay.py.
+"""
+
+from __future__ import annotations
 
 import re
-import shlex
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -11,39 +17,126 @@ import yaml
 
 from cluster.job import config_from_args
 from cluster.topology import build_topology
-from tests.deploy.shellwords import SH, run_recorded
+from tests.deploy.shellwords import (BASH, SH, documented_command, job_supervisor_words,
+                                     kuberay_submitted_entrypoint, run_recorded)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 # Not `import ray`: importing it fixes its auth mode for the process before test_job's fixtures set it.
 RAY_VERSION = version("ray")
+SD_PORT = 9400  # the one service-discovery port of every deploy file
 
 
-def entrypoint_config(entrypoint: str):
-    argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "cluster.job"], argv[:3]
-    cfg, _ = config_from_args(argv[3:])
+def entrypoint_config(words: list[str]):
+    assert words[:3] == ["python", "-m", "cluster.job"], words[:3]
+    cfg, _ = config_from_args(words[3:])
     return cfg
 
 
+def kuberay(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
+
+
+def rayjob_driver_words() -> list[str]:
+    """The RayJob's entrypoint as its driver process receives it: KubeRay's `bash -c` submit command,
+    then the job supervisor's `/bin/sh -c`."""
+    words = kuberay_submitted_entrypoint(kuberay("rayjob.yaml")["spec"]["entrypoint"])
+    for shell in (SH, BASH):  # whichever shell /bin/sh is in the image
+        assert job_supervisor_words(words, shell) == words, shell
+    return words
+
+
+def test_rayjob_entrypoint_survives_kuberays_shells_word_for_word():
+    words = rayjob_driver_words()
+    assert len(words) < 40, len(words)  # brace patterns would expand into ~1300 shard paths here
+    assert not any(c in w for w in words for c in "{}*?[]$`\\'\""), words
+
+
 def test_rayjob_runs_a_valid_paper_job():
-    job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
+    job = kuberay("rayjob.yaml")
     assert job["kind"] == "RayJob"
-    cfg = entrypoint_config(job["spec"]["entrypoint"])
+    cfg = entrypoint_config(rayjob_driver_words())
     topo = build_topology(cfg)
     assert (cfg.model.width, cfg.model.image_size, cfg.model.num_classes) == (1.0, 224, 1000)
     assert cfg.checkpoint.dir.startswith("/shared") and cfg.out_dir.startswith("/shared")  # every node sees them
+    # the shards: folders with their train-/val-manifest.json, on the volume every pod mounts read-only
+    assert cfg.data.train == cfg.data.val == "/data/imagenet"
+    assert cfg.metrics.host == "node" and cfg.metrics.sd_port == SD_PORT  # the pod's own address, port 9400
     gpus_per_node = int(job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
                         ["resources"]["limits"]["nvidia.com/gpu"])
     workers = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert topo.world_size * cfg.parallel.gpus_per_worker <= gpus_per_node * workers
 
 
+def test_raycluster_documented_submit_runs_a_valid_job_with_the_clusters_token():
+    text = (DEPLOY / "kuberay" / "raycluster.yaml").read_text()
+    script = "\n".join(documented_command(text, first) for first in
+                       ("export RAY_AUTH_MODE", "export RAY_AUTH_TOKEN", "ray job submit"))
+    fakes = {"kubectl": "printf c2VjcmV0LXRva2Vu"}  # base64 of the Secret's auth_token: "secret-token"
+    [call] = [c for c in run_recorded(script, record=["ray"], fakes=fakes) if c.argv[:2] == ["job", "submit"]]
+    assert call.env["RAY_AUTH_MODE"] == "token" and call.env["RAY_AUTH_TOKEN"] == "secret-token"
+    entry = call.argv[call.argv.index("--") + 1:]
+    assert job_supervisor_words(entry, SH) == job_supervisor_words(entry, BASH) == entry
+    cfg = entrypoint_config(entry)
+    assert build_topology(cfg).world_size == 8
+    assert cfg.metrics.host == "node" and cfg.metrics.sd_port == SD_PORT
+
+
+def test_metrics_and_discovery_stay_on_loopback_unless_a_file_asks():
+    """Exporters and discovery bind 127.0.0.1 by default; the cluster files ask for the node's own
+    address (--metrics.host node, as test_launcher and the tests above check), never for every interface."""
+    from alexnet_pp.config import RunConfig
+
+    assert RunConfig().metrics.host == "127.0.0.1"
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            assert not re.search(r"metrics\.host[ =](0\.0\.0\.0|::|\"\")", path.read_text()), path
+
+
 def test_kuberay_manifests_pin_the_installed_ray():
     for name in ("rayjob.yaml", "raycluster.yaml"):
-        doc = yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
+        doc = kuberay(name)
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
         assert spec["rayVersion"] == RAY_VERSION, name
+
+
+def all_images() -> dict[str, str]:
+    out = {"deploy/ray/cluster.yaml": yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())["docker"]["image"]}
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        doc = kuberay(name)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for c in group["template"]["spec"]["containers"]:
+                out[f"{name}:{c['name']}"] = c["image"]
+    return out
+
+
+def test_every_manifest_runs_the_same_pinned_image():
+    [project_version] = re.findall(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    images = all_images()
+    assert set(images.values()) == {f"alexnet-pp:{project_version}"}, images  # never :latest
+    built = documented_command((DEPLOY / "docker" / "Dockerfile").read_text(), "docker build -t")
+    [call] = run_recorded(built, record=["docker"])
+    assert call.argv[call.argv.index("-t") + 1] == f"alexnet-pp:{project_version}"
+
+
+def test_one_service_discovery_port_everywhere():
+    ports = {"rayjob entrypoint": entrypoint_config(rayjob_driver_words()).metrics.sd_port}
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        doc = kuberay(name)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        [head] = spec["headGroupSpec"]["template"]["spec"]["containers"]
+        ports[f"{name} head port"] = {p.get("name"): p["containerPort"] for p in head["ports"]}["metrics-sd"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    url = prom["scrape_configs"][0]["http_sd_configs"][0]["url"]
+    ports["prometheus.yml"] = int(re.fullmatch(r"http://127\.0\.0\.1:(\d+)/targets", url).group(1))
+    [ports["Dockerfile EXPOSE"]] = [int(p) for p in re.findall(r"^EXPOSE (\d+)$",
+                                                               (DEPLOY / "docker" / "Dockerfile").read_text(), re.M)]
+    for path in DEPLOY.rglob("*"):  # every port a deploy file mentions next to discovery
+        if path.is_file():
+            for m in re.finditer(r"sd_port[ =](\d+)|:(\d+)/targets", path.read_text()):
+                ports[f"{path.relative_to(REPO)}: {m.group(0)}"] = int(m.group(1) or m.group(2))
+    assert set(ports.values()) == {SD_PORT}, ports
 
 
 # --- the image -----------------------------------------------------------------------------------------
