@@ -24,7 +24,8 @@ from typing import Mapping, Optional, Sequence
 BASH = shutil.which("bash") or "/bin/bash"
 SH = "/bin/sh"
 # What a recording function reports about its caller's environment.
-ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_HEAD_IP")
+ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_HEAD_IP",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 _US, _RS, _GS = "\x1f", "\x1e", "\x1d"  # separators: never in a command line of ours
 
 
@@ -60,7 +61,8 @@ def _parse(log: Path) -> list[Call]:
 
 
 def run_recorded(script: str, record: Sequence[str], fakes: Optional[Mapping[str, str]] = None,
-                 shell: str = BASH, env: Optional[Mapping[str, str]] = None) -> list[Call]:
+                 shell: str = BASH, env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[Path] = None) -> list[Call]:
     """Run `script` in `shell -c`, with each command in `record` replaced by a function that records its
     arguments (and, for `sudo tee`, its input), and each command in `fakes` by a function with that body.
     Returns the recorded calls in order; raises CalledProcessError when the script fails."""
@@ -69,7 +71,7 @@ def run_recorded(script: str, record: Sequence[str], fakes: Optional[Mapping[str
         prefix = _recorder(record, log) + "".join(f"{n}() {{ {body}; }}; " for n, body in (fakes or {}).items())
         run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "LC_ALL": "C", **(env or {})}
         subprocess.run([shell, "-c", prefix + script + "\nwait"], env=run_env, check=True, capture_output=True, text=True,
-                       timeout=60, stdin=subprocess.DEVNULL)
+                       timeout=60, stdin=subprocess.DEVNULL, cwd=cwd)
         return _parse(log)
 
 
