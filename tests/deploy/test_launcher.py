@@ -16,8 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.job import config_from_args
-from cluster.topology import build_topology
+from tests.deploy.jobconfig import entrypoint_config
 from tests.deploy.ray_cli import ray_checks
 from tests.deploy.shellwords import (BASH, SH, documented_command, job_supervisor_words, run_recorded,
                                      shell_words)
@@ -116,9 +115,8 @@ def test_documented_submit_command_runs_a_valid_job():
     entry = call.argv[call.argv.index("--") + 1:]
     for shell in (SH, BASH):  # the job supervisor's /bin/sh, whichever shell that is
         assert job_supervisor_words(entry, shell) == entry
-    assert entry[:3] == ["python", "-m", "cluster.job"]
-    cfg, _ = config_from_args(entry[3:])
-    assert build_topology(cfg).world_size == 8
+    cfg = entrypoint_config(entry)
+    assert cfg.world_size == 8
     assert cfg.metrics.host == "node" and cfg.metrics.sd_port == 9400
     for path in (cfg.checkpoint.dir, cfg.out_dir, cfg.data.train, cfg.data.val):
         assert path.startswith("/shared/"), path  # on the file system every node mounts

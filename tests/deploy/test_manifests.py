@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.job import config_from_args
-from cluster.topology import build_topology
+from tests.deploy.jobconfig import entrypoint_config
 from tests.deploy.shellwords import (BASH, SH, documented_command, job_supervisor_words,
                                      kuberay_submitted_entrypoint, run_recorded)
 
@@ -25,12 +24,6 @@ REPO = DEPLOY.parent
 # Not `import ray`: importing it fixes its auth mode for the process before test_job's fixtures set it.
 RAY_VERSION = version("ray")
 SD_PORT = 9400  # the one service-discovery port of every deploy file
-
-
-def entrypoint_config(words: list[str]):
-    assert words[:3] == ["python", "-m", "cluster.job"], words[:3]
-    cfg, _ = config_from_args(words[3:])
-    return cfg
 
 
 def kuberay(name: str) -> dict:
@@ -56,7 +49,6 @@ def test_rayjob_runs_a_valid_paper_job():
     job = kuberay("rayjob.yaml")
     assert job["kind"] == "RayJob"
     cfg = entrypoint_config(rayjob_driver_words())
-    topo = build_topology(cfg)
     assert (cfg.model.width, cfg.model.image_size, cfg.model.num_classes) == (1.0, 224, 1000)
     assert cfg.checkpoint.dir.startswith("/shared") and cfg.out_dir.startswith("/shared")  # every node sees them
     # the shards: folders with their train-/val-manifest.json, on the volume every pod mounts read-only
@@ -65,7 +57,7 @@ def test_rayjob_runs_a_valid_paper_job():
     gpus_per_node = int(job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
                         ["resources"]["limits"]["nvidia.com/gpu"])
     workers = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
-    assert topo.world_size * cfg.parallel.gpus_per_worker <= gpus_per_node * workers
+    assert cfg.world_size * cfg.parallel.gpus_per_worker <= gpus_per_node * workers
 
 
 def test_raycluster_documented_submit_runs_a_valid_job_with_the_clusters_token():
@@ -78,7 +70,7 @@ def test_raycluster_documented_submit_runs_a_valid_job_with_the_clusters_token()
     entry = call.argv[call.argv.index("--") + 1:]
     assert job_supervisor_words(entry, SH) == job_supervisor_words(entry, BASH) == entry
     cfg = entrypoint_config(entry)
-    assert build_topology(cfg).world_size == 8
+    assert cfg.world_size == 8
     assert cfg.metrics.host == "node" and cfg.metrics.sd_port == SD_PORT
 
 

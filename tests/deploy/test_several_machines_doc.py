@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.job import config_from_args
+from tests.deploy.jobconfig import entrypoint_config
 from tests.deploy.ray_cli import ray_checks
 from tests.deploy.shellwords import BASH, SH, job_supervisor_words, run_recorded
 
@@ -76,10 +76,9 @@ def submitted_configs():
             entry = call.argv[call.argv.index("--") + 1:]
             for shell in (SH, BASH):
                 assert job_supervisor_words(entry, shell) == entry
-            assert entry[:3] == ["python", "-m", "cluster.job"]
             address = call.argv[call.argv.index("--address") + 1]
             excludes = json.loads(call.argv[call.argv.index("--runtime-env-json") + 1])["excludes"]
-            out.append((address, excludes, config_from_args(entry[3:])[0]))
+            out.append((address, excludes, entrypoint_config(entry)))
     return out
 
 
