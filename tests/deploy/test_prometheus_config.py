@@ -90,85 +90,27 @@ def test_alerts_and_config_use_only_exported_metrics():
     assert cfg["rule_files"] == ["alerts.yml"]
 
 
-# Each alert made to fire on a synthetic history, and kept quiet where it must (promtool test rules).
-ALERT_TESTS = """
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      # run a: 100 images/min for 30 min, then 10/min
-      - series: 'alexnet_pp_images_total{run="a",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+100x30 3010+10x30'
-      # run b: steps every minute until minute 10, then stuck; run c: finished all its steps
-      - series: 'alexnet_pp_last_step_timestamp_seconds{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+60x10 600x30'
-      - series: 'alexnet_pp_step{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+1x10 10x30'
-      - series: 'alexnet_pp_steps_planned{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '100x40'
-      - series: 'alexnet_pp_last_step_timestamp_seconds{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+60x10 600x30'
-      - series: 'alexnet_pp_step{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+1x10 10x30'
-      - series: 'alexnet_pp_steps_planned{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '10x40'
-      # run d: the worker restarts at minute 10 (a new process: a new instance, restarts = 1)
-      - series: 'alexnet_pp_worker_restarts{run="d",stage="0",tower="0",replica="0",node="n",instance="h:1"}'
-        values: '0x10'
-      - series: 'alexnet_pp_worker_restarts{run="d",stage="0",tower="0",replica="0",node="n",instance="h:2"}'
-        values: '_x10 1x30'
-      # run e: decode errors from minute 10 to minute 40
-      - series: 'alexnet_pp_samples_skipped_total{run="e",kind="decode",stage="0",tower="0",replica="0",node="n"}'
-        values: '0x10 0+2x30'
-      # run f: one worker endpoint stops answering at minute 10; run g's answers again after a minute
-      - series: 'up{job="alexnet-pp",run="f",instance="h:3"}'
-        values: '1x10 0x20'
-      - series: 'up{job="alexnet-pp",run="g",instance="h:4"}'
-        values: '1x10 0 1x20'
-    promql_expr_test:
-      # the recorded job throughput: 100 images per minute
-      - expr: run:alexnet_pp_images:rate5m
-        eval_time: 20m
-        exp_samples:
-          - labels: 'run:alexnet_pp_images:rate5m{run="a"}'
-            value: 1.6666666666666667
-    alert_rule_test:
-      - {eval_time: 25m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
-      - eval_time: 40m
-        alertname: AlexnetPPThroughputDropped
-        exp_alerts: [{exp_labels: {severity: warning, run: a}}]
-      - {eval_time: 60m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
-      - {eval_time: 20m, alertname: AlexnetPPJobStalled, exp_alerts: []}
-      - eval_time: 30m
-        alertname: AlexnetPPJobStalled
-        exp_alerts: [{exp_labels: {severity: critical, run: b}}]
-      - {eval_time: 5m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
-      - eval_time: 12m
-        alertname: AlexnetPPWorkerRestarted
-        exp_alerts: [{exp_labels: {severity: warning, run: d}}]
-      - {eval_time: 39m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
-      - {eval_time: 5m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}
-      - {eval_time: 15m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}  # skipping for 4 minutes
-      - eval_time: 25m
-        alertname: AlexnetPPSamplesSkipped
-        exp_alerts: [{exp_labels: {severity: warning, run: e, kind: decode}}]
-      - {eval_time: 11m, alertname: AlexnetPPTargetDown, exp_alerts: []}
-      - eval_time: 13m
-        alertname: AlexnetPPTargetDown
-        exp_alerts: [{exp_labels: {severity: critical, job: alexnet-pp, run: f, instance: "h:3"}}]
-"""
+RULE_TESTS = PROM_DIR / "alerts_test.yml"
+
+
+def test_rule_unit_tests_cover_every_rule():
+    """deploy/prometheus/alerts_test.yml makes every alert fire once and stay quiet at least once, and
+    checks the recorded series' value."""
+    tests = yaml.safe_load(RULE_TESTS.read_text())
+    assert tests["rule_files"] == ["alerts.yml"]
+    cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+    exprs = {e["expr"] for t in tests["tests"] for e in t.get("promql_expr_test", [])}
+    for rule in alert_rules():
+        mine = [c for c in cases if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in mine), rule["alert"]
+        assert any(not c["exp_alerts"] for c in mine), rule["alert"]
+    assert recorded_names() <= exprs
 
 
 @requires_promtool
-def test_alerts_fire_when_they_should(tmp_path):
-    # promtool compares annotations too; their templates are checked by `check rules` above
-    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
-    for g in rules["groups"]:
-        for r in g["rules"]:
-            r.pop("annotations", None)
-    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    (tmp_path / "tests.yml").write_text("rule_files: [alerts.yml]\n" + ALERT_TESTS)
-    r = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
+def test_alerts_fire_when_they_should():
+    # promtool compares the rendered annotations too, so their templates are tested with them
+    r = subprocess.run([PROMTOOL, "test", "rules", RULE_TESTS.name], cwd=PROM_DIR, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
