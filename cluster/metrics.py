@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from cluster.callbacks import Callback
 from cluster.discovery import bind_with_fallback, node_ip, register_endpoint, resolve_host, unregister_endpoint
@@ -76,17 +75,18 @@ SPECS = (
     Spec("counter", "alexnet_pp_data_wait_seconds_total", "Seconds spent waiting for input micro-batches"),
     Spec("gauge", "alexnet_pp_loss", "Training loss of the last optimizer step"),
     Spec("gauge", "alexnet_pp_learning_rate", "Learning rate after the last optimizer step"),
-    Spec("gauge", "alexnet_pp_eval_top1_accuracy", "Validation top-1 accuracy of the last evaluation (0..1)"),
-    Spec("gauge", "alexnet_pp_eval_top5_accuracy", "Validation top-5 accuracy of the last evaluation (0..1)"),
+    Spec("gauge", "alexnet_pp_eval_top1_accuracy_ratio", "Validation top-1 accuracy of the last evaluation (0..1)"),
+    Spec("gauge", "alexnet_pp_eval_top5_accuracy_ratio", "Validation top-5 accuracy of the last evaluation (0..1)"),
     Spec("gauge", "alexnet_pp_eval_loss", "Validation loss of the last evaluation"),
     Spec("counter", "alexnet_pp_samples_skipped_total", "Corrupt or unusable samples skipped by the data pipeline",
          ("kind",), lead_only=True),
     Spec("counter", "alexnet_pp_checkpoints_total", "Checkpoints this rank took part in"),
     Spec("histogram", "alexnet_pp_checkpoint_duration_seconds", "Wall time of one checkpoint save",
          buckets=CHECKPOINT_BUCKETS),
-    Spec("counter", "alexnet_pp_worker_restarts_total",
-         "Restarts of the worker group in this job so far (attempt - 1 when the worker started)"),
-    Spec("gauge", "alexnet_pp_process_resident_memory_bytes", "Resident memory of this worker process"),
+    # A gauge: a restarted worker is a new process that starts at attempt - 1, never at 0 (a counter
+    # must start at 0 and only grow within one process).
+    Spec("gauge", "alexnet_pp_worker_restarts",
+         "Restarts of the worker group in this job before this worker started (attempt - 1)"),
     Spec("gauge", "alexnet_pp_gpu_memory_allocated_bytes", "CUDA memory allocated by torch on this worker",
          cuda_only=True),
     Spec("gauge", "alexnet_pp_step", "Last completed optimizer step"),
@@ -97,10 +97,19 @@ SPECS = (
 )
 
 
-def sample_names(specs=SPECS) -> set[str]:
-    """Every metric name these exporters put into Prometheus (what PromQL may select)."""
-    out: set[str] = set()
-    for s in specs:
+# prometheus-client's standard process collector, registered in every exporter's registry (resident
+# memory, CPU time, open files of the worker process). Its samples carry no labels of their own: Prometheus
+# adds the target labels discovery gives each endpoint (run, stage, tower, replica, node, rank).
+PROCESS_NAMES = frozenset({"process_virtual_memory_bytes", "process_resident_memory_bytes",
+                           "process_start_time_seconds", "process_cpu_seconds_total", "process_open_fds",
+                           "process_max_fds"})
+
+
+def sample_names(specs=None) -> set[str]:
+    """Every metric name these exporters put into Prometheus (what PromQL may select); given `specs`,
+    only the names of those specs."""
+    out: set[str] = set(PROCESS_NAMES) if specs is None else set()
+    for s in SPECS if specs is None else specs:
         if s.kind == "histogram":
             out |= {f"{s.name}_bucket", f"{s.name}_sum", f"{s.name}_count"}
         else:
@@ -114,19 +123,6 @@ def lead_only_names(specs=SPECS) -> set[str]:
 
 def cuda_only_names(specs=SPECS) -> set[str]:
     return sample_names([s for s in specs if s.cuda_only])
-
-
-def _resident_bytes() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return float(psutil.Process().memory_info().rss)
-        except Exception:
-            return math.nan
 
 
 def _field(stats: Any, name: str, default: Any = None) -> Any:
@@ -172,7 +168,7 @@ class WorkerMetrics(Callback):
             self._c("alexnet_pp_stage_phase_seconds_total", phase=p)
         self._c("alexnet_pp_checkpoints_total")
         self._c("alexnet_pp_checkpoint_duration_seconds")
-        self._c("alexnet_pp_worker_restarts_total").inc(max(0, restarts))
+        self._c("alexnet_pp_worker_restarts").set(max(0, restarts))
         if self.lead:
             self._c("alexnet_pp_images_total")
             for kind in self._skip_kinds():
@@ -181,7 +177,7 @@ class WorkerMetrics(Callback):
         self._c("alexnet_pp_last_step_timestamp_seconds").set(time.time())
         if total_steps is not None:
             self.set_total_steps(total_steps)
-        self._c("alexnet_pp_process_resident_memory_bytes").set_function(_resident_bytes)
+        ProcessCollector(registry=self.registry)
         if self.cuda:
             import torch
 
@@ -296,7 +292,8 @@ class WorkerMetrics(Callback):
     def on_eval(self, metrics: Mapping[str, float], coord: Any = None) -> None:
         """PipelineWorker's evaluation dict: top1 / top5 (ratios), val_loss."""
         with self._lock:
-            for key, name in (("top1", "alexnet_pp_eval_top1_accuracy"), ("top5", "alexnet_pp_eval_top5_accuracy"),
+            for key, name in (("top1", "alexnet_pp_eval_top1_accuracy_ratio"),
+                              ("top5", "alexnet_pp_eval_top5_accuracy_ratio"),
                               ("val_loss", "alexnet_pp_eval_loss")):
                 if metrics.get(key) is not None:
                     self._c(name).set(float(metrics[key]))
@@ -324,4 +321,4 @@ class WorkerMetrics(Callback):
             self._c("alexnet_pp_checkpoint_duration_seconds").observe(seconds)
 
     def restarted(self, n: int = 1) -> None:
-        self._c("alexnet_pp_worker_restarts_total").inc(n)
+        self._c("alexnet_pp_worker_restarts").inc(n)

@@ -9,13 +9,13 @@ def cfg_for(**kw):
     return load_config("test", overrides={f"parallel.{k}": str(v) for k, v in kw.items()})
 
 
-def build_topology(cfg, workers=None):
+def layout_of(cfg, workers=None):
     return Layout.from_config(cfg, workers)
 
 
 @pytest.mark.parametrize("pp,tp,dp", [(2, 2, 1), (2, 1, 2), (1, 2, 1), (3, 1, 1), (2, 2, 2), (4, 2, 1)])
 def test_rank_coordinates_follow_deepspeed(pp, tp, dp):
-    topo = build_topology(cfg_for(pp=pp, tp=tp, dp=dp, micro_batches=1))
+    topo = layout_of(cfg_for(pp=pp, tp=tp, dp=dp, micro_batches=1))
     ds = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     for rank in range(pp * tp * dp):
         c, d = topo.coord(rank), ds.get_coord(rank)
@@ -26,7 +26,7 @@ def test_rank_coordinates_follow_deepspeed(pp, tp, dp):
 
 
 def test_theoretical_bubble():
-    topo = build_topology(cfg_for(pp=2, micro_batches=4, dp=1))
+    topo = layout_of(cfg_for(pp=2, micro_batches=4, dp=1))
     assert topo.theoretical_bubble() == pytest.approx(1 / 5)
 
 
@@ -44,7 +44,7 @@ def test_theoretical_bubble():
 )
 def test_invalid_layouts_fail_before_workers_start(overrides, workers, message):
     with pytest.raises(ConfigError, match=message):
-        build_topology(cfg_for(**overrides), workers=workers)
+        layout_of(cfg_for(**overrides), workers=workers)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +71,6 @@ def test_workers_derive_the_replicas_or_must_match_them():
 
 
 def test_a_measured_cut_keeps_everything_else_of_the_layout():
-    lay = build_topology(cfg_for(pp=2, micro_batches=4))
+    lay = layout_of(cfg_for(pp=2, micro_batches=4))
     cut = lay.with_bounds((0, 5, 12))
     assert cut.partition.bounds == (0, 5, 12) and cut.shape == lay.shape and cut.micro_batch == lay.micro_batch

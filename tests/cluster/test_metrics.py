@@ -19,7 +19,7 @@ from alexnet_pp.config import RunConfig
 from alexnet_pp.layout import Coord
 from cluster.discovery import (DiscoveryServer, file_sd_path, read_endpoints, register_endpoint, resolve_host,
                                scrape_config, unregister_endpoint)
-from cluster.metrics import LABELS, PHASES, WorkerMetrics, lead_only_names, sample_names
+from cluster.metrics import LABELS, PHASES, PROCESS_NAMES, SPECS, WorkerMetrics, lead_only_names, sample_names
 from cluster.timing import StepStats
 
 
@@ -70,7 +70,10 @@ def test_exporter_serves_every_metric_with_labels(lead):
     base = {"run": "r1", "stage": "0", "tower": "0", "replica": "1", "node": "node-a"}
     for name, samples in s.items():
         for labels, _ in samples:
-            assert {k: labels[k] for k in LABELS} == base, (name, labels)
+            if name in PROCESS_NAMES:  # the standard collector: Prometheus adds the target's labels
+                assert labels == {}, (name, labels)
+            else:
+                assert {k: labels[k] for k in LABELS} == base, (name, labels)
     exported = {n for n in s if not n.endswith("_created")}
     assert exported == sample_names() - {"alexnet_pp_gpu_memory_allocated_bytes"}  # no CUDA here
 
@@ -87,17 +90,40 @@ def test_exporter_serves_every_metric_with_labels(lead):
     assert value(s, "alexnet_pp_pipeline_bubble_theoretical_ratio") == pytest.approx(0.2)
     assert value(s, "alexnet_pp_loss") == pytest.approx(2.0 / 3)
     assert value(s, "alexnet_pp_learning_rate") == pytest.approx(0.03)
-    assert value(s, "alexnet_pp_eval_top1_accuracy") == 0.25
-    assert value(s, "alexnet_pp_eval_top5_accuracy") == 0.75
+    assert value(s, "alexnet_pp_eval_top1_accuracy_ratio") == 0.25
+    assert value(s, "alexnet_pp_eval_top5_accuracy_ratio") == 0.75
     assert value(s, "alexnet_pp_samples_skipped_total", kind="decode") == 6
     assert value(s, "alexnet_pp_samples_skipped_total", kind="truncated") == 0
     assert value(s, "alexnet_pp_checkpoints_total") == 1
     assert value(s, "alexnet_pp_checkpoint_duration_seconds_sum") == 1.25
-    assert value(s, "alexnet_pp_worker_restarts_total") == 2
+    assert value(s, "alexnet_pp_worker_restarts") == 2
     assert value(s, "alexnet_pp_step") == 3
     assert value(s, "alexnet_pp_steps_planned") == 10
     assert value(s, "alexnet_pp_last_step_timestamp_seconds") > 1e9
-    assert 1e6 < value(s, "alexnet_pp_process_resident_memory_bytes") < 1e12
+    assert 1e6 < value(s, "process_resident_memory_bytes") < 1e12
+    assert value(s, "process_cpu_seconds_total") > 0
+
+
+def test_metric_names_follow_prometheus_conventions():
+    """Counters, and only counters, end in _total; 0..1 values end in _ratio; nothing duplicates the
+    standard process collector."""
+    for spec in SPECS:
+        assert spec.name.startswith("alexnet_pp_"), spec.name
+        assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
+        if "(0..1)" in spec.help or "fraction" in spec.help:
+            assert spec.name.endswith("_ratio"), spec.name
+        assert not spec.name.startswith("alexnet_pp_process_"), spec.name  # process_* comes from the collector
+    kinds = {s.name: s.kind for s in SPECS}
+    assert kinds["alexnet_pp_worker_restarts"] == "gauge"  # starts at attempt - 1 in a new process
+
+
+def test_restarts_start_at_attempt_minus_one_in_a_new_worker():
+    # a restarted worker group is a new process and a new series: its first sample is already the count
+    m = WorkerMetrics("r1", Coord(0, 0, 0, 0), node="n", restarts=3)
+    with m:
+        s = scrape(m.url)
+    assert value(s, "alexnet_pp_worker_restarts") == 3
+    assert "alexnet_pp_worker_restarts_total" not in s
 
 
 def test_stats_dicts_are_accepted_too(lead):
@@ -168,7 +194,7 @@ def test_worker_integration_registers_follows_the_callbacks_and_cleans_up(tmp_pa
         assert value(s, "alexnet_pp_checkpoint_duration_seconds_sum") == pytest.approx(1.5)
         assert value(s, "alexnet_pp_samples_skipped_total", kind="decode") == 4
         assert value(s, "alexnet_pp_steps_planned") == 12
-        assert value(s, "alexnet_pp_worker_restarts_total") == 2  # attempt 3: two restarts before it
+        assert value(s, "alexnet_pp_worker_restarts") == 2  # attempt 3: two restarts before it
         assert value(s, "alexnet_pp_images_total") == 64  # batch 128 over dp = 2
     finally:
         m.close()

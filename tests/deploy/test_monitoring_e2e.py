@@ -49,7 +49,7 @@ def test_dashboard_expressions_return_data_for_every_worker_of_a_real_job(tmp_pa
         try:
             prom.wait_for(f'count(up{{job="alexnet-pp", run="{run}"}} == 1) == 4', timeout=240)
             # a few scrapes of every worker after an evaluation and a checkpoint, for rate() windows
-            prom.wait_for(f'count(alexnet_pp_eval_top1_accuracy{{run="{run}"}}) == 4', timeout=120)
+            prom.wait_for(f'count(alexnet_pp_eval_top1_accuracy_ratio{{run="{run}"}}) == 4', timeout=120)
             prom.wait_for(f'count(count_over_time(alexnet_pp_step{{run="{run}"}}[1m]) >= 6) == 4', timeout=120)
             prom.wait_for(f'sum(alexnet_pp_checkpoints_total{{run="{run}"}}) >= 4', timeout=120)
             assert job.poll() is None, "the job ended before Prometheus saw it running"

@@ -9,7 +9,7 @@ discovery, and evaluates every dashboard expression and alert against it.
 from __future__ import annotations
 
 import json
-import math
+
 import random
 import re
 import shutil
@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from cluster.discovery import DiscoveryServer, register_endpoint
-from cluster.timing import StepStats
-from cluster.metrics import WorkerMetrics, cuda_only_names, lead_only_names, sample_names
 from alexnet_pp.layout import Coord
+from cluster.metrics import SPECS, WorkerMetrics, sample_names
+from cluster.timing import StepStats
 from tests.prometheus_server import (PrometheusServer, assert_dashboard_results, dashboard_expressions,
                                      evaluate_dashboard_expressions, metric_names, requires_prometheus,
                                      substitute_grafana_variables)
@@ -59,17 +59,30 @@ def test_promtool_check_rules():
     r = subprocess.run([PROMTOOL, "check", "rules", str(PROM_DIR / "alerts.yml")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 rules found" in r.stdout + r.stderr
+    assert "6 rules found" in r.stdout + r.stderr
 
 
-def alert_rules() -> list[dict]:
+def all_rules() -> list[dict]:
     return [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
 
 
+def alert_rules() -> list[dict]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in all_rules() if "record" in r}
+
+
+# Series Prometheus makes itself for every target (what alerts on scrape health select).
+PROMETHEUS_OWN = {"up"}
+
+
 def test_alerts_and_config_use_only_exported_metrics():
-    known = sample_names()
-    for rule in alert_rules():
-        assert metric_names(rule["expr"]) <= known, (rule["alert"], metric_names(rule["expr"]) - known)
+    known = sample_names() | recorded_names() | PROMETHEUS_OWN
+    for rule in all_rules():
+        name = rule.get("alert") or rule["record"]
+        assert metric_names(rule["expr"]) <= known, (name, metric_names(rule["expr"]) - known)
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     job = cfg["scrape_configs"][0]
     assert job["honor_labels"] is True  # discovery's target labels repeat the exporters' labels
@@ -77,70 +90,57 @@ def test_alerts_and_config_use_only_exported_metrics():
     assert cfg["rule_files"] == ["alerts.yml"]
 
 
-# Each alert made to fire on a synthetic history, and kept quiet where it must (promtool test rules).
-ALERT_TESTS = """
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      # run a: 100 images/min for 30 min, then 10/min
-      - series: 'alexnet_pp_images_total{run="a",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+100x30 3010+10x30'
-      # run b: steps every minute until minute 10, then stuck; run c: finished all its steps
-      - series: 'alexnet_pp_last_step_timestamp_seconds{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+60x10 600x30'
-      - series: 'alexnet_pp_step{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+1x10 10x30'
-      - series: 'alexnet_pp_steps_planned{run="b",stage="0",tower="0",replica="0",node="n"}'
-        values: '100x40'
-      - series: 'alexnet_pp_last_step_timestamp_seconds{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+60x10 600x30'
-      - series: 'alexnet_pp_step{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '0+1x10 10x30'
-      - series: 'alexnet_pp_steps_planned{run="c",stage="0",tower="0",replica="0",node="n"}'
-        values: '10x40'
-      # run d: the worker restarts at minute 10 (a new process: a new instance, restarts = 1)
-      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:1"}'
-        values: '0x10'
-      - series: 'alexnet_pp_worker_restarts_total{run="d",stage="0",tower="0",replica="0",node="n",instance="h:2"}'
-        values: '_x10 1x30'
-      # run e: decode errors from minute 10
-      - series: 'alexnet_pp_samples_skipped_total{run="e",kind="decode",stage="0",tower="0",replica="0",node="n"}'
-        values: '0x10 0+2x10'
-    alert_rule_test:
-      - {eval_time: 25m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
-      - eval_time: 40m
-        alertname: AlexnetPPThroughputDropped
-        exp_alerts: [{exp_labels: {severity: warning, run: a}}]
-      - {eval_time: 60m, alertname: AlexnetPPThroughputDropped, exp_alerts: []}
-      - {eval_time: 20m, alertname: AlexnetPPJobStalled, exp_alerts: []}
-      - eval_time: 30m
-        alertname: AlexnetPPJobStalled
-        exp_alerts: [{exp_labels: {severity: critical, run: b}}]
-      - {eval_time: 5m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
-      - eval_time: 12m
-        alertname: AlexnetPPWorkerRestarted
-        exp_alerts: [{exp_labels: {severity: warning, run: d}}]
-      - {eval_time: 39m, alertname: AlexnetPPWorkerRestarted, exp_alerts: []}
-      - {eval_time: 5m, alertname: AlexnetPPSamplesSkipped, exp_alerts: []}
-      - eval_time: 15m
-        alertname: AlexnetPPSamplesSkipped
-        exp_alerts: [{exp_labels: {severity: warning, run: e, kind: decode}}]
-"""
+RULE_TESTS = PROM_DIR / "alerts_test.yml"
+
+
+def test_rule_unit_tests_cover_every_rule():
+    """deploy/prometheus/alerts_test.yml makes every alert fire once and stay quiet at least once, and
+    checks the recorded series' value."""
+    tests = yaml.safe_load(RULE_TESTS.read_text())
+    assert tests["rule_files"] == ["alerts.yml"]
+    cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+    exprs = {e["expr"] for t in tests["tests"] for e in t.get("promql_expr_test", [])}
+    for rule in alert_rules():
+        mine = [c for c in cases if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in mine), rule["alert"]
+        assert any(not c["exp_alerts"] for c in mine), rule["alert"]
+    assert recorded_names() <= exprs
 
 
 @requires_promtool
-def test_alerts_fire_when_they_should(tmp_path):
-    # promtool compares annotations too; their templates are checked by `check rules` above
-    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
-    for g in rules["groups"]:
-        for r in g["rules"]:
-            r.pop("annotations", None)
-    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    (tmp_path / "tests.yml").write_text("rule_files: [alerts.yml]\n" + ALERT_TESTS)
-    r = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
+def test_alerts_fire_when_they_should():
+    # promtool compares the rendered annotations too, so their templates are tested with them
+    r = subprocess.run([PROMTOOL, "test", "rules", RULE_TESTS.name], cwd=PROM_DIR, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_job_throughput_is_recorded_once_and_read_by_alert_and_dashboard():
+    """sum by (run) (rate(alexnet_pp_images_total[...])) is written once, as the recording rule; the
+    throughput alert and the dashboard's total throughput panel read the recorded series."""
+    [rule] = [r for r in all_rules() if r.get("record") == "run:alexnet_pp_images:rate5m"]
+    assert " ".join(rule["expr"].split()) == "sum by (run) (rate(alexnet_pp_images_total[5m]))"
+    job_rate = re.compile(r"sum\s+by\s*\(\s*run\s*\)\s*\(\s*rate\(\s*alexnet_pp_images_total")
+    others = [(r["alert"], r["expr"]) for r in alert_rules()] + \
+        [(t, e) for t, _, e in dashboard_expressions(load_dashboard())]
+    for name, expr in others:
+        assert not job_rate.search(expr), (name, expr)
+    [drop] = [r for r in alert_rules() if r["alert"] == "AlexnetPPThroughputDropped"]
+    assert "run:alexnet_pp_images:rate5m" in metric_names(drop["expr"])
+    total = [e for t, _, e in dashboard_expressions(load_dashboard()) if t == "Throughput: total images/s"]
+    assert total and all(metric_names(e) == {"run:alexnet_pp_images:rate5m"} for e in total)
+
+
+def test_every_alert_waits_before_firing_and_targets_going_down_alert():
+    """A condition must hold for a while before it pages (a `for:`), except the restart alert, whose
+    condition already spans 15 minutes of history; scrape failures of listed targets alert."""
+    for rule in alert_rules():
+        if rule["alert"] != "AlexnetPPWorkerRestarted":
+            assert "for" in rule, rule["alert"]
+    [down] = [r for r in alert_rules() if r["alert"] == "AlexnetPPTargetDown"]
+    assert metric_names(down["expr"]) == {"up"} and 'job="alexnet-pp"' in down["expr"]
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    assert cfg["scrape_configs"][0]["job_name"] == "alexnet-pp"  # the job the alert selects
 
 
 def load_dashboard() -> dict:
@@ -153,7 +153,7 @@ def test_dashboard_is_valid_and_selects_only_exported_metrics():
     assert "run" in variables and "alexnet_pp_" in json.dumps(variables["run"]["query"])
     exprs = dashboard_expressions(dash)
     assert len(exprs) >= 14
-    known = sample_names()
+    known = sample_names() | recorded_names()
     used: set[str] = set()
     for title, ref, expr in exprs:
         names = metric_names(expr)
@@ -168,8 +168,10 @@ def test_dashboard_is_valid_and_selects_only_exported_metrics():
     for needed in ("images/s", "per replica", "p50 / p95", "bubble", "phase", "data wait", "loss", "learning rate",
                    "accuracy", "memory", "gpu", "skipped", "restarts"):
         assert needed in titles, needed
-    # every family the exporter defines is on the dashboard (histograms through one of their series)
-    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in known}
+    # every family the exporter defines is on the dashboard (histograms through one of their series), and
+    # of the standard process collector the resident memory
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in sample_names(SPECS)}
+    families.add("process_resident_memory_bytes")
     assert families <= {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
 
 
@@ -270,14 +272,16 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(tmp_path
             # (a short window: rate() divides by the whole window, and these series are seconds old)
             ips = float(prom.query(f'sum(rate(alexnet_pp_images_total{{run="{run}"}}[4s]))')[0]["value"][1])
             assert 64 / 0.6 < ips < 64 / 0.1
-            assert float(prom.query(f'max(alexnet_pp_worker_restarts_total{{run="{run}"}})')[0]["value"][1]) == 1
+            assert float(prom.query(f'max(alexnet_pp_worker_restarts{{run="{run}"}})')[0]["value"][1]) == 1
 
-            # the alert rules load and evaluate cleanly against live data
+            # the rules load and evaluate cleanly against live data
             groups = prom.api("rules")["groups"]
-            assert {r["name"] for g in groups for r in g["rules"]} == {a["alert"] for a in alert_rules()}
+            assert {r["name"] for g in groups for r in g["rules"]} == \
+                {r.get("alert") or r["record"] for r in all_rules()}
             assert all(r["health"] in ("ok", "unknown") for g in groups for r in g["rules"]), groups
-            for rule in alert_rules():
+            for rule in all_rules():
                 prom.query(rule["expr"])  # raises on an error
+            assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "AlexnetPPTargetDown"]
     finally:
         sd.close()
         job.close()
