@@ -131,7 +131,7 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"  # address the workers' endpoints bind to ("node" for the node's IP)
     port: int = 0  # 0: any free port
-    sd_port: int = 0  # driver's HTTP service-discovery port for Prometheus (0: any free)
+    sd_port: int = 9400  # driver's HTTP service-discovery port (deploy/ uses 9400; taken or 0: a free one, logged)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
-from cluster.engine import TensorData
+from cluster.feeds import TensorData
 from cluster.spawn import run_local
 
 

@@ -5,7 +5,7 @@ a shard (it splits an epoch at sample granularity, see stream.py), must skip the
 position cheaply (seek over member data in local files), and must tell a shard that cannot be
 opened at all from one that is cut short after some samples; and it reads about 4× as many
 samples per second as `webdataset.WebDataset`'s iterator (`python -m benchmarks.data_bench
---readers-only` prints both; docs/README-data.md). Shards are opened with webdataset's `gopen`.
+--readers-only` prints both; docs/DATA.md). Shards are opened with webdataset's `gopen`.
 A sample is a run of consecutive members sharing a key (WebDataset convention: key = path up to
 the first dot of the file name).
 """

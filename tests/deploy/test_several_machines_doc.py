@@ -1,5 +1,4 @@
-"""The "Run on several machines" guide (README.md once folded in, docs/README-several-machines.md until
-then): every command it shows, run through bash as a reader would type it (cluster programs recorded,
+"""The README's "Run on several machines" guide: every command it shows, run through bash as a reader would type it (cluster programs recorded,
 not executed), starts Ray with token authentication, submits a valid job, and points Prometheus and
 Grafana at the files in deploy/ that exist and agree with each other."""
 
@@ -24,10 +23,8 @@ HEAD_IP = "10.0.3.7"
 
 def guide() -> str:
     readme = (REPO / "README.md").read_text()
-    if HEADING in readme:
-        section = readme.split(HEADING, 1)[1]
-        return HEADING + section.split("\n## ", 1)[0]
-    return (REPO / "docs" / "README-several-machines.md").read_text()
+    assert HEADING in readme, f"README.md has no {HEADING!r} section"
+    return HEADING + readme.split(HEADING, 1)[1].split("\n## ", 1)[0]
 
 
 def commands() -> list[str]:
