@@ -8,12 +8,12 @@ width 1, 224 px and 1000 classes is in docs/ARCHITECTURE.md ("The network").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from alexnet_pp.errors import ConfigError
 
-if TYPE_CHECKING:
-    from alexnet_pp.config import ModelConfig
+# Functions take an alexnet_pp.config.ModelConfig; typed loosely so this module sits below config.py.
+ModelConfig = Any
 
 NUM_TOWERS = 2
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")

@@ -53,6 +53,19 @@ class RankResult:
     parameters: Optional[dict[str, torch.Tensor]] = None
 
 
+def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, samples] from eval_batch's output, which DeepSpeed averaged
+    over `parts` (micro-batches × replicas): undone in float64, where the products stay exact."""
+    return averaged.double().cpu() * parts
+
+
+def eval_metrics(totals: torch.Tensor) -> dict[str, float]:
+    loss, h1, h5, count = totals.tolist()
+    samples = int(round(count))  # a float a hair under the count must not lose a sample
+    count = max(samples, 1)
+    return {"top1": h1 / count, "top5": h5 / count, "val_loss": loss / count, "val_samples": samples}
+
+
 def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     p = cfg.parallel
     ds: dict[str, Any] = {
@@ -195,15 +208,11 @@ class PipelineWorker:
         finally:
             engine.module.loss_fn = pipeline_loss
             engine.reset_activation_shape()
-        # eval_batch averaged the sums over micro-batches and replicas; undo that, then share.
         totals = torch.zeros(4, dtype=torch.float64)
         if engine.is_last_stage() and self.coord.tower == 0 and self.coord.replica == 0:
-            totals = out.double().cpu() * (n * self.layout.dp)
+            totals = eval_totals(out, n * self.layout.dp)
         dist.all_reduce(totals)
-        loss, h1, h5, count = totals.tolist()
-        samples = int(round(count))  # float64 holds these counts exactly; round, never truncate
-        count = max(samples, 1)
-        return {"top1": h1 / count, "top5": h5 / count, "val_loss": loss / count, "val_samples": samples}
+        return eval_metrics(totals)
 
     def _eval_batches_needed(self) -> int:
         local = self.data.eval_batch_count() if self.coord.stage == 0 else 0

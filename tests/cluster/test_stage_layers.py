@@ -62,3 +62,11 @@ def test_eval_stats_average_crops_and_ignore_padding():
     loss, h1, h5, n = eval_stats((logits, labels, torch.zeros(2, dtype=torch.long)), None).tolist()
     assert (h1, h5, n) == (2, 2, 2)
     assert loss > 0
+
+
+def test_the_evaluation_sample_count_survives_deepspeeds_averaging_exactly():
+    from cluster.engine import eval_metrics, eval_totals
+
+    for count, parts in ((777, 11), (50_000, 3), (30, 2)):
+        averaged = torch.tensor([1.0, count / 2, count, count], dtype=torch.float32) / parts  # as eval_batch leaves it
+        assert eval_metrics(eval_totals(averaged, parts))["val_samples"] == count
