@@ -9,6 +9,7 @@ for each of F, B and W), worked out by hand for 2 workers and a batch of 8:
 
 import pytest
 
+from alexnet_pp.planning.cli_plan import main_plan
 from alexnet_pp.planning.costmodel import Layout
 from alexnet_pp.planning.planner import candidate_layouts, format_table, rank_layouts
 from alexnet_pp.planning.profile import Link
@@ -79,3 +80,21 @@ def test_the_table_labels_its_numbers_as_predictions(tiny, make_profile):
     assert len(table.splitlines()) == 2 + 3 + 1
     assert "1×1×2" in table.splitlines()[2]
 
+
+def test_plan_command_prints_the_ranking_and_the_profiles_assumptions(tmp_path, capsys, make_profile):
+    path = tmp_path / "toy.json"
+    make_profile(allreduce=SLOW_COLLECTIVES).save(path)
+    assert main_plan(["--workers", "2", "--batch", "8", "--preset", "test", "--device-profile", str(path),
+                      "--schedule", "1f1b", "--schedule", "zb-h1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTED" in out and "toy costs" in out
+    first_row = out.splitlines()[3]
+    assert "2×1×1" in first_row and "zb-h1" in first_row
+
+
+def test_plan_command_refuses_a_worker_count_no_layout_can_use(tmp_path, make_profile):
+    """13 workers: 13 replicas cannot split 8 images, 13 stages exceed the 12 units, T = 2 needs an even count."""
+    path = tmp_path / "toy.json"
+    make_profile().save(path)
+    with pytest.raises(SystemExit, match="no layout"):
+        main_plan(["--workers", "13", "--batch", "8", "--preset", "test", "--device-profile", str(path)])
