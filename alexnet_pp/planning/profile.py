@@ -265,15 +265,34 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
 
 
 def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 8 << 20, 32 << 20),
-                  reps: int = 5) -> tuple[Link, Link]:
+                  reps: int = 5, timeout_s: float = 300.0) -> tuple[Link, Link]:
     """(p2p, all-reduce) links between two processes of this machine on `backend`: one-way time of
     a ping-pong and a two-rank all-reduce at several sizes, as latency + bytes / bandwidth (the
-    all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks)."""
-    import torch.multiprocessing as mp
+    all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks). The processes are
+    plain subprocesses, so a caller's unguarded main script is not run again (as spawn would)."""
+    import subprocess
+    import sys
 
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.spawn(_links_worker, args=(init, out, backend, list(sizes), reps), nprocs=2, join=True)
+        code = ("import sys; from alexnet_pp.planning.profile import _links_worker; "
+                "_links_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], "
+                "[int(x) for x in sys.argv[5].split(',')], int(sys.argv[6]))")
+        args = [init, out, backend, ",".join(map(str, sizes)), str(reps)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), *args], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in (0, 1)]
+        errors = []
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode:
+                errors.append(err.decode(errors="replace")[-2000:])
+        if errors:
+            raise RuntimeError("measuring links failed:\n" + "\n".join(errors))
         res = json.loads(Path(out).read_text())
     return _link_from(res["sizes"], res["p2p"], 1), _link_from(res["sizes"], res["allreduce"], 2)
 
@@ -306,6 +325,12 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
 
     if len(micro_batches) < 1:
         raise ValueError("measure at one or more micro-batch sizes (two or more to fit a + b·n)")
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    measured_links = links == "measure" and (backend == "gloo" or torch.cuda.device_count() >= 2)
+    if measured_links:  # first: a failure here should not cost the unit timings
+        p2p, ar = measure_links(backend)
+    else:
+        p2p, ar = Link(bandwidth=2e9, latency=50e-6), Link(bandwidth=2e9, latency=50e-6)
     prev_threads = torch.get_num_threads()
     configure_host(threads, keep_freed_memory=True)
     try:
@@ -320,12 +345,9 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         "worker at a time: workers sharing a memory bus or cores run slower than this",
         "micro-batch scaling: a + b·n least squares over the measured sizes " + ", ".join(map(str, micro_batches)),
     ]
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
-    if links == "measure" and (backend == "gloo" or torch.cuda.device_count() >= 2):
-        p2p, ar = measure_links(backend)
+    if measured_links:
         assumptions.append(f"links measured between two processes of this machine on {backend}")
     else:
-        p2p, ar = Link(bandwidth=2e9, latency=50e-6), Link(bandwidth=2e9, latency=50e-6)
         assumptions.append("links not measured: assumed 2 GB/s and 50 µs per message (a loopback TCP guess)")
     return DeviceProfile(
         name=name or f"measured-{device}", device=device, micro_batches=list(micro_batches), units=units,
