@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from alexnet_pp.config import ModelConfig
+from alexnet_pp.config import ModelConfig, RunConfig
 from alexnet_pp.model import CROSS_TOWER, LAYER_NAMES, layer_output_shapes
 from alexnet_pp.pipeline import SPLITTABLE, partition, pipeline_units, unit_names, unit_param_counts
 from alexnet_pp.planning.profile import DeviceProfile, Link
@@ -45,6 +45,12 @@ class Layout:
 
     def label(self) -> str:
         return f"{self.pp}×{self.tp}×{self.dp}"
+
+    @classmethod
+    def of(cls, run: RunConfig, schedule: str = "1f1b") -> "Layout":
+        """The layout a run configuration trains with, to print a prediction beside its measurement."""
+        p = run.parallel
+        return cls(p.pp, p.tp, p.dp, p.micro_batches, run.train.batch_size, schedule, p.partition)
 
     def check(self, cfg: ModelConfig) -> None:
         if self.tp not in (1, 2):

@@ -127,6 +127,15 @@ def test_overlapping_the_all_reduce_with_the_last_backward_hides_part_of_it(tiny
     assert compute_only.step_seconds < hidden.step_seconds < plain.step_seconds
 
 
+def test_a_run_configuration_names_its_layout():
+    from alexnet_pp.config import load_config
+
+    run = load_config("demo", None, {"parallel.pp": "2", "parallel.tp": "2", "parallel.micro_batches": "4"},
+                      check_data=False)
+    assert Layout.of(run) == Layout(2, 2, 1, 4, 64, "1f1b", "measured")
+    assert Layout.of(run).micro_batch == 16
+
+
 def test_a_profile_fits_a_plus_b_n_and_never_scales_below_proportional():
     def profile(fw):
         units = [UnitTimes(n, fw, [0.0, 0.0], [0.0, 0.0]) for n in unit_names(1)]
