@@ -68,7 +68,9 @@ class StagePrediction:
     stage: int
     units: list[str]
     params: int  # per worker of this stage
-    phases: dict[str, float]  # seconds per step: forward, backward, send, recv, idle, allreduce, optimizer
+    # seconds per step: forward, backward, send, recv, idle; allreduce (the collective over replicas);
+    # optimizer (the step and DeepSpeed's gradient copies around the all-reduce, as the engine times it)
+    phases: dict[str, float]
     bubble: float
     in_flight: int  # peak micro-batches whose activations the stage holds
     memory: dict[str, int]  # bytes per worker: parameters, gradients, optimizer, activations, total
@@ -309,7 +311,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Layout, overlap_al
         ar = link.allreduce_seconds(eb * p, D)
         if overlap_allreduce and D > 1:
             ar = _exposed_allreduce(timeline, s, [costs[i] for i in idx], [eb * params[i] for i in idx], link, D)
-        opt = p * profile.optimizer_seconds_per_param
+        opt = p * (profile.optimizer_seconds_per_param + profile.reduce_copy_seconds_per_param)
         tails.append(ar + opt)
         in_flight = timeline.peak_in_flight(s)
         per_image = sum(saved[i] for i in idx) + (eb * _input_elements(io, units, bounds[s], tp) if s else 0)

@@ -81,13 +81,16 @@ class DeviceProfile:
     device: str
     micro_batches: list[int]  # sizes the unit times were measured (or derived) at
     units: list[UnitTimes]  # the T = 1 pipeline units, in order
-    optimizer_seconds_per_param: float
+    optimizer_seconds_per_param: float  # the optimizer step
     p2p: Link  # point-to-point between workers on one node
     allreduce: Link  # collectives between workers on one node (ring model)
     inter_node: Optional[Link] = None  # between nodes; None: every worker on one node
     workers_per_node: int = 0  # 0: all workers on one node
     memory_bytes: Optional[int] = None  # device memory per worker
     dtype_bytes: int = 4  # float32 weights, gradients, activations
+    # DeepSpeed's ReduceGrads flattens every gradient into one buffer, scales it by 1/D and copies it
+    # back, whatever D: local memory traffic the engine times as part of its optimizer phase
+    reduce_copy_seconds_per_param: float = 0.0
     threads: int = 0  # torch threads per worker when measured (0: not a CPU measurement)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)
@@ -168,16 +171,32 @@ def _model_key(cfg: ModelConfig) -> dict:
 
 def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3,
                seed: int = 0) -> list[tuple[float, float, float]]:
-    """(F, B, W) seconds of each T = 1 pipeline unit, best of `reps` after a warm-up: F the forward;
-    B the input gradient alone (torch.autograd.grad on the input); W the rest of the training
-    backward (input and weight gradients into .grad) beyond B. The first unit has no B."""
+    """(F, B, W) seconds of each T = 1 pipeline unit at one micro-batch size (see time_unit_sizes)."""
+    return time_unit_sizes(cfg, [micro_batch], device, reps, seed)[0]
+
+
+def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str = "cpu", reps: int = 3,
+                    seed: int = 0) -> list[list[tuple[float, float, float]]]:
+    """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit, best of `reps` after a
+    warm-up: F the forward; B the input gradient alone (torch.autograd.grad on the input); W the rest
+    of the training backward (input and weight gradients into .grad) beyond B. The first unit has
+    no B. Every repetition runs every size and unit in turn, so a burst of load from other processes
+    slows one repetition of each, not every repetition of one size."""
     from alexnet_pp.model import AlexNet
     from alexnet_pp.pipeline import pipeline_modules
 
     gen = torch.Generator().manual_seed(seed)
     model = AlexNet(cfg).to(device).train()
-    x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    units = pipeline_modules(model, 1)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    inputs: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for n in micro_batches:
+            x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+            inputs[n] = []
+            for unit in units:
+                inputs[n].append(x)
+                x = unit(x)
 
     def timed(fn) -> float:
         sync()
@@ -186,37 +205,47 @@ def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: in
         sync()
         return time.perf_counter() - t0
 
+    best = {(n, i, k): math.inf for n in micro_batches for i in range(len(units)) for k in range(3)}
+    for rep in range(reps + 1):
+        for n in micro_batches:
+            for i, unit in enumerate(units):
+                xi = inputs[n][i].detach().requires_grad_(i > 0)
+                box = {}
+                f = timed(lambda: box.setdefault("y", unit(xi)))
+                y = box["y"]
+                g = torch.ones_like(y)
+                full = timed(lambda: y.backward(g))
+                b = 0.0
+                if i > 0:
+                    xi = inputs[n][i].detach().requires_grad_(True)
+                    y = unit(xi)
+                    b = timed(lambda: torch.autograd.grad(y, xi, g))
+                del y, g
+                if rep == 0:
+                    continue  # warm-up
+                for k, t in enumerate((f, b, full)):
+                    best[n, i, k] = min(best[n, i, k], t)
     out = []
-    for i, unit in enumerate(pipeline_modules(model, 1)):
-        f = full = b = math.inf
-        for _ in range(reps + 1):
-            xi = x.detach().requires_grad_(i > 0)
-            box = {}
-            f = min(f, timed(lambda: box.setdefault("y", unit(xi))))
-            y = box["y"]
-            g = torch.ones_like(y)
-            full = min(full, timed(lambda: y.backward(g)))
-            if i > 0:
-                xi = x.detach().requires_grad_(True)
-                y = unit(xi)
-                b = min(b, timed(lambda: torch.autograd.grad(y, xi, g)))
-        if i == 0:
-            out.append((f, 0.0, full))
-        else:
-            out.append((f, b, max(full - b, 0.0)))
-        x = y.detach()
+    for n in micro_batches:
+        row = []
+        for i in range(len(units)):
+            f, b, full = (best[n, i, k] for k in range(3))
+            row.append((f, 0.0, full) if i == 0 else (f, b, max(full - b, 0.0)))
+        out.append(row)
     return out
 
 
-def time_optimizer(params: int = 8_000_000, device: str = "cpu", reps: int = 5) -> float:
+def time_optimizer(cfg: ModelConfig, device: str = "cpu", reps: int = 3) -> float:
     """Seconds per parameter of the run's optimizer step (the paper's SGD with momentum, fused
-    where torch has it), over one large tensor: the update is memory-bound, so time is linear."""
+    where torch has it) over the network's own parameters: memory-bound, so linear in their count."""
     from alexnet_pp.config import TrainConfig
+    from alexnet_pp.model import AlexNet
     from alexnet_pp.optim import build_optimizer
 
-    p = torch.nn.Parameter(torch.randn(params, device=device))
-    p.grad = torch.randn_like(p)
-    opt = build_optimizer([p], TrainConfig())
+    params = list(AlexNet(cfg).to(device).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = build_optimizer(params, TrainConfig())
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     best = math.inf
     for _ in range(reps + 1):
@@ -225,7 +254,30 @@ def time_optimizer(params: int = 8_000_000, device: str = "cpu", reps: int = 5) 
         opt.step()
         sync()
         best = min(best, time.perf_counter() - t0)
-    return best / params
+    return best / sum(p.numel() for p in params)
+
+
+def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5) -> float:
+    """Seconds per parameter of what DeepSpeed's ReduceGrads does around the all-reduce: flatten
+    the gradients into one buffer, scale it, copy each slice back."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from alexnet_pp.model import AlexNet
+
+    grads = [torch.randn_like(p) for p in AlexNet(cfg).to(device).parameters()]
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    best = math.inf
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        flat = _flatten_dense_tensors(grads)
+        flat.mul_(1.0)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        del flat
+    return best / sum(g.numel() for g in grads)
 
 
 def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes: list[int], reps: int) -> None:
@@ -315,7 +367,7 @@ def _memory_bytes(device: str) -> Optional[int]:
 
 
 def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 32), device: str = "cpu",
-                    reps: int = 3, threads: int = 1, links: str = "measure", name: Optional[str] = None,
+                    reps: int = 5, threads: int = 1, links: str = "measure", name: Optional[str] = None,
                     seed: int = 0) -> DeviceProfile:
     """Time this machine as a run's workers would use it: units at each micro-batch size with
     `threads` torch threads (the engine's train.threads) and the host allocator the trainers use;
@@ -334,8 +386,9 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
     prev_threads = torch.get_num_threads()
     configure_host(threads, keep_freed_memory=True)
     try:
-        per_size = [time_units(model_cfg, n, device, reps, seed) for n in micro_batches]
-        opt = time_optimizer(device=device)
+        per_size = time_unit_sizes(model_cfg, micro_batches, device, reps, seed)
+        opt = time_optimizer(model_cfg, device)
+        copies = time_gradient_copies(model_cfg, device)
     finally:
         torch.set_num_threads(prev_threads)
     units = [UnitTimes(nm, *[[per_size[j][i][k] for j in range(len(micro_batches))] for k in range(3)])
@@ -351,7 +404,8 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         assumptions.append("links not measured: assumed 2 GB/s and 50 µs per message (a loopback TCP guess)")
     return DeviceProfile(
         name=name or f"measured-{device}", device=device, micro_batches=list(micro_batches), units=units,
-        optimizer_seconds_per_param=opt, p2p=p2p, allreduce=ar, memory_bytes=_memory_bytes(device),
+        optimizer_seconds_per_param=opt, reduce_copy_seconds_per_param=copies, p2p=p2p, allreduce=ar,
+        memory_bytes=_memory_bytes(device),
         threads=threads if not str(device).startswith("cuda") else 0, model=_model_key(model_cfg),
         assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
@@ -401,7 +455,8 @@ def assumed_gpu_profile(name: str, model_cfg: Optional[ModelConfig] = None) -> D
         f"the {1000 * _H100_STEP_S:.2f} ms measured on one H100 80GB (benchmarks/results/h100-2026-11-28); "
         "pointwise layers (LRN, pooling) ride along in proportion",
         f"kernel launches: {1e6 * _LAUNCH_S:.0f} µs per unit for each of F, B, W, whatever the micro-batch",
-        f"optimizer: {1000 * _H100_OPT_S:.2f} ms per {_PAPER_PARAMS:,} parameters, the same H100 run's optimizer phase",
+        f"optimizer: {1000 * _H100_OPT_S:.2f} ms per {_PAPER_PARAMS:,} parameters, the same H100 run's optimizer "
+        "phase (DeepSpeed's gradient copies in ReduceGrads included)",
         "memory: 80 GiB per GPU (H100 80GB)",
         "NVLink 4: 900 GB/s bidirectional per H100 = 450 GB/s per direction, for p2p and as ring all-reduce "
         "bandwidth; 10 µs per message (NCCL small-message latency, assumed)",
