@@ -17,6 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -169,16 +172,16 @@ def _model_key(cfg: ModelConfig) -> dict:
 
 # --- measuring this machine -----------------------------------------------------------------------
 
-def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3,
-               seed: int = 0) -> list[tuple[float, float, float]]:
+def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: int = 3, seed: int = 0,
+               stat: str = "median") -> list[tuple[float, float, float]]:
     """(F, B, W) seconds of each T = 1 pipeline unit at one micro-batch size (see time_unit_sizes)."""
-    return time_unit_sizes(cfg, [micro_batch], device, reps, seed)[0]
+    return time_unit_sizes(cfg, [micro_batch], device, reps, seed, stat)[0]
 
 
 def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str = "cpu", reps: int = 3,
-                    seed: int = 0) -> list[list[tuple[float, float, float]]]:
-    """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit, best of `reps` after a
-    warm-up: F the forward; B the input gradient alone (torch.autograd.grad on the input); W the rest
+                    seed: int = 0, stat: str = "median") -> list[list[tuple[float, float, float]]]:
+    """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit, the median (or min) of
+    `reps` after a warm-up — the median, because a run's steps meet the same noise: F the forward; B the input gradient alone (torch.autograd.grad on the input); W the rest
     of the training backward (input and weight gradients into .grad) beyond B. The first unit has
     no B. Every repetition runs every size and unit in turn, so a burst of load from other processes
     slows one repetition of each, not every repetition of one size."""
@@ -205,7 +208,8 @@ def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str 
         sync()
         return time.perf_counter() - t0
 
-    best = {(n, i, k): math.inf for n in micro_batches for i in range(len(units)) for k in range(3)}
+    samples: dict[tuple[int, int, int], list[float]] = {
+        (n, i, k): [] for n in micro_batches for i in range(len(units)) for k in range(3)}
     for rep in range(reps + 1):
         for n in micro_batches:
             for i, unit in enumerate(units):
@@ -224,12 +228,13 @@ def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str 
                 if rep == 0:
                     continue  # warm-up
                 for k, t in enumerate((f, b, full)):
-                    best[n, i, k] = min(best[n, i, k], t)
+                    samples[n, i, k].append(t)
+    pick = min if stat == "min" else statistics.median
     out = []
     for n in micro_batches:
         row = []
         for i in range(len(units)):
-            f, b, full = (best[n, i, k] for k in range(3))
+            f, b, full = (pick(samples[n, i, k]) for k in range(3))
             row.append((f, 0.0, full) if i == 0 else (f, b, max(full - b, 0.0)))
         out.append(row)
     return out
@@ -322,9 +327,6 @@ def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 
     a ping-pong and a two-rank all-reduce at several sizes, as latency + bytes / bandwidth (the
     all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks). The processes are
     plain subprocesses, so a caller's unguarded main script is not run again (as spawn would)."""
-    import subprocess
-    import sys
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
@@ -357,6 +359,41 @@ def _link_from(sizes: list[int], seconds: list[float], messages: int) -> Link:
     return Link(bandwidth=bandwidth, latency=max(t0 / messages, 1e-7))
 
 
+_CO_RUNNER = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from alexnet_pp.host import reuse_freed_memory
+reuse_freed_memory()
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.model import AlexNet
+cfg = ModelConfig(width=float(sys.argv[2]), image_size=int(sys.argv[3]), num_classes=int(sys.argv[4]), dropout=0.0)
+model = AlexNet(cfg).train()
+x = torch.randn(int(sys.argv[5]), 3, cfg.image_size, cfg.image_size)
+print("ready", flush=True)
+while True:
+    model(x).sum().backward()
+"""
+
+
+def start_co_runners(cfg: ModelConfig, count: int, threads: int, micro_batch: int) -> list[subprocess.Popen]:
+    """`count` processes training the same network in a loop, as the other workers of a run on this
+    machine would, so measured times include their pull on shared cores, caches and memory bus."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    procs = [subprocess.Popen([sys.executable, "-c", _CO_RUNNER, str(max(threads, 1)), str(cfg.width),
+                               str(cfg.image_size), str(cfg.num_classes), str(micro_batch)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(count)]
+    for proc in procs:
+        proc.stdout.readline()  # "ready": the model is built and the loop starts
+    return procs
+
+
+def stop_co_runners(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
 def _memory_bytes(device: str) -> Optional[int]:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -368,11 +405,15 @@ def _memory_bytes(device: str) -> Optional[int]:
 
 def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 32), device: str = "cpu",
                     reps: int = 5, threads: int = 1, links: str = "measure", name: Optional[str] = None,
-                    seed: int = 0) -> DeviceProfile:
+                    seed: int = 0, co_runners: int = 0, stat: str = "median") -> DeviceProfile:
     """Time this machine as a run's workers would use it: units at each micro-batch size with
     `threads` torch threads (the engine's train.threads) and the host allocator the trainers use;
     the optimizer; and with links="measure" two processes' p2p and all-reduce on the run's backend
-    (gloo on CPU, nccl with two GPUs), else placeholder links named in `assumptions`."""
+    (gloo on CPU, nccl with two GPUs), else placeholder links named in `assumptions`.
+
+    `co_runners`: other processes training the network meanwhile — on a CPU whose cores the run's
+    workers share, k workers per machine means k − 1 co-runners (the profile then holds for runs of
+    k workers a machine)."""
     from alexnet_pp.host import configure_host
 
     if len(micro_batches) < 1:
@@ -385,17 +426,22 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         p2p, ar = Link(bandwidth=2e9, latency=50e-6), Link(bandwidth=2e9, latency=50e-6)
     prev_threads = torch.get_num_threads()
     configure_host(threads, keep_freed_memory=True)
+    others = start_co_runners(model_cfg, co_runners, threads, min(micro_batches)) if co_runners else []
     try:
-        per_size = time_unit_sizes(model_cfg, micro_batches, device, reps, seed)
+        per_size = time_unit_sizes(model_cfg, micro_batches, device, reps, seed, stat)
         opt = time_optimizer(model_cfg, device)
         copies = time_gradient_copies(model_cfg, device)
     finally:
+        stop_co_runners(others)
         torch.set_num_threads(prev_threads)
     units = [UnitTimes(nm, *[[per_size[j][i][k] for j in range(len(micro_batches))] for k in range(3)])
              for i, nm in enumerate(unit_names(1))]
+    sharing = (f"while {co_runners} other process(es) trained the same network, as fellow workers on this "
+               "machine would" if co_runners else "one worker at a time: workers sharing a memory bus or cores "
+               "run slower than this")
     assumptions = [
-        f"unit times measured on {device} with {threads or torch.get_num_threads()} thread(s) per worker, one "
-        "worker at a time: workers sharing a memory bus or cores run slower than this",
+        f"unit times: the {stat} of {reps} runs on {device} with {threads or torch.get_num_threads()} thread(s) per "
+        f"worker, {sharing}",
         "micro-batch scaling: a + b·n least squares over the measured sizes " + ", ".join(map(str, micro_batches)),
     ]
     if measured_links:

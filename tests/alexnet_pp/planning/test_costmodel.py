@@ -22,6 +22,8 @@ from alexnet_pp.planning.profile import (
     UnitTimes,
     assumed_gpu_profile,
     measure_links,
+    start_co_runners,
+    stop_co_runners,
     time_units,
 )
 
@@ -184,3 +186,12 @@ def test_two_local_processes_measure_a_link_with_positive_bandwidth_and_latency(
     p2p, allreduce = measure_links("gloo", sizes=(1024, 4 << 20), reps=2)
     for link in (p2p, allreduce):
         assert link.bandwidth > 0 and link.latency > 0
+
+
+def test_co_runners_train_the_network_until_stopped(tiny):
+    procs = start_co_runners(tiny, 1, threads=1, micro_batch=2)
+    try:
+        assert all(p.poll() is None for p in procs)
+    finally:
+        stop_co_runners(procs)
+    assert all(p.returncode is not None for p in procs)
