@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top", type=int, default=20, help="rows to print (0: all)")
     ap.add_argument("--measure-micro-batches", default="16,32", help="sizes to time units at when measuring")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker when measuring a CPU")
+    ap.add_argument("--co-runners", type=int, default=0,
+                    help="when measuring a CPU: processes training the network meanwhile, as the run's other "
+                         "workers on this machine would (workers per machine − 1)")
     return ap
 
 
@@ -48,7 +51,7 @@ def load_profile(spec: Optional[str], model_cfg, args) -> DeviceProfile:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = tuple(int(x) for x in args.measure_micro_batches.split(","))
     print(f"measuring this machine ({device}, micro-batches {sizes}); --device-profile FILE skips this")
-    profile = measure_profile(model_cfg, sizes, device, threads=args.threads)
+    profile = measure_profile(model_cfg, sizes, device, threads=args.threads, co_runners=args.co_runners)
     if args.save_profile:
         profile.save(args.save_profile)
         print(f"profile written to {args.save_profile}")
