@@ -88,6 +88,7 @@ class Prediction:
     fits: bool
     profile: str
     timeline: Timeline = field(repr=False)
+    extrapolated: bool = False  # the micro-batch lies outside the sizes the profile was measured at
 
     @property
     def bubble(self) -> float:
@@ -351,6 +352,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Layout, overlap_al
         layout=layout, bounds=bounds, step_seconds=step, images_per_s=layout.batch / step, stages=stage_preds,
         bytes_per_step={"stages": int(stage_traffic), "towers": int(tower_traffic), "replicas": int(replica_traffic)},
         memory_per_worker=memory, fits=cap is None or memory <= cap, profile=profile.name, timeline=timeline,
+        extrapolated=not min(profile.micro_batches) <= n <= max(profile.micro_batches),
     )
 
 

@@ -64,9 +64,12 @@ def format_table(preds: Sequence[Prediction], top: Optional[int] = None) -> str:
     for i, p in enumerate(preds[:top] if top else preds, 1):
         L, b = p.layout, p.bytes_per_step
         lines.append(
-            f"{i:>3} {L.label():>8} {L.micro_batches:>4} {L.micro_batch:>4} {L.schedule:>8} {p.images_per_s:>13.1f} "
+            f"{i:>3} {L.label():>8} {L.micro_batches:>4} {str(L.micro_batch) + ('*' if p.extrapolated else ''):>4} "
+            f"{L.schedule:>8} {p.images_per_s:>13.1f} "
             f"{1000 * p.step_seconds:>9.2f} {p.bubble:>6.3f} {p.memory_per_worker / 2**30:>10.2f} "
             f"{_mb(b['stages']):>9} {_mb(b['towers']):>9} {_mb(b['replicas']):>10} {'yes' if p.fits else 'NO':>4}")
     if top and len(preds) > top:
         lines.append(f"... {len(preds) - top} more layouts")
+    if any(p.extrapolated for p in (preds[:top] if top else preds)):
+        lines.append("* micro-batch outside the sizes the profile was measured at: its unit times are extrapolated")
     return "\n".join(lines)

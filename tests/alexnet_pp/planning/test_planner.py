@@ -77,8 +77,12 @@ def test_the_table_labels_its_numbers_as_predictions(tiny, make_profile):
     ranked = rank_layouts(tiny, make_profile(), workers=2, batch=8)
     table = format_table(ranked, top=3)
     assert "img/s (pred)" in table
-    assert len(table.splitlines()) == 2 + 3 + 1
     assert "1×1×2" in table.splitlines()[2]
+    # the toy profile was measured at micro-batches 1 and 2: the best layout (micro-batch 1) is not extrapolated
+    assert not ranked[0].extrapolated and "*" not in table.splitlines()[2]
+    assert any(p.extrapolated for p in ranked)
+    full = format_table(ranked)
+    assert "extrapolated" in full.splitlines()[-1]
 
 
 def test_plan_command_prints_the_ranking_and_the_profiles_assumptions(tmp_path, capsys, make_profile):
