@@ -7,9 +7,12 @@ ranks them by images/s (`planner.rank_layouts`; `cli_plan.main_plan` is `alexnet
 The model, in the order a prediction is built:
 
 1. Profile (profile.py). Each pipeline unit's forward (F), input-gradient (B) and weight-gradient
-   (W) seconds, measured on the machine at two or more micro-batch sizes and fitted as a + b·n;
-   the optimizer's seconds per parameter; α-β links (latency + bytes / bandwidth) for point-to-point
-   and for collectives, measured between two processes on the run's backend; device memory. For
+   (W) seconds, measured on the machine at two or more micro-batch sizes (the median of several
+   runs; on a CPU whose cores the run's workers share, beside co-runners training the network) and
+   fitted as a + b·n — a prediction outside the measured sizes is marked as extrapolated; the
+   optimizer's seconds per parameter, and DeepSpeed's gradient copies around the all-reduce;
+   α-β links (latency + bytes / bandwidth) for point-to-point and for collectives, measured
+   between two processes on the run's backend; device memory. For
    devices this machine lacks, `assumed_gpu_profile` builds one from public figures (NVLink 4,
    InfiniBand NDR) and the repository's one measured H100 step, and lists each figure it assumed.
 2. Stage costs (costmodel.py). A stage's F, B, W are the sums over its units at the layout's

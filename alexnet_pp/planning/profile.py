@@ -181,9 +181,10 @@ def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: in
 def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str = "cpu", reps: int = 3,
                     seed: int = 0, stat: str = "median") -> list[list[tuple[float, float, float]]]:
     """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit, the median (or min) of
-    `reps` after a warm-up — the median, because a run's steps meet the same noise: F the forward; B the input gradient alone (torch.autograd.grad on the input); W the rest
-    of the training backward (input and weight gradients into .grad) beyond B. The first unit has
-    no B. Every repetition runs every size and unit in turn, so a burst of load from other processes
+    `reps` after a warm-up — the median by default, since a run's steps meet the same noise. F: the
+    forward; B: the input gradient alone (torch.autograd.grad on the input); W: the rest of the
+    training backward (input and weight gradients into .grad) beyond B. The first unit has no B.
+    Every repetition runs every size and unit in turn, so a burst of load from other processes
     slows one repetition of each, not every repetition of one size."""
     from alexnet_pp.model import AlexNet
     from alexnet_pp.pipeline import pipeline_modules
@@ -240,7 +241,20 @@ def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str 
     return out
 
 
-def time_optimizer(cfg: ModelConfig, device: str = "cpu", reps: int = 3) -> float:
+def _repeat(fn, reps: int, device: str, stat: str) -> float:
+    """The median (or min) seconds of `reps` calls after one warm-up call."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return (min if stat == "min" else statistics.median)(times[1:])
+
+
+def time_optimizer(cfg: ModelConfig, device: str = "cpu", reps: int = 5, stat: str = "median") -> float:
     """Seconds per parameter of the run's optimizer step (the paper's SGD with momentum, fused
     where torch has it) over the network's own parameters: memory-bound, so linear in their count."""
     from alexnet_pp.config import TrainConfig
@@ -251,18 +265,10 @@ def time_optimizer(cfg: ModelConfig, device: str = "cpu", reps: int = 3) -> floa
     for p in params:
         p.grad = torch.randn_like(p)
     opt = build_optimizer(params, TrainConfig())
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    best = math.inf
-    for _ in range(reps + 1):
-        sync()
-        t0 = time.perf_counter()
-        opt.step()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best / sum(p.numel() for p in params)
+    return _repeat(opt.step, reps, device, stat) / sum(p.numel() for p in params)
 
 
-def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5) -> float:
+def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5, stat: str = "median") -> float:
     """Seconds per parameter of what DeepSpeed's ReduceGrads does around the all-reduce: flatten
     the gradients into one buffer, scale it, copy each slice back."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -270,19 +276,14 @@ def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5) -
     from alexnet_pp.model import AlexNet
 
     grads = [torch.randn_like(p) for p in AlexNet(cfg).to(device).parameters()]
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    best = math.inf
-    for _ in range(reps + 1):
-        sync()
-        t0 = time.perf_counter()
+
+    def copies() -> None:
         flat = _flatten_dense_tensors(grads)
         flat.mul_(1.0)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        del flat
-    return best / sum(g.numel() for g in grads)
+
+    return _repeat(copies, reps, device, stat) / sum(g.numel() for g in grads)
 
 
 def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes: list[int], reps: int) -> None:
@@ -429,8 +430,8 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
     others = start_co_runners(model_cfg, co_runners, threads, min(micro_batches)) if co_runners else []
     try:
         per_size = time_unit_sizes(model_cfg, micro_batches, device, reps, seed, stat)
-        opt = time_optimizer(model_cfg, device)
-        copies = time_gradient_copies(model_cfg, device)
+        opt = time_optimizer(model_cfg, device, reps, stat)
+        copies = time_gradient_copies(model_cfg, device, reps, stat)
     finally:
         stop_co_runners(others)
         torch.set_num_threads(prev_threads)
