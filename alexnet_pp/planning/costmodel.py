@@ -1,0 +1,391 @@
+"""Predicted step time, traffic and memory of one layout (P, T, D, M) from a device profile.
+
+Per stage: its units' F, B, W at the layout's micro-batch (T = 2: each tower rank does half of a
+layer's work, fc8 whole, plus the tower all-gathers and gradient all-reduces of the cross-tower
+layers); per cut: the activation and gradient transfers; then the schedule is simulated
+(simulate.py) and each stage ends with its gradient all-reduce over the D replicas and its
+optimizer step. Bytes come from the network's shapes and parameter counts (model.py, pipeline.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from alexnet_pp.config import ModelConfig, RunConfig
+from alexnet_pp.model import CROSS_TOWER, LAYER_NAMES, layer_output_shapes
+from alexnet_pp.pipeline import SPLITTABLE, partition, pipeline_units, unit_names, unit_param_counts
+from alexnet_pp.planning.profile import DeviceProfile, Link
+from alexnet_pp.planning.simulate import StageCost, Timeline, simulate
+
+LABEL_BYTES = 8  # int64 label per image, sent beside the activations (cluster/stage_layers.py)
+SHARDED = ("conv3", "fc6", "fc7")  # cross-tower layers whose backward all-reduces the input gradient
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int
+    tp: int
+    dp: int
+    micro_batches: int
+    batch: int  # global images per optimizer step
+    schedule: str = "1f1b"
+    partition: str = "measured"  # as parallel.partition: measured | flops | uniform | parameters | cut points
+
+    @property
+    def workers(self) -> int:
+        return self.pp * self.tp * self.dp
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch // (self.dp * self.micro_batches)
+
+    def label(self) -> str:
+        return f"{self.pp}×{self.tp}×{self.dp}"
+
+    @classmethod
+    def of(cls, run: RunConfig, schedule: str = "1f1b") -> "Layout":
+        """The layout a run configuration trains with, to print a prediction beside its measurement."""
+        p = run.parallel
+        return cls(p.pp, p.tp, p.dp, p.micro_batches, run.train.batch_size, schedule, p.partition)
+
+    def check(self, cfg: ModelConfig) -> None:
+        if self.tp not in (1, 2):
+            raise ValueError(f"T={self.tp}: a stage holds both towers (1) or one tower per worker (2)")
+        if min(self.pp, self.dp, self.micro_batches) < 1:
+            raise ValueError("P, D and M must be ≥ 1")
+        if self.batch % (self.dp * self.micro_batches):
+            raise ValueError(f"batch {self.batch} is not divisible by D·M = {self.dp * self.micro_batches}")
+        if self.pp > len(unit_names(self.tp)):
+            raise ValueError(f"P={self.pp} exceeds the {len(unit_names(self.tp))} pipeline units at T={self.tp}")
+
+
+@dataclass
+class StagePrediction:
+    stage: int
+    units: list[str]
+    params: int  # per worker of this stage
+    # seconds per step: forward, backward, send, recv, idle; allreduce (the collective over replicas);
+    # optimizer (the step and DeepSpeed's gradient copies around the all-reduce, as the engine times it)
+    phases: dict[str, float]
+    bubble: float
+    in_flight: int  # peak micro-batches whose activations the stage holds
+    memory: dict[str, int]  # bytes per worker: parameters, gradients, optimizer, activations, total
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    bounds: tuple[int, ...]
+    step_seconds: float
+    images_per_s: float
+    stages: list[StagePrediction]
+    bytes_per_step: dict[str, int]  # whole job: between stages, between towers, between replicas
+    memory_per_worker: int  # the largest stage's
+    fits: bool
+    profile: str
+    timeline: Timeline = field(repr=False)
+    extrapolated: bool = False  # the micro-batch lies outside the sizes the profile was measured at
+
+    @property
+    def bubble(self) -> float:
+        return max(s.bubble for s in self.stages)
+
+
+# --- shapes and bytes -----------------------------------------------------------------------------
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def layer_io_elements(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(input, output) elements per image of each layer, both towers."""
+    shapes = layer_output_shapes(cfg)
+    out, prev = {}, 3 * cfg.image_size**2
+    for name in LAYER_NAMES:
+        o = _numel(shapes[name])
+        out[name] = (prev, o)
+        prev = o
+    return out
+
+
+def cut_elements(cfg: ModelConfig, tp: int) -> list[int]:
+    """Elements per image one worker sends after each unit: a whole layer's output; after tower
+    half 0, the layer's input and that half's output (TowerHalf); at T = 2 the worker's tower half."""
+    io = layer_io_elements(cfg)
+    out = []
+    for u in pipeline_units(tp):
+        i, o = io[u.layer]
+        if tp == 2:
+            out.append(o if u.layer == "fc8" else o // 2)
+        elif u.tower == 0:
+            out.append(i + o // 2)
+        else:
+            out.append(o)
+    return out
+
+
+def worker_param_counts(cfg: ModelConfig, tp: int) -> list[int]:
+    """Parameters one worker holds of each unit (T = 2: its tower's half; fc8 on both towers)."""
+    counts = unit_param_counts(cfg, tp)
+    if tp == 1:
+        return counts
+    return [c if u.layer == "fc8" else c // 2 for u, c in zip(pipeline_units(tp), counts)]
+
+
+@functools.lru_cache(maxsize=16)
+def _saved_bytes(width: float, image_size: int, num_classes: int, lrn_order: str) -> tuple[int, ...]:
+    from alexnet_pp.model import AlexNet
+    from alexnet_pp.pipeline import pipeline_modules
+
+    cfg = ModelConfig(width=width, image_size=image_size, num_classes=num_classes, lrn_order=lrn_order)
+    model = AlexNet(cfg).train()
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    per_unit = []
+    n = 2
+    x = torch.randn(n, 3, image_size, image_size, requires_grad=True)
+    for unit in pipeline_modules(model, 1):
+        total = 0
+
+        def pack(t: torch.Tensor):
+            nonlocal total
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = unit(x)
+        per_unit.append(total // n)
+    return tuple(per_unit)
+
+
+def saved_bytes_per_image(cfg: ModelConfig) -> list[int]:
+    """Bytes autograd keeps per image for each T = 1 unit's backward (float32, measured by running
+    the network on two images on the CPU: what a stage holds per micro-batch in flight)."""
+    return list(_saved_bytes(cfg.width, cfg.image_size, cfg.num_classes, cfg.lrn_order))
+
+
+def worker_saved_bytes(cfg: ModelConfig, tp: int) -> list[float]:
+    """Per image, per unit, on one worker. T = 2 (an estimate): half a layer's T = 1 bytes, plus for
+    the cross-tower layers the gathered input a tower keeps for its own backward."""
+    t1 = dict(zip(unit_names(1), saved_bytes_per_image(cfg)))
+    if tp == 1:
+        return [float(t1[n]) for n in unit_names(1)]
+    io = layer_io_elements(cfg)
+    out = []
+    for u in pipeline_units(2):
+        whole = t1[u.layer] if u.layer not in SPLITTABLE else t1[f"{u.layer}.0"] + t1[f"{u.layer}.1"]
+        if u.layer == "fc8":
+            out.append(float(whole))
+        else:
+            extra = 4 * io[u.layer][0] / 2 if u.layer in CROSS_TOWER else 0.0
+            out.append(whole / 2 + extra)
+    return out
+
+
+# --- compute ----------------------------------------------------------------------------------------
+
+def unit_costs(cfg: ModelConfig, profile: DeviceProfile, micro_batch: int, tp: int) -> list[StageCost]:
+    """Compute seconds (F, B, W) per pipeline unit of `tp` on one worker, without communication.
+    T = 2: a tower rank runs its half of each layer — a T = 1 tower half where the profile has one,
+    else half the whole layer — and all of fc8, which both towers compute."""
+    profile.check_model(cfg)
+    t1 = dict(zip(unit_names(1), profile.unit_seconds(micro_batch)))
+    if tp == 1:
+        return [StageCost(*t1[n]) for n in unit_names(1)]
+    out = []
+    for u in pipeline_units(2):
+        if u.layer in SPLITTABLE:
+            a, b = t1[f"{u.layer}.0"], t1[f"{u.layer}.1"]
+            out.append(StageCost(*[(x + y) / 2 for x, y in zip(a, b)]))
+        elif u.layer == "fc8":
+            out.append(StageCost(*t1[u.layer]))
+        else:
+            out.append(StageCost(*[x / 2 for x in t1[u.layer]]))
+    return out
+
+
+def tower_comm_seconds(cfg: ModelConfig, profile: DeviceProfile, micro_batch: int) -> dict[str, tuple[float, float]]:
+    """T = 2, per cross-tower layer: (forward all-gather of its input, backward all-reduce of the
+    input gradient) seconds. The two towers of a stage are neighbouring ranks (cluster/topology.py)."""
+    link = profile.link(0, 1, collective=True)
+    io = layer_io_elements(cfg)
+    out = {}
+    for name in CROSS_TOWER:
+        nbytes = profile.dtype_bytes * io[name][0] * micro_batch
+        back = link.allreduce_seconds(nbytes, 2) if name in SHARDED else 0.0
+        out[name] = (link.allgather_seconds(nbytes, 2), back)
+    return out
+
+
+def resolve_bounds(cfg: ModelConfig, layout: Layout, costs: list[StageCost]) -> tuple[int, ...]:
+    """The cut the engine would make: `measured` balances each unit's F + B + W at the micro-batch,
+    as the engine's measure_layer_costs does on rank 0 at start (costs: one worker's, from unit_costs)."""
+    method = layout.partition
+    if method.strip() != "measured":
+        return partition(cfg, layout.pp, method, tp=layout.tp).bounds
+    if layout.tp == 1:
+        weights = [c.forward + c.backward for c in costs]
+    else:  # the engine times whole layers (both towers) in one process, fc8 once
+        weights = [(1 if u.layer == "fc8" else 2) * (c.forward + c.backward)
+                   for u, c in zip(pipeline_units(2), costs)]
+    return partition(cfg, layout.pp, "measured", weights, layout.tp).bounds
+
+
+# --- placement of ranks (DeepSpeed's pipe, data, model order: towers fastest) ---------------------
+
+def _rank(layout: Layout, stage: int, tower: int, replica: int) -> int:
+    return (stage * layout.dp + replica) * layout.tp + tower
+
+
+def _cut_link(profile: DeviceProfile, layout: Layout, stage: int) -> Link:
+    pairs = [(_rank(layout, stage, t, d), _rank(layout, stage + 1, t, d))
+             for t in range(layout.tp) for d in range(layout.dp)]
+    return profile.p2p if all(profile.same_node(a, b) for a, b in pairs) else profile.inter_node  # type: ignore
+
+
+def _replica_link(profile: DeviceProfile, layout: Layout, stage: int) -> Link:
+    ranks = [_rank(layout, stage, t, d) for t in range(layout.tp) for d in range(layout.dp)]
+    same = all(profile.same_node(ranks[0], r) for r in ranks)
+    return profile.allreduce if same else profile.inter_node  # type: ignore
+
+
+# --- the prediction -------------------------------------------------------------------------------
+
+def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Layout, overlap_allreduce: bool = False,
+            max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None) -> Prediction:
+    """Predict one optimizer step of `layout`. `overlap_allreduce`: each unit's gradients are
+    all-reduced as soon as the last micro-batch's backward has produced them, one bucket per unit,
+    the buckets queued on the link (as torch DDP does); off, the all-reduce follows the last
+    backward, as DeepSpeed's pipeline engine runs it."""
+    layout.check(cfg)
+    n, tp, M, D = layout.micro_batch, layout.tp, layout.micro_batches, layout.dp
+    costs = unit_costs(cfg, profile, n, tp)
+    bounds = tuple(bounds) if bounds is not None else resolve_bounds(cfg, layout, costs)
+    if len(bounds) != layout.pp + 1:
+        raise ValueError(f"bounds {bounds} do not give {layout.pp} stages")
+    names = unit_names(tp)
+    units = pipeline_units(tp)
+    tower = tower_comm_seconds(cfg, profile, n) if tp == 2 else {}
+    params = worker_param_counts(cfg, tp)
+    saved = worker_saved_bytes(cfg, tp)
+    cuts = cut_elements(cfg, tp)
+    io = layer_io_elements(cfg)
+    eb = profile.dtype_bytes
+
+    stage_costs, stage_units, tower_fwd, tower_bwd = [], [], [], []
+    for s in range(layout.pp):
+        idx = range(bounds[s], bounds[s + 1])
+        tf = sum(tower.get(units[i].layer, (0.0, 0.0))[0] for i in idx)
+        tb = sum(tower.get(units[i].layer, (0.0, 0.0))[1] for i in idx)
+        stage_costs.append(StageCost(sum(costs[i].forward for i in idx) + tf,
+                                     sum(costs[i].backward_input for i in idx) + tb,
+                                     sum(costs[i].backward_weight for i in idx)))
+        stage_units.append([names[i] for i in idx])
+        tower_fwd.append(tf)
+        tower_bwd.append(tb)
+
+    p2p, cut_bytes = [], []
+    for s in range(layout.pp - 1):
+        act = eb * cuts[bounds[s + 1] - 1] * n
+        link = _cut_link(profile, layout, s)
+        p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n), link.seconds(act)))
+        cut_bytes.append(2 * act + LABEL_BYTES * n)
+
+    timeline = simulate(layout.schedule, stage_costs, M, p2p)
+
+    stage_preds = []
+    tails = []
+    for s in range(layout.pp):
+        idx = list(range(bounds[s], bounds[s + 1]))
+        p = sum(params[i] for i in idx)
+        link = _replica_link(profile, layout, s)
+        ar = link.allreduce_seconds(eb * p, D)
+        if overlap_allreduce and D > 1:
+            ar = _exposed_allreduce(timeline, s, [costs[i] for i in idx], [eb * params[i] for i in idx], link, D)
+        opt = p * (profile.optimizer_seconds_per_param + profile.reduce_copy_seconds_per_param)
+        tails.append(ar + opt)
+        in_flight = timeline.peak_in_flight(s)
+        per_image = sum(saved[i] for i in idx) + (eb * _input_elements(io, units, bounds[s], tp) if s else 0)
+        act = int(in_flight * n * per_image)
+        mem = {"parameters": eb * p, "gradients": eb * p, "optimizer": eb * p, "activations": act}
+        mem["total"] = sum(mem.values())
+        phases = {
+            "forward": timeline.seconds(s, ("F",)),
+            "backward": timeline.seconds(s, ("B", "W", "BW")),
+            "send": timeline.seconds(s, ("send",)),
+            "recv": timeline.seconds(s, ("recv",)),
+            "allreduce": ar,
+            "optimizer": opt,
+            "tower_comm": M * (tower_fwd[s] + tower_bwd[s]),  # inside forward and backward
+        }
+        stage_preds.append(StagePrediction(s, stage_units[s], p, phases, timeline.bubble(s), in_flight, mem))
+    timeline.tail = tails
+    step = timeline.step_time
+    for sp in stage_preds:
+        ph = sp.phases
+        ph["idle"] = max(0.0, step - sum(ph[k] for k in ("forward", "backward", "send", "recv", "allreduce", "optimizer")))
+
+    stage_traffic = sum(cut_bytes) * M * D * tp
+    tower_traffic = 0
+    if tp == 2:
+        for s in range(layout.pp):
+            for i in range(bounds[s], bounds[s + 1]):
+                layer = units[i].layer
+                if layer in CROSS_TOWER:
+                    full = eb * io[layer][0] * n
+                    tower_traffic += full + (2 * full if layer in SHARDED else 0)  # gather + ring all-reduce
+        tower_traffic *= M * D
+    replica_traffic = sum(int(2 * (D - 1) * eb * sp.params) * tp for sp in stage_preds) if D > 1 else 0
+    memory = max(sp.memory["total"] for sp in stage_preds)
+    cap = max_memory if max_memory is not None else profile.memory_bytes
+    return Prediction(
+        layout=layout, bounds=bounds, step_seconds=step, images_per_s=layout.batch / step, stages=stage_preds,
+        bytes_per_step={"stages": int(stage_traffic), "towers": int(tower_traffic), "replicas": int(replica_traffic)},
+        memory_per_worker=memory, fits=cap is None or memory <= cap, profile=profile.name, timeline=timeline,
+        extrapolated=not min(profile.micro_batches) <= n <= max(profile.micro_batches),
+    )
+
+
+def _input_elements(io: dict, units, first: int, tp: int) -> int:
+    """Elements per image a stage receives: what the unit before its first sends."""
+    prev = units[first - 1]
+    i, o = io[prev.layer]
+    if tp == 2:
+        return o // 2
+    return i + o // 2 if prev.tower == 0 else o
+
+
+def _exposed_allreduce(timeline: Timeline, stage: int, costs: list[StageCost], grad_bytes: list[float],
+                       link: Link, replicas: int) -> float:
+    """All-reduce time left after the stage's last backward, when each unit's bucket starts as
+    soon as the last micro-batch's backward passes that unit (units run backward last to first)."""
+    last = [e for e in timeline.stages[stage] if e.kind in ("BW", "W")][-1]
+    kind_cost = [(c.backward if last.kind == "BW" else c.backward_weight) for c in costs]
+    total = sum(kind_cost) or 1.0
+    t, free = last.start, last.start
+    for c, nbytes in zip(reversed(kind_cost), reversed(grad_bytes)):
+        t += (last.end - last.start) * c / total
+        free = max(free, t) + link.allreduce_seconds(nbytes, replicas)
+    return max(0.0, free - last.end)
+
+
+def describe(pred: Prediction) -> str:
+    """Per stage: units, phases in ms, bubble, memory — a prediction, labelled as one."""
+    L = pred.layout
+    lines = [f"predicted ({pred.profile}): P×T×D = {L.label()}, M = {L.micro_batches}, micro-batch {L.micro_batch}, "
+             f"{L.schedule}: {pred.images_per_s:.1f} img/s, step {1000 * pred.step_seconds:.1f} ms"]
+    for sp in pred.stages:
+        ph = " ".join(f"{k} {1000 * v:.1f}" for k, v in sp.phases.items())
+        lines.append(f"  stage {sp.stage} [{','.join(sp.units)}]: {ph} ms; bubble {sp.bubble:.3f}; "
+                     f"{sp.in_flight} in flight; {sp.memory['total'] / 2**30:.2f} GiB")
+    return "\n".join(lines)

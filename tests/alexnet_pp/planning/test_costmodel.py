@@ -1,0 +1,197 @@
+"""The cost model on the `test` preset's network (tiny) with toy profiles whose answers are known by hand.
+
+Tiny network shapes per image (both towers): conv1 24×7×7 = 1176, conv2 64×3×3 = 576, conv3 and
+conv4 96×3×3 = 864, conv5 64×1×1 = 64, fc6 and fc7 1024, fc8 10."""
+
+import pytest
+
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.pipeline import unit_names, unit_param_counts
+from alexnet_pp.planning.costmodel import (
+    Layout,
+    cut_elements,
+    layer_io_elements,
+    predict,
+    saved_bytes_per_image,
+    unit_costs,
+    worker_param_counts,
+)
+from alexnet_pp.planning.profile import (
+    DeviceProfile,
+    Link,
+    UnitTimes,
+    assumed_gpu_profile,
+    measure_links,
+    start_co_runners,
+    stop_co_runners,
+    time_units,
+)
+
+MS = 1e-3
+
+
+def test_tiny_shapes_are_what_the_hand_sums_below_assume(tiny):
+    io = layer_io_elements(tiny)
+    assert {k: v[1] for k, v in io.items()} == {"conv1": 1176, "conv2": 576, "conv3": 864, "conv4": 864,
+                                                 "conv5": 64, "fc6": 1024, "fc7": 1024, "fc8": 10}
+    assert io["fc6"][0] == 64  # conv5's output, flattened
+
+
+def test_after_a_tower_half_a_stage_sends_the_layers_input_and_that_half():
+    cuts = dict(zip(unit_names(1), cut_elements(ModelConfig(width=0.25, image_size=64, num_classes=10), 1)))
+    assert cuts["conv3.0"] == 576 + 864 // 2
+    assert cuts["conv3.1"] == 864
+    assert cuts["conv2"] == 576
+
+
+def test_two_equal_stages_step_in_m_plus_one_forward_backward_times(tiny, make_profile):
+    """Each unit costs 1 ms per image per kind; 6 units a stage, micro-batch 2: F = 12 ms and
+    F + B + W = 36 ms a micro-batch, so (M + P − 1) · 36 = 180 ms for M = 4."""
+    pred = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="6"))
+    assert pred.bounds == (0, 6, 12)
+    assert pred.step_seconds == pytest.approx(0.180)
+    assert pred.images_per_s == pytest.approx(8 / 0.180)
+    s0, s1 = pred.stages
+    assert s0.phases["forward"] == pytest.approx(4 * 12 * MS)
+    assert s0.phases["backward"] == pytest.approx(4 * 24 * MS)
+    assert s0.phases["idle"] + s0.phases["recv"] + s0.phases["send"] == pytest.approx(36 * MS)
+    assert s0.bubble == pytest.approx(1 / 5)
+
+
+def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
+    """1 ms per message: an activation goes as two messages (activations and labels), 2 ms, a
+    gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0
+    ends at 192 ms."""
+    slow = Link(bandwidth=1e30, latency=1 * MS)
+    pred = predict(tiny, make_profile(p2p=slow), Layout(2, 1, 1, 4, 8, partition="6"))
+    assert pred.step_seconds == pytest.approx(0.192)
+
+
+def test_the_optimizer_step_follows_each_stages_last_backward(tiny, make_profile):
+    rate = 1e-8
+    pred = predict(tiny, make_profile(optimizer=rate), Layout(2, 1, 1, 4, 8, partition="6"))
+    counts = worker_param_counts(tiny, 1)
+    p0, p1 = sum(counts[:6]), sum(counts[6:])
+    assert pred.step_seconds == pytest.approx(max(0.180 + p0 * rate, 0.156 + p1 * rate))
+    assert pred.stages[1].phases["optimizer"] == pytest.approx(p1 * rate)
+
+
+def test_with_two_towers_each_worker_does_half_of_each_layer_and_all_of_fc8(tiny, make_profile):
+    """Per image and kind: conv1, conv2, conv5 half of 1 ms; conv3, conv4, fc6, fc7 one tower half
+    (1 ms); fc8 whole (1 ms): 6.5 ms, × 3 kinds × 2 images = 39 ms."""
+    costs = unit_costs(tiny, make_profile(), 2, 2)
+    assert [c.forward for c in costs] == pytest.approx([1 * MS, 1 * MS, 2 * MS, 2 * MS, 1 * MS, 2 * MS, 2 * MS, 2 * MS])
+    free = predict(tiny, make_profile(), Layout(1, 2, 1, 1, 2))
+    assert free.step_seconds == pytest.approx(0.039)
+    # 1 ms per collective step: 4 all-gathers of two ranks (1 step each) forward, 3 all-reduces (2 steps) backward
+    slow = predict(tiny, make_profile(allreduce=Link(1e30, 1 * MS)), Layout(1, 2, 1, 1, 2))
+    assert slow.step_seconds == pytest.approx(0.039 + 0.004 + 0.006)
+    assert slow.stages[0].phases["tower_comm"] == pytest.approx(0.010)
+
+
+def test_bytes_between_stages_towers_and_replicas_come_from_the_shapes_and_parameters(tiny, make_profile):
+    # cut after conv3.0, micro-batch 2, M = 4: activations and gradients of 1008 floats an image, plus labels
+    pipe = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="conv3.1"))
+    assert pipe.bytes_per_step == {"stages": 4 * (2 * 4 * 1008 * 2 + 8 * 2), "towers": 0, "replicas": 0}
+    # T = 2: gathers of conv3, fc6, fc7, fc8 inputs; all-reduces (2× the bytes in a two-rank ring) of the first three
+    towers = predict(tiny, make_profile(), Layout(1, 2, 1, 1, 2))
+    assert towers.bytes_per_step["towers"] == 4 * 2 * (3 * 576 + 3 * 64 + 3 * 1024 + 1024)
+    # D = 4: a ring all-reduce sends 2(D − 1)/D of the gradients from each of D ranks
+    replicas = predict(tiny, make_profile(), Layout(1, 1, 4, 1, 8))
+    assert replicas.bytes_per_step["replicas"] == 2 * 3 * 4 * sum(unit_param_counts(tiny, 1))
+
+
+def test_memory_holds_weights_gradients_momentum_and_the_micro_batches_in_flight(tiny, make_profile):
+    pred = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="6"))
+    counts, saved = worker_param_counts(tiny, 1), saved_bytes_per_image(tiny)
+    s0, s1 = pred.stages
+    assert (s0.in_flight, s1.in_flight) == (2, 1)  # 1F1B: P − s micro-batches on stage s
+    assert s0.memory["parameters"] == s0.memory["gradients"] == s0.memory["optimizer"] == 4 * sum(counts[:6])
+    assert s0.memory["activations"] == 2 * 2 * sum(saved[:6])
+    assert s1.memory["activations"] == 1 * 2 * (sum(saved[6:]) + 4 * 864)  # + the received conv4 output
+    assert pred.memory_per_worker == max(s0.memory["total"], s1.memory["total"])
+    assert not predict(tiny, make_profile(memory=1000), Layout(1, 1, 2, 1, 8)).fits
+
+
+def test_saved_activations_include_at_least_each_convolutions_input(tiny):
+    saved = dict(zip(unit_names(1), saved_bytes_per_image(tiny)))
+    assert saved["conv1"] >= 4 * 3 * 67 * 67  # the zero-padded image conv1 reads
+    assert saved["conv2"] >= 4 * 1176
+    assert all(v > 0 for v in saved.values())
+
+
+def test_overlapping_the_all_reduce_with_the_last_backward_hides_part_of_it(tiny, make_profile):
+    slow = Link(bandwidth=2e6, latency=0.0)
+    layout = Layout(1, 1, 2, 2, 8)
+    plain = predict(tiny, make_profile(allreduce=slow), layout)
+    hidden = predict(tiny, make_profile(allreduce=slow), layout, overlap_allreduce=True)
+    compute_only = predict(tiny, make_profile(), layout)
+    assert compute_only.step_seconds < hidden.step_seconds < plain.step_seconds
+
+
+def test_a_run_configuration_names_its_layout():
+    from alexnet_pp.config import load_config
+
+    run = load_config("demo", None, {"parallel.pp": "2", "parallel.tp": "2", "parallel.micro_batches": "4"},
+                      check_data=False)
+    assert Layout.of(run) == Layout(2, 2, 1, 4, 64, "1f1b", "measured")
+    assert Layout.of(run).micro_batch == 16
+
+
+def test_a_profile_fits_a_plus_b_n_and_never_scales_below_proportional():
+    def profile(fw):
+        units = [UnitTimes(n, fw, [0.0, 0.0], [0.0, 0.0]) for n in unit_names(1)]
+        return DeviceProfile("p", "cpu", [16, 32], units, 0.0, Link(1e9, 0), Link(1e9, 0))
+    fixed = profile([0.010 + 16e-3, 0.010 + 32e-3])  # 10 ms + 1 ms an image
+    assert fixed.unit_seconds(24)[0][0] == pytest.approx(0.010 + 24e-3)
+    assert fixed.unit_seconds(64)[0][0] == pytest.approx(0.010 + 64e-3)
+    better_small = profile([0.010, 0.030])  # the line would give −10 ms at n = 0
+    assert better_small.unit_seconds(4)[0][0] == pytest.approx(0.010 * 4 / 16)
+
+
+def test_a_profile_survives_a_json_round_trip(tmp_path, make_profile):
+    p = make_profile(p2p=Link(3e9, 2e-5))
+    p.inter_node, p.workers_per_node = Link(1e9, 1e-5), 4
+    p.save(tmp_path / "p.json")
+    assert DeviceProfile.load(tmp_path / "p.json") == p
+
+
+def test_a_profile_measured_for_another_network_is_refused(make_profile):
+    with pytest.raises(ValueError, match="measured for model"):
+        predict(ModelConfig(), make_profile(), Layout(1, 1, 1, 1, 8))
+
+
+def test_the_assumed_h100_reproduces_the_measured_h100_step_and_names_its_figures():
+    nvlink, ib = assumed_gpu_profile("h100-nvlink"), assumed_gpu_profile("h100-ib")
+    single = predict(ModelConfig(), nvlink, Layout(1, 1, 1, 1, 128))
+    assert single.images_per_s == pytest.approx(9177, rel=0.01)
+    text = " ".join(ib.assumptions)
+    assert "450 GB/s" in text and "50 GB/s" in text and "InfiniBand" in text
+    # a two-stage pipeline of 8 replicas puts each stage on its own node: the cut runs over InfiniBand
+    layout = Layout(2, 1, 8, 8, 1024)
+    assert predict(ModelConfig(), ib, layout).step_seconds > predict(ModelConfig(), nvlink, layout).step_seconds
+    with pytest.raises(ValueError, match="unknown assumed profile"):
+        assumed_gpu_profile("tpu")
+
+
+def test_timing_the_tiny_network_gives_every_unit_a_time_and_conv1_no_input_gradient(tiny):
+    times = time_units(tiny, 2, reps=1)
+    assert len(times) == len(unit_names(1))
+    assert times[0][1] == 0.0
+    assert all(f > 0 for f, _, _ in times)
+    assert all(b > 0 for _, b, _ in times[1:])
+
+
+def test_two_local_processes_measure_a_link_with_positive_bandwidth_and_latency():
+    p2p, allreduce = measure_links("gloo", sizes=(1024, 4 << 20), reps=2)
+    for link in (p2p, allreduce):
+        assert link.bandwidth > 0 and link.latency > 0
+
+
+def test_co_runners_train_the_network_until_stopped(tiny):
+    procs = start_co_runners(tiny, 1, threads=1, micro_batch=2)
+    try:
+        assert all(p.poll() is None for p in procs)
+    finally:
+        stop_co_runners(procs)
+    assert all(p.returncode is not None for p in procs)
