@@ -3,6 +3,7 @@
     alexnet-pp train  [--preset P] [--config Y] [--pp N --tp N --dp N | --workers N] [--setting VALUE ...]
     alexnet-pp info   …   the network's layers and the stage plan        alexnet-pp config …  the resolved YAML
     alexnet-pp data synth|ingest …                                        (dataset commands)
+    alexnet-pp plan --workers 64 --batch 4096 [--device-profile FILE]    (layouts ranked by prediction)
     python -m cluster.job ARGS   ≡   alexnet-pp train --distributed ARGS  (the `ray job submit` entrypoint)
 
 A run is resolved once here: preset → YAML → settings (`--section.key VALUE`, `--name`, `--out_dir`)
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(config)
     config.set_defaults(func=cmd_config)
     register_data(sub)
+    # its own parser (alexnet_pp/planning/cli_plan.py) takes every argument after the word
+    sub.add_parser("plan", add_help=False,
+                   help="rank (P, T, D, M) layouts for a worker count by predicted images/s (plan --help)")
     return parser
 
 
@@ -121,7 +125,12 @@ def parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namesp
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _, args, extra = parse(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        from alexnet_pp.planning.cli_plan import main_plan
+
+        return main_plan(argv[1:])
+    _, args, extra = parse(argv)
     try:
         if args.command in RUN_COMMANDS:
             return args.func(args, extra)

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from alexnet_pp.config import ModelConfig, RunConfig
-from alexnet_pp.model import CROSS_TOWER, LAYER_NAMES, layer_output_shapes
+from alexnet_pp.model import CROSS_TOWER
+from alexnet_pp.shapes import LAYER_NAMES, layer_output_shapes
 from alexnet_pp.pipeline import SPLITTABLE, partition, pipeline_units, unit_names, unit_param_counts
 from alexnet_pp.planning.profile import DeviceProfile, Link
 from alexnet_pp.planning.simulate import StageCost, Timeline, simulate
@@ -26,7 +27,7 @@ SHARDED = ("conv3", "fc6", "fc7")  # cross-tower layers whose backward all-reduc
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
     pp: int
     tp: int
     dp: int
@@ -47,7 +48,7 @@ class Layout:
         return f"{self.pp}×{self.tp}×{self.dp}"
 
     @classmethod
-    def of(cls, run: RunConfig, schedule: str = "1f1b") -> "Layout":
+    def of(cls, run: RunConfig, schedule: str = "1f1b") -> "Candidate":
         """The layout a run configuration trains with, to print a prediction beside its measurement."""
         p = run.parallel
         return cls(p.pp, p.tp, p.dp, p.micro_batches, run.train.batch_size, schedule, p.partition)
@@ -78,7 +79,7 @@ class StagePrediction:
 
 @dataclass
 class Prediction:
-    layout: Layout
+    layout: Candidate
     bounds: tuple[int, ...]
     step_seconds: float
     images_per_s: float
@@ -227,7 +228,7 @@ def tower_comm_seconds(cfg: ModelConfig, profile: DeviceProfile, micro_batch: in
     return out
 
 
-def resolve_bounds(cfg: ModelConfig, layout: Layout, costs: list[StageCost]) -> tuple[int, ...]:
+def resolve_bounds(cfg: ModelConfig, layout: Candidate, costs: list[StageCost]) -> tuple[int, ...]:
     """The cut the engine would make: `measured` balances each unit's F + B + W at the micro-batch,
     as the engine's measure_layer_costs does on rank 0 at start (costs: one worker's, from unit_costs)."""
     method = layout.partition
@@ -243,17 +244,17 @@ def resolve_bounds(cfg: ModelConfig, layout: Layout, costs: list[StageCost]) -> 
 
 # --- placement of ranks (DeepSpeed's pipe, data, model order: towers fastest) ---------------------
 
-def _rank(layout: Layout, stage: int, tower: int, replica: int) -> int:
+def _rank(layout: Candidate, stage: int, tower: int, replica: int) -> int:
     return (stage * layout.dp + replica) * layout.tp + tower
 
 
-def _cut_link(profile: DeviceProfile, layout: Layout, stage: int) -> Link:
+def _cut_link(profile: DeviceProfile, layout: Candidate, stage: int) -> Link:
     pairs = [(_rank(layout, stage, t, d), _rank(layout, stage + 1, t, d))
              for t in range(layout.tp) for d in range(layout.dp)]
     return profile.p2p if all(profile.same_node(a, b) for a, b in pairs) else profile.inter_node  # type: ignore
 
 
-def _replica_link(profile: DeviceProfile, layout: Layout, stage: int) -> Link:
+def _replica_link(profile: DeviceProfile, layout: Candidate, stage: int) -> Link:
     ranks = [_rank(layout, stage, t, d) for t in range(layout.tp) for d in range(layout.dp)]
     same = all(profile.same_node(ranks[0], r) for r in ranks)
     return profile.allreduce if same else profile.inter_node  # type: ignore
@@ -261,7 +262,7 @@ def _replica_link(profile: DeviceProfile, layout: Layout, stage: int) -> Link:
 
 # --- the prediction -------------------------------------------------------------------------------
 
-def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Layout, overlap_allreduce: bool = False,
+def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap_allreduce: bool = False,
             max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None) -> Prediction:
     """Predict one optimizer step of `layout`. `overlap_allreduce`: each unit's gradients are
     all-reduced as soon as the last micro-batch's backward has produced them, one bucket per unit,

@@ -6,7 +6,7 @@ from typing import Iterator, Optional, Sequence
 
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.pipeline import unit_names
-from alexnet_pp.planning.costmodel import Layout, Prediction, predict
+from alexnet_pp.planning.costmodel import Candidate, Prediction, predict
 from alexnet_pp.planning.profile import DeviceProfile
 from alexnet_pp.planning.simulate import SCHEDULES
 
@@ -16,7 +16,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(workers: int, batch: int, schedules: Sequence[str] = ("1f1b",), partition: str = "measured",
-                      min_micro_batch: int = 1) -> Iterator[Layout]:
+                      min_micro_batch: int = 1) -> Iterator[Candidate]:
     """Every (P, T, D, M) with P·T·D = workers, P at most the pipeline units at T, and the batch
     splitting into D·M whole micro-batches of at least `min_micro_batch`. One stage has no
     pipeline schedule to choose, so P = 1 comes once, under the first schedule."""
@@ -36,7 +36,7 @@ def candidate_layouts(workers: int, batch: int, schedules: Sequence[str] = ("1f1
                 if batch // (dp * m) < min_micro_batch:
                     continue
                 for schedule in schedules[:1] if pp == 1 else schedules:
-                    yield Layout(pp, tp, dp, m, batch, schedule, partition)
+                    yield Candidate(pp, tp, dp, m, batch, schedule, partition)
 
 
 def rank_layouts(model_cfg: ModelConfig, profile: DeviceProfile, workers: int, batch: int,

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from alexnet_pp.config import ModelConfig
-from alexnet_pp.model import layer_macs
+from alexnet_pp.shapes import layer_macs
 from alexnet_pp.pipeline import pipeline_units, unit_names
 
 KINDS = ("forward", "backward_input", "backward_weight")

@@ -57,3 +57,11 @@ def test_the_job_entrypoint_resolves_every_flag_as_alexnet_pp_train_does(argv, t
     direct = resolve(args, extra)
     assert seen == [direct]
     assert args.address == (argv[argv.index("--address") + 1] if "--address" in argv else None)
+
+
+def test_plan_ranks_layouts_for_a_worker_count_from_a_named_profile(capsys):
+    assert main(["plan", "--workers", "8", "--batch", "256", "--preset", "paper", "--device-profile", "h100-ib",
+                 "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s (pred)" in out and "PREDICTED" in out and "InfiniBand" in out
+    assert out.count(" yes") == 3  # the three best layouts, each fitting the GPU

@@ -8,7 +8,7 @@ import pytest
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.pipeline import unit_names, unit_param_counts
 from alexnet_pp.planning.costmodel import (
-    Layout,
+    Candidate,
     cut_elements,
     layer_io_elements,
     predict,
@@ -47,7 +47,7 @@ def test_after_a_tower_half_a_stage_sends_the_layers_input_and_that_half():
 def test_two_equal_stages_step_in_m_plus_one_forward_backward_times(tiny, make_profile):
     """Each unit costs 1 ms per image per kind; 6 units a stage, micro-batch 2: F = 12 ms and
     F + B + W = 36 ms a micro-batch, so (M + P − 1) · 36 = 180 ms for M = 4."""
-    pred = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="6"))
+    pred = predict(tiny, make_profile(), Candidate(2, 1, 1, 4, 8, partition="6"))
     assert pred.bounds == (0, 6, 12)
     assert pred.step_seconds == pytest.approx(0.180)
     assert pred.images_per_s == pytest.approx(8 / 0.180)
@@ -63,13 +63,13 @@ def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_pr
     gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0
     ends at 192 ms."""
     slow = Link(bandwidth=1e30, latency=1 * MS)
-    pred = predict(tiny, make_profile(p2p=slow), Layout(2, 1, 1, 4, 8, partition="6"))
+    pred = predict(tiny, make_profile(p2p=slow), Candidate(2, 1, 1, 4, 8, partition="6"))
     assert pred.step_seconds == pytest.approx(0.192)
 
 
 def test_the_optimizer_step_follows_each_stages_last_backward(tiny, make_profile):
     rate = 1e-8
-    pred = predict(tiny, make_profile(optimizer=rate), Layout(2, 1, 1, 4, 8, partition="6"))
+    pred = predict(tiny, make_profile(optimizer=rate), Candidate(2, 1, 1, 4, 8, partition="6"))
     counts = worker_param_counts(tiny, 1)
     p0, p1 = sum(counts[:6]), sum(counts[6:])
     assert pred.step_seconds == pytest.approx(max(0.180 + p0 * rate, 0.156 + p1 * rate))
@@ -81,28 +81,28 @@ def test_with_two_towers_each_worker_does_half_of_each_layer_and_all_of_fc8(tiny
     (1 ms); fc8 whole (1 ms): 6.5 ms, × 3 kinds × 2 images = 39 ms."""
     costs = unit_costs(tiny, make_profile(), 2, 2)
     assert [c.forward for c in costs] == pytest.approx([1 * MS, 1 * MS, 2 * MS, 2 * MS, 1 * MS, 2 * MS, 2 * MS, 2 * MS])
-    free = predict(tiny, make_profile(), Layout(1, 2, 1, 1, 2))
+    free = predict(tiny, make_profile(), Candidate(1, 2, 1, 1, 2))
     assert free.step_seconds == pytest.approx(0.039)
     # 1 ms per collective step: 4 all-gathers of two ranks (1 step each) forward, 3 all-reduces (2 steps) backward
-    slow = predict(tiny, make_profile(allreduce=Link(1e30, 1 * MS)), Layout(1, 2, 1, 1, 2))
+    slow = predict(tiny, make_profile(allreduce=Link(1e30, 1 * MS)), Candidate(1, 2, 1, 1, 2))
     assert slow.step_seconds == pytest.approx(0.039 + 0.004 + 0.006)
     assert slow.stages[0].phases["tower_comm"] == pytest.approx(0.010)
 
 
 def test_bytes_between_stages_towers_and_replicas_come_from_the_shapes_and_parameters(tiny, make_profile):
     # cut after conv3.0, micro-batch 2, M = 4: activations and gradients of 1008 floats an image, plus labels
-    pipe = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="conv3.1"))
+    pipe = predict(tiny, make_profile(), Candidate(2, 1, 1, 4, 8, partition="conv3.1"))
     assert pipe.bytes_per_step == {"stages": 4 * (2 * 4 * 1008 * 2 + 8 * 2), "towers": 0, "replicas": 0}
     # T = 2: gathers of conv3, fc6, fc7, fc8 inputs; all-reduces (2× the bytes in a two-rank ring) of the first three
-    towers = predict(tiny, make_profile(), Layout(1, 2, 1, 1, 2))
+    towers = predict(tiny, make_profile(), Candidate(1, 2, 1, 1, 2))
     assert towers.bytes_per_step["towers"] == 4 * 2 * (3 * 576 + 3 * 64 + 3 * 1024 + 1024)
     # D = 4: a ring all-reduce sends 2(D − 1)/D of the gradients from each of D ranks
-    replicas = predict(tiny, make_profile(), Layout(1, 1, 4, 1, 8))
+    replicas = predict(tiny, make_profile(), Candidate(1, 1, 4, 1, 8))
     assert replicas.bytes_per_step["replicas"] == 2 * 3 * 4 * sum(unit_param_counts(tiny, 1))
 
 
 def test_memory_holds_weights_gradients_momentum_and_the_micro_batches_in_flight(tiny, make_profile):
-    pred = predict(tiny, make_profile(), Layout(2, 1, 1, 4, 8, partition="6"))
+    pred = predict(tiny, make_profile(), Candidate(2, 1, 1, 4, 8, partition="6"))
     counts, saved = worker_param_counts(tiny, 1), saved_bytes_per_image(tiny)
     s0, s1 = pred.stages
     assert (s0.in_flight, s1.in_flight) == (2, 1)  # 1F1B: P − s micro-batches on stage s
@@ -110,7 +110,7 @@ def test_memory_holds_weights_gradients_momentum_and_the_micro_batches_in_flight
     assert s0.memory["activations"] == 2 * 2 * sum(saved[:6])
     assert s1.memory["activations"] == 1 * 2 * (sum(saved[6:]) + 4 * 864)  # + the received conv4 output
     assert pred.memory_per_worker == max(s0.memory["total"], s1.memory["total"])
-    assert not predict(tiny, make_profile(memory=1000), Layout(1, 1, 2, 1, 8)).fits
+    assert not predict(tiny, make_profile(memory=1000), Candidate(1, 1, 2, 1, 8)).fits
 
 
 def test_saved_activations_include_at_least_each_convolutions_input(tiny):
@@ -122,7 +122,7 @@ def test_saved_activations_include_at_least_each_convolutions_input(tiny):
 
 def test_overlapping_the_all_reduce_with_the_last_backward_hides_part_of_it(tiny, make_profile):
     slow = Link(bandwidth=2e6, latency=0.0)
-    layout = Layout(1, 1, 2, 2, 8)
+    layout = Candidate(1, 1, 2, 2, 8)
     plain = predict(tiny, make_profile(allreduce=slow), layout)
     hidden = predict(tiny, make_profile(allreduce=slow), layout, overlap_allreduce=True)
     compute_only = predict(tiny, make_profile(), layout)
@@ -134,8 +134,8 @@ def test_a_run_configuration_names_its_layout():
 
     run = load_config("demo", None, {"parallel.pp": "2", "parallel.tp": "2", "parallel.micro_batches": "4"},
                       check_data=False)
-    assert Layout.of(run) == Layout(2, 2, 1, 4, 64, "1f1b", "measured")
-    assert Layout.of(run).micro_batch == 16
+    assert Candidate.of(run) == Candidate(2, 2, 1, 4, 64, "1f1b", "measured")
+    assert Candidate.of(run).micro_batch == 16
 
 
 def test_a_profile_fits_a_plus_b_n_and_never_scales_below_proportional():
@@ -158,17 +158,17 @@ def test_a_profile_survives_a_json_round_trip(tmp_path, make_profile):
 
 def test_a_profile_measured_for_another_network_is_refused(make_profile):
     with pytest.raises(ValueError, match="measured for model"):
-        predict(ModelConfig(), make_profile(), Layout(1, 1, 1, 1, 8))
+        predict(ModelConfig(), make_profile(), Candidate(1, 1, 1, 1, 8))
 
 
 def test_the_assumed_h100_reproduces_the_measured_h100_step_and_names_its_figures():
     nvlink, ib = assumed_gpu_profile("h100-nvlink"), assumed_gpu_profile("h100-ib")
-    single = predict(ModelConfig(), nvlink, Layout(1, 1, 1, 1, 128))
+    single = predict(ModelConfig(), nvlink, Candidate(1, 1, 1, 1, 128))
     assert single.images_per_s == pytest.approx(9177, rel=0.01)
     text = " ".join(ib.assumptions)
     assert "450 GB/s" in text and "50 GB/s" in text and "InfiniBand" in text
     # a two-stage pipeline of 8 replicas puts each stage on its own node: the cut runs over InfiniBand
-    layout = Layout(2, 1, 8, 8, 1024)
+    layout = Candidate(2, 1, 8, 8, 1024)
     assert predict(ModelConfig(), ib, layout).step_seconds > predict(ModelConfig(), nvlink, layout).step_seconds
     with pytest.raises(ValueError, match="unknown assumed profile"):
         assumed_gpu_profile("tpu")

@@ -10,7 +10,7 @@ for each of F, B and W), worked out by hand for 2 workers and a batch of 8:
 import pytest
 
 from alexnet_pp.planning.cli_plan import main_plan
-from alexnet_pp.planning.costmodel import Layout
+from alexnet_pp.planning.costmodel import Candidate
 from alexnet_pp.planning.planner import candidate_layouts, format_table, rank_layouts
 from alexnet_pp.planning.profile import Link
 
@@ -36,7 +36,7 @@ def test_one_stage_is_not_repeated_per_pipeline_schedule():
 def test_with_free_links_the_planner_picks_data_parallelism_with_the_least_memory(tiny, make_profile):
     ranked = rank_layouts(tiny, make_profile(), workers=2, batch=8)
     best = ranked[0]
-    assert best.layout == Layout(1, 1, 2, 4, 8)  # 144 ms at every M; micro-batch 1 holds the least
+    assert best.layout == Candidate(1, 1, 2, 4, 8)  # 144 ms at every M; micro-batch 1 holds the least
     assert best.step_seconds == pytest.approx(0.144)
     by_shape = {shape(p.layout): p for p in ranked}
     assert by_shape[(1, 2, 1, 1)].step_seconds == pytest.approx(0.156)
@@ -57,11 +57,11 @@ def test_offered_zb_h1_the_planner_takes_it_for_its_smaller_bubble(tiny, make_pr
     M = 4 (micro-batch 2, 12 ms each): 4 · 36 + 12 = 156 ms, still ahead of 1F1B's 162 ms at M = 8."""
     ranked = rank_layouts(tiny, make_profile(allreduce=SLOW_COLLECTIVES), workers=2, batch=8,
                           schedules=("1f1b", "zb-h1"))
-    assert ranked[0].layout == Layout(2, 1, 1, 8, 8, "zb-h1")
+    assert ranked[0].layout == Candidate(2, 1, 1, 8, 8, "zb-h1")
     assert ranked[0].step_seconds == pytest.approx(0.150)
-    assert ranked[1].layout == Layout(2, 1, 1, 4, 8, "zb-h1")
+    assert ranked[1].layout == Candidate(2, 1, 1, 4, 8, "zb-h1")
     assert ranked[1].step_seconds == pytest.approx(0.156)
-    assert ranked[2].layout == Layout(2, 1, 1, 8, 8, "1f1b")
+    assert ranked[2].layout == Candidate(2, 1, 1, 8, 8, "1f1b")
 
 
 def test_layouts_over_the_memory_limit_rank_after_every_layout_that_fits(tiny, make_profile):
