@@ -17,8 +17,10 @@ reuse `TowerOps` from the outside; this file imports nothing distributed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -198,6 +200,7 @@ class AlexNet(nn.Module):
         cfg = cfg or ModelConfig()
         check_model_config(cfg)
         self.cfg, self.seed = cfg, seed
+        self.classes: list[str] = []  # class names, when loaded from an exported file
         self.widths = Widths.of(cfg.width)
         self.sizes = spatial_sizes(cfg.image_size)
         self.towers = nn.ModuleList(Tower(cfg, t, seed) for t in range(NUM_TOWERS))
@@ -206,6 +209,24 @@ class AlexNet(nn.Module):
             TowerLayer(ops, [self.fc8] if ops.name == "fc8" else [getattr(tw, ops.name) for tw in self.towers])
             for ops in layer_ops(cfg)
         ]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "AlexNet":
+        """The network exported by `alexnet-pp export` (one safetensors file with its config and class
+        names, in `.classes`), in evaluation mode. A file that is not one, or whose tensors do not fit
+        the config it carries, is an error naming it; nothing is half loaded."""
+        from alexnet_pp.weights import CheckpointError, check_shapes, read_export
+
+        state, meta = read_export(path)
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = cls(ModelConfig(**{k: v for k, v in meta["model"].items() if k in names}))
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_shapes(state, expected, path)
+        if set(state) - set(expected):
+            raise CheckpointError(f"{path}: tensors this network does not have: {sorted(set(state) - set(expected))}")
+        model.load_state_dict(state)
+        model.classes = list(meta.get("classes") or [])
+        return model.eval()
 
     def layers(self) -> list[TowerLayer]:
         """The forward pass as a sequence of layers sharing this model's parameters."""

@@ -31,6 +31,7 @@ class RunSummary:
     restarts: int = 0
     resume_steps: list[Optional[int]] = field(default_factory=list)  # per worker-group start
     resumed_from: Optional[int] = None
+    resumed_layout: Optional[tuple[int, int, int]] = None  # (P, T, D) of the checkpoint, when it differs
     wall_seconds: float = math.nan
     # timing, from the steps after the first (warm-up)
     steps_timed: int = 0
@@ -58,6 +59,7 @@ class RunSummary:
         names = {f.name for f in dataclasses.fields(cls)}
         out = cls(**{k: v for k, v in data.items() if k in names})
         out.layout = tuple(out.layout)
+        out.resumed_layout = tuple(out.resumed_layout) if out.resumed_layout else None
         return out
 
     def write(self, path: str | Path) -> None:
@@ -82,6 +84,9 @@ class RunSummary:
                 shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.phase_share_per_stage.get(stage, {}).items())
                 lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "
                              f"{shares}")
+        if self.resumed_layout:
+            lines.append(f"resumed step {self.resumed_from}, written by layout (P, T, D) = {self.resumed_layout}, "
+                         f"on {self.layout}")
         who = f"job {self.job_id}" if self.job_id else "run"
         lines.append(
             f"{who} done: {self.steps} steps, final loss {_f(self.final_loss, '.4f')}, "

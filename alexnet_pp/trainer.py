@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.progress import Progress
 from alexnet_pp.steps import evaluate, train_step
 from alexnet_pp.summary import RunSummary
+from alexnet_pp.weights import export_file
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,9 @@ def train_single(cfg: RunConfig, stream: Optional[TextIO] = None, save: bool = T
     progress.close()
     if save:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), cfg.run_dir / "model.pt")
+        # the exported-model format (alexnet_pp/weights.py): AlexNet.from_pretrained reads it
+        export_file(cfg.run_dir / "model.safetensors", model.state_dict(), dataclasses.asdict(cfg.model), info.classes,
+                    {"step": step, "stored_size": cfg.data.stored_size})
         summary.write(cfg.run_dir / "summary.json")
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
     return summary

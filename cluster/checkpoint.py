@@ -1,22 +1,32 @@
-"""Checkpoint storage shared by all ranks: a half-written checkpoint is never picked up.
+"""Checkpoints shared by all ranks, readable by any layout; a half-written one is never picked up.
 
-Layout: `<dir>/step00000040/` holds DeepSpeed's per-layer and optimizer files and — written last,
-by rank 0, after every rank has finished — `COMPLETE.json` with the step, the data-stream position
-and the layout. Only directories with
-that marker count; older complete ones beyond `keep` are deleted.
+Layout: `<dir>/step00000040/` holds one safetensors file per part of the network, keyed by the
+paper's layer names (`towers.0.conv1.safetensors`, …, `fc8.safetensors`: weights and SGD momentum,
+alexnet_pp/weights.py), each written by the one rank that owns it, and — written last, by rank 0,
+after every rank has finished — `COMPLETE.json` with the step, the data-stream position, the LR
+schedule's state, the seed (which with the step fixes the dropout masks), the model config and the
+layout that wrote it. Only directories with that marker count; older complete ones beyond `keep`
+are deleted. Any (P, T, D) resumes any checkpoint: each rank reads the parts it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from alexnet_pp.config import RunConfig
-from alexnet_pp.layout import Layout
 from alexnet_pp.fileio import write_atomic
+from alexnet_pp.layout import Layout
+from alexnet_pp.weights import MOMENTUM, CheckpointError, check_model_compatible, check_shapes, part_of, read_parts, write_part
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 
@@ -72,76 +82,113 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
 
 
-class EngineCheckpoints:
-    """Save and resume one rank's DeepSpeed pipeline engine in the run's CheckpointStore.
+def held_parameters(module) -> list[tuple[str, torch.nn.Parameter, bool]]:
+    """(state-dict key, parameter, whether this rank writes it) of every parameter a rank's pipeline
+    stage holds. fc8 at T = 2 is held by both towers and written by tower 0."""
+    out = []
+    for layer in module.forward_funcs:
+        for key, p in layer.model_parameters():
+            out.append((key, p, not (getattr(layer, "replicated", False) and getattr(layer, "tower", 0) != 0)))
+    return out
 
-    Every rank writes its layers' and optimizer files; rank 0 marks the checkpoint complete once all
-    have finished (barriers on both sides), with the step, the data-stream position and the layout.
-    The dropout masks need no state: they are a function of (seed, step, sample) (alexnet_pp/dropout.py).
+
+class EngineCheckpoints:
+    """Save and resume one rank's share of the network and its optimizer state, layout-free.
+
+    Saving: every rank of replica 0 writes the parts it owns (in parallel, one file each), then rank 0
+    marks the checkpoint complete. Resuming: `load_weights` before DeepSpeed wraps the module (so bf16
+    master weights start from the saved float32 values), `load_state` after it (momentum, schedule,
+    data position). Momentum is saved and restored for float32 without ZeRO, where the optimizer is
+    plain SGD; with bf16/fp16 or ZeRO the weights resume and momentum restarts (the log says so).
     """
 
     def __init__(self, cfg: RunConfig, layout: Layout, rank: int):
         self.store = CheckpointStore(checkpoint_dir(cfg), cfg.checkpoint.keep)
         self.resume_enabled = cfg.checkpoint.resume
-        self.method = cfg.parallel.partition.strip()
+        self.model_cfg = dataclasses.asdict(cfg.model)
+        self.seed, self.precision = cfg.train.seed, cfg.parallel.precision
         self.layout, self.rank = layout, rank
+        self.coord = layout.coord(rank)
+        self._loaded: Optional[tuple[dict[str, torch.Tensor], dict[str, Any], Path]] = None
 
     def latest(self) -> Optional[tuple[int, str, dict[str, Any]]]:
         return self.store.latest() if self.resume_enabled else None
 
-    def resume_bounds(self) -> Optional[tuple[int, ...]]:
-        """The stage cuts of the checkpoint this run will resume from, if any. Measured cuts can differ
-        from one start to the next; an explicit method that now cuts differently is an error."""
-        latest = self.latest()
-        if latest is None or "bounds" not in latest[2]:
-            return None
-        units = list(self.layout.units)
-        if latest[2].get("units", units) != units:
-            raise CheckpointError(
-                f"checkpoint {self.store.root / latest[1]} holds pipeline units {latest[2]['units']}, but this "
-                f"layout runs {units}; resume with the layout that wrote it or use another checkpoint.dir")
-        bounds = tuple(latest[2]["bounds"])
-        if len(bounds) != self.layout.pp + 1:
-            return None  # another layout: resume() says what is wrong
-        if self.method != "measured" and bounds != self.layout.partition.bounds:
-            raise CheckpointError(
-                f"checkpoint {self.store.root / latest[1]} cut the pipeline at {list(bounds)}, but "
-                f"parallel.partition={self.method!r} now cuts at {list(self.layout.partition.bounds)}; resume "
-                f"with --parallel.partition {','.join(map(str, bounds[1:-1]))} or use another checkpoint.dir")
-        return bounds
+    # --- saving ---------------------------------------------------------------------------------
 
-    def save(self, engine, schedule, position: dict[str, int]) -> float:
+    def save(self, engine, module, schedule, position: dict[str, int]) -> float:
         """Write a checkpoint on every rank (a collective); returns its seconds."""
         import torch.distributed as dist
 
         t0 = time.perf_counter()
         tag = tag_for(position["step"])
-        client = {"position": position, "schedule": schedule.state_dict()}
-        engine.save_checkpoint(str(self.store.root), tag=tag, client_state=client, save_latest=False)
+        directory = self.store.root / tag
+        sgd = plain_sgd(engine.optimizer)
+        if self.coord.replica == 0:  # replicas hold the same values: one of them writes
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            for key, p, writes in held_parameters(module):
+                if not writes:
+                    continue
+                part, leaf = part_of(key)
+                parts.setdefault(part, {})[leaf] = p
+                buf = sgd.state.get(p, {}).get("momentum_buffer") if sgd is not None else None
+                if buf is not None:
+                    parts[part][MOMENTUM + leaf] = buf
+            directory.mkdir(parents=True, exist_ok=True)
+            for part, tensors in parts.items():
+                write_part(directory, part, tensors)
         dist.barrier()
         if self.rank == 0:
             lay = self.layout
-            self.store.mark_complete(tag, {**position, "world": lay.world_size, "layout": list(lay.shape),
-                                           "bounds": list(lay.partition.bounds), "units": list(lay.units)})
+            self.store.mark_complete(tag, {
+                **position, "schedule": schedule.state_dict(), "seed": self.seed, "model": self.model_cfg,
+                "precision": self.precision, "optimizer_state": sgd is not None, "layout": list(lay.shape),
+                "micro_batches": lay.micro_batches, "bounds": list(lay.partition.bounds), "units": list(lay.units)})
             self.store.prune()
         dist.barrier()
         return time.perf_counter() - t0
 
-    def resume(self, engine, schedule) -> Optional[dict[str, int]]:
-        """Load the newest complete checkpoint into the engine; its data-stream position, or None."""
+    # --- resuming -------------------------------------------------------------------------------
+
+    def load_weights(self, module) -> Optional[dict[str, Any]]:
+        """Copy the newest complete checkpoint's weights into this rank's parameters; its marker, or None."""
         latest = self.latest()
         if latest is None:
             return None
         _, tag, info = latest
-        if info.get("layout") not in (None, list(self.layout.shape)):
-            raise CheckpointError(
-                f"checkpoint {self.store.root / tag} was written by layout (P, T, D) = {tuple(info['layout'])}; "
-                f"this job is {self.layout.shape}. Use the same layout or another checkpoint.dir")
-        _, client = engine.load_checkpoint(str(self.store.root), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        schedule.load_state_dict(client["schedule"])
-        return client["position"]
+        directory = self.store.root / tag
+        check_model_compatible(info.get("model", {}), self.model_cfg, directory)
+        held = held_parameters(module)
+        found = read_parts(directory, [k for k, _, _ in held], momentum=info.get("optimizer_state", False))
+        check_shapes(found, {k: p.shape for k, p, _ in held}, directory)
+        with torch.no_grad():
+            for key, p, _ in held:
+                p.copy_(found[key])
+        self._loaded = (found, info, directory)
+        return info
+
+    def load_state(self, engine, module, schedule) -> Optional[dict[str, Any]]:
+        """After DeepSpeed wrapped the module: momentum and schedule; the data position and the layout
+        that wrote the checkpoint, or None when nothing was resumed."""
+        if self._loaded is None:
+            return None
+        found, info, directory = self._loaded
+        sgd = plain_sgd(engine.optimizer)
+        if sgd is not None and info.get("optimizer_state"):
+            for key, p, _ in held_parameters(module):
+                sgd.state[p]["momentum_buffer"] = found[MOMENTUM + key].to(p.device, p.dtype).clone()
+        elif self.rank == 0:
+            log.warning("%s: SGD momentum not restored (saved: %s; this run's optimizer: %s); it restarts from "
+                        "zero", directory, info.get("optimizer_state"), type(engine.optimizer).__name__)
+        schedule.load_state_dict(info["schedule"])
+        self._loaded = None
+        return {"step": info["step"], "epoch": info["epoch"], "step_in_epoch": info["step_in_epoch"],
+                "layout": tuple(info.get("layout", ())), "micro_batches": info.get("micro_batches")}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that this run cannot resume; the message names it and what differs."""
+def plain_sgd(optimizer) -> Optional[torch.optim.SGD]:
+    """The optimizer when it is the plain SGD whose state is per parameter (float32, no ZeRO)."""
+    return optimizer if isinstance(optimizer, torch.optim.SGD) else None
+
+
+__all__ = ["CheckpointError", "CheckpointStore", "EngineCheckpoints", "MARKER", "checkpoint_dir", "tag_for"]

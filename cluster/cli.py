@@ -4,6 +4,7 @@
     alexnet-pp info   …   the network's layers and the stage plan        alexnet-pp config …  the resolved YAML
     alexnet-pp data synth|ingest …                                        (dataset commands)
     alexnet-pp plan --workers 64 --batch 4096 [--device-profile FILE]    (layouts ranked by prediction)
+    alexnet-pp export RUN_OR_CHECKPOINT model.safetensors | eval --checkpoint … | predict --checkpoint … IMAGE…
     python -m cluster.job ARGS   ≡   alexnet-pp train --distributed ARGS  (the `ray job submit` entrypoint)
 
 A run is resolved once here: preset → YAML → settings (`--section.key VALUE`, `--name`, `--out_dir`)
@@ -23,8 +24,9 @@ from alexnet_pp.config import PRESETS, RunConfig, load_config, parse_override_ar
 from alexnet_pp.data.commands import register as register_data
 from alexnet_pp.errors import ConfigError
 from alexnet_pp.layout import Layout
+from alexnet_pp.weights import CheckpointError
 
-RUN_COMMANDS = ("train", "info", "config")  # the commands that describe a run (and take --setting VALUE)
+RUN_COMMANDS = ("train", "info", "config", "eval")  # the commands that describe a run (and take --setting VALUE)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,42 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cluster.inference import export
+
+    done = export(args.source, args.out)
+    print(f"exported step {done['step']} of {done['checkpoint']} ({done['classes']} class names) to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import json
+
+    from cluster.inference import eval_config, evaluate
+
+    result = evaluate(args.checkpoint, eval_config(args, extra), device=args.device, workers=args.workers or 1)
+    print(json.dumps(result) if args.json else
+          f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['val_loss']:.4f}  "
+          f"({result['val_samples']} images)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.inference import predict
+
+    results = predict(args.checkpoint, args.images, top=args.top)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    for r in results:
+        if "error" in r:
+            print(f"alexnet-pp: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    return 1 if any("error" in r for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alexnet-pp",
@@ -108,11 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved configuration as YAML")
     _add_run_args(config)
     config.set_defaults(func=cmd_config)
+    export = sub.add_parser("export", help="a checkpoint (or a run's newest) as one safetensors file with its "
+                            "config and class names: AlexNet.from_pretrained(FILE) loads it")
+    export.add_argument("source", help="run directory, checkpoint root or checkpoint directory")
+    export.add_argument("out", help="the .safetensors file to write")
+    export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint or exported model on the val split")
+    _add_run_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="exported file, run or checkpoint directory")
+    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    evaluate.add_argument("--json", action="store_true", help="one JSON line")
+    evaluate.set_defaults(func=cmd_eval)
+    pred = sub.add_parser("predict", help="top classes and probabilities of image files")
+    pred.add_argument("--checkpoint", required=True, help="exported file, run or checkpoint directory")
+    pred.add_argument("images", nargs="+", help="JPEG or PNG files of any size")
+    pred.add_argument("--top", type=int, default=5)
+    pred.add_argument("--json", action="store_true", help="print JSON for machines")
+    pred.set_defaults(func=cmd_predict)
     register_data(sub)
     # its own parser (alexnet_pp/planning/cli_plan.py) takes every argument after the word
     sub.add_parser("plan", add_help=False,
                    help="rank (P, T, D, M) layouts for a worker count by predicted images/s (plan --help)")
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
@@ -137,6 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"alexnet-pp: configuration error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"alexnet-pp: {e}", file=sys.stderr)
         return 2
 
 

@@ -49,6 +49,7 @@ class RankResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     stats: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Optional[int] = None
+    resumed_layout: Optional[tuple[int, int, int]] = None  # the (P, T, D) that wrote the resumed checkpoint
     skip_counts: dict[str, int] = field(default_factory=dict)
     parameters: Optional[dict[str, torch.Tensor]] = None
 
@@ -118,16 +119,13 @@ class PipelineWorker:
         deepspeed.init_distributed(dist_backend=dist.get_backend(),
                                    timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
         configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
-        self.checkpoints = EngineCheckpoints(cfg, self.layout, self.rank)
         self.layer_costs = None
-        resumed_bounds = self.checkpoints.resume_bounds()
-        if resumed_bounds is not None:  # a restart keeps the cuts its checkpoint's layer files were written with
-            self.layout = self.layout.with_bounds(resumed_bounds)
-        elif cfg.parallel.partition.strip() == "measured" and self.layout.pp > 1:
+        if cfg.parallel.partition.strip() == "measured" and self.layout.pp > 1:
             self.layer_costs = self._measured_costs()
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
             self.layout = self.layout.with_bounds(cut.bounds)
-        layout = self.checkpoints.layout = self.layout
+        layout = self.layout
+        self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
                                     layout.partition.bounds)
@@ -147,6 +145,7 @@ class PipelineWorker:
         )
         self.group.group = self.module._grid.get_slice_parallel_group()
         mark_norm_ownership(self.module, layout.tp, c.tower)
+        self.checkpoints.load_weights(self.module)  # before DeepSpeed copies them (bf16 master weights)
         # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch
         self.deferred = DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
         optimizer = build_optimizer(self.module.parameters(), cfg.train)
@@ -268,11 +267,16 @@ class PipelineWorker:
         self._build()
         cfg, layout = self.cfg, self.layout
         result = RankResult(coord=asdict(self.coord), steps=0)
-        position = self.checkpoints.resume(self.engine, self.schedule)
+        position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:
             step, epoch, in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
             result.resumed_from = step
+            if position["layout"] and position["layout"] != layout.shape:
+                result.resumed_layout = position["layout"]
+                if self.rank == 0:
+                    log.warning("resuming step %d, written by layout (P, T, D) = %s, on layout %s", step,
+                                position["layout"], layout.shape)
         if in_epoch >= self.steps_per_epoch:
             epoch, in_epoch = epoch + 1, 0
         eval_every = eval_interval(cfg, self.steps_per_epoch)
@@ -300,7 +304,7 @@ class PipelineWorker:
                     self.callbacks.on_eval(metrics, self.coord)
                 if (ckpt_every and step % ckpt_every == 0) or step == self.total_steps:
                     position = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch}
-                    seconds = self.checkpoints.save(self.engine, self.schedule, position)
+                    seconds = self.checkpoints.save(self.engine, self.module, self.schedule, position)
                     self.callbacks.on_checkpoint(step, seconds, self.coord)
             if in_epoch >= self.steps_per_epoch:
                 epoch, in_epoch = epoch + 1, 0

@@ -179,7 +179,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     if rank != 0:
         return None
     summary.steps, summary.losses, summary.evals = result.steps, result.losses, result.evals
-    summary.resumed_from = result.resumed_from
+    summary.resumed_from, summary.resumed_layout = result.resumed_from, result.resumed_layout
     return summary.to_dict()
 
 

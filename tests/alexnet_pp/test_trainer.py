@@ -18,7 +18,7 @@ def test_preset_learns_well_above_chance(tmp_path):
     last = sum(summary.losses[-10:]) / 10
     assert last < 0.5 * first
     assert summary.evals[-1]["top1"] >= 3 * chance
-    assert (tmp_path / cfg.name / "model.pt").exists() and (tmp_path / cfg.name / "summary.json").exists()
+    assert (tmp_path / cfg.name / "model.safetensors").exists() and (tmp_path / cfg.name / "summary.json").exists()
     assert "val top-1" in log.getvalue()
 
 

@@ -180,18 +180,32 @@ def test_shard_stream_and_ten_crop_eval_through_the_pipeline(tmp_path):
     assert len(results[0].losses) == 4
 
 
+# (P, T, D, M) with a global batch of 16; each run of the chain resumes the previous one's checkpoint.
+CHAIN = [(2, 2, 1, 2), (1, 1, 1, 2), (2, 2, 1, 2), (3, 1, 2, 4), (2, 2, 1, 2), (4, 2, 1, 4), (2, 2, 1, 2)]
+
+
 @pytest.mark.e2e
-def test_resume_keeps_the_checkpoints_stage_cuts(tmp_path):
-    """Measured cuts may come out differently after a restart; the layer files fix them, so a resumed
-    run uses the checkpoint's cuts, and an explicit partition that disagrees is a clear error."""
-    batches = make_batches(3, 16)
-    factory = functools.partial(data_factory, batches, 1, 1, 2)
-    first = run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "3", "train.max_steps": 2}), factory)
-    resumed = run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "measured",
-                                                            "train.max_steps": 3}), factory)
-    assert resumed[0].resumed_from == 2 and len(first[0].losses + resumed[0].losses) == 3
-    with pytest.raises(RuntimeError, match="--parallel.partition 3"):
-        run_local(layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.partition": "5", "train.max_steps": 4}), factory)
+@pytest.mark.timeout(900)
+def test_checkpoints_resume_on_any_layout_with_the_single_process_losses_and_weights(tmp_path):
+    """(2,2,1) → (1,1,1) → (2,2,1) → (3,1,2) → (2,2,1) → (4,2,1) → (2,2,1), one step each, one checkpoint
+    directory, dropout on: every step's loss and the final weights (momentum included) are the single
+    process's, and each resume on another layout says so."""
+    batches = make_batches(len(CHAIN), 16)
+    cfg0 = layout_cfg(tmp_path, *CHAIN[0], **{"train.epochs": "2"})
+    ref_losses, ref_state = reference(cfg0, batches)
+    losses, previous = [], None
+    for i, (pp, tp, dp, m) in enumerate(CHAIN):
+        cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"train.epochs": "2", "train.max_steps": str(i + 1),
+                                                    "parallel.partition": "flops"})
+        results = run_local(cfg, functools.partial(data_factory, batches, tp, dp, m), keep_parameters=True)
+        assert results[0].resumed_from == (i or None)
+        assert results[0].resumed_layout == (previous if previous not in (None, (pp, tp, dp)) else None)
+        losses += results[0].losses
+        previous = (pp, tp, dp)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.e2e
