@@ -62,7 +62,7 @@ def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
 
 def eval_metrics(totals: torch.Tensor) -> dict[str, float]:
     loss, h1, h5, count = totals.tolist()
-    samples = int(round(count))  # a float a hair under the count must not lose a sample
+    h1, h5, samples = round(h1), round(h5), round(count)  # counts: a float a hair off must not lose one
     count = max(samples, 1)
     return {"top1": h1 / count, "top5": h5 / count, "val_loss": loss / count, "val_samples": samples}
 
