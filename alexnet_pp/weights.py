@@ -13,6 +13,7 @@ An exported model is one safetensors file: the single-process network's state di
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from alexnet_pp.fileio import write_atomic
 
@@ -41,10 +43,17 @@ def part_path(directory: str | Path, part: str) -> Path:
 
 
 def write_part(directory: str | Path, part: str, tensors: dict[str, torch.Tensor]) -> int:
-    """Write one part's tensors (atomically); returns the bytes written."""
-    data = st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
-    write_atomic(part_path(directory, part), data)
-    return len(data)
+    """Write one part's tensors, streamed to a temporary name and renamed (a part is whole or absent);
+    returns the bytes written."""
+    path = part_path(directory, part)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
 
 
 def read_parts(directory: str | Path, keys: Iterable[str], momentum: bool) -> dict[str, torch.Tensor]:

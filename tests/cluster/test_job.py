@@ -433,3 +433,37 @@ def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(
     assert len(losses["single"]) == 6
     for name in ("pp2-tp2", "pp3"):
         assert_close(losses[name], losses["single"], rtol=1e-4, atol=0)
+
+
+# --- 7. the README's walk-through: train, resume on another layout, export, eval, predict ---------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_train_resume_on_another_layout_export_eval_and_predict(auth_env, data_dir, tmp_path, capsys):
+    from alexnet_pp.data.shards import read_classes
+    from alexnet_pp.summary import RunSummary
+    from cluster.cli import main
+
+    run = ["--preset", "test", "--data.synthetic_dir", str(data_dir), "--out_dir", str(tmp_path), "--name", "walk",
+           "--train.threads", "1", "--parallel.micro_batches", "2"]
+    assert main(["train", *run, "--pp", "2", "--tp", "2", "--train.max_steps", "3", "--checkpoint.every_steps", "3"]) == 0
+    assert main(["train", *run, "--dp", "2", "--train.max_steps", "6"]) == 0  # (1, 1, 2) resumes step 3
+    summary = RunSummary.read(tmp_path / "walk" / "summary.json")
+    assert summary.resumed_from == 3 and summary.resumed_layout == (2, 2, 1) and summary.layout == (1, 1, 2)
+    capsys.readouterr()
+    model = tmp_path / "model.safetensors"
+    assert main(["export", str(tmp_path / "walk"), str(model)]) == 0
+    assert main(["eval", "--checkpoint", str(model), "--preset", "test", "--data.synthetic_dir", str(data_dir),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["top1"], result["top5"]) == (summary.evals[-1]["top1"], summary.evals[-1]["top5"])
+    image = next((data_dir).glob("val-*.tar"))
+    import tarfile
+
+    with tarfile.open(image) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "one.jpg").write_bytes(tar.extractfile(member).read())
+    assert main(["predict", "--checkpoint", str(model), str(tmp_path / "one.jpg"), "--json"]) == 0
+    [pred] = json.loads(capsys.readouterr().out)
+    assert len(pred["top"]) == 5 and pred["top"][0]["class"] in read_classes(data_dir)
