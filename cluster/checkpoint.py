@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from alexnet_pp.config import RunConfig
 from alexnet_pp.fileio import write_atomic
@@ -118,8 +119,6 @@ class EngineCheckpoints:
 
     def save(self, engine, module, schedule, position: dict[str, int]) -> float:
         """Write a checkpoint on every rank (a collective); returns its seconds."""
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         tag = tag_for(position["step"])
         directory = self.store.root / tag

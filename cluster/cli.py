@@ -16,6 +16,7 @@ This module sits in cluster/ because it reaches both floors: the single-process 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional, Sequence
@@ -24,7 +25,13 @@ from alexnet_pp.config import PRESETS, RunConfig, load_config, parse_override_ar
 from alexnet_pp.data.commands import register as register_data
 from alexnet_pp.errors import ConfigError
 from alexnet_pp.layout import Layout
+from alexnet_pp.model import AlexNet, layer_parameter_counts
+from alexnet_pp.pipeline import describe, partition
+from alexnet_pp.shapes import layer_macs, layer_output_shapes
+from alexnet_pp.trainer import train_single
 from alexnet_pp.weights import CheckpointError
+from cluster.driver import run_job
+from cluster.inference import eval_config, evaluate, export, predict
 
 RUN_COMMANDS = ("train", "info", "config", "eval")  # the commands that describe a run (and take --setting VALUE)
 
@@ -54,11 +61,7 @@ def resolve(args: argparse.Namespace, extra: Sequence[str], check_data: bool = T
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg, layout = resolve(args, extra)
     if args.distributed or layout.world_size > 1:
-        from cluster.driver import run_job
-
         return 0 if run_job(cfg, layout, address=args.address).ok else 1
-    from alexnet_pp.trainer import train_single
-
     print(train_single(cfg).format())
     return 0
 
@@ -70,10 +73,6 @@ def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from alexnet_pp.model import AlexNet, layer_parameter_counts
-    from alexnet_pp.pipeline import describe, partition
-    from alexnet_pp.shapes import layer_macs, layer_output_shapes
-
     cfg, layout = resolve(args, extra, check_data=False)  # the network only: no dataset needed
     model = AlexNet(cfg.model)
     params, macs, shapes = layer_parameter_counts(model), layer_macs(cfg.model), layer_output_shapes(cfg.model)
@@ -92,18 +91,12 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cluster.inference import export
-
     done = export(args.source, args.out)
     print(f"exported step {done['step']} of {done['checkpoint']} ({done['classes']} class names) to {args.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    import json
-
-    from cluster.inference import eval_config, evaluate
-
     result = evaluate(args.checkpoint, eval_config(args, extra), device=args.device, workers=args.workers or 1)
     print(json.dumps(result) if args.json else
           f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['val_loss']:.4f}  "
@@ -112,10 +105,6 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from cluster.inference import predict
-
     results = predict(args.checkpoint, args.images, top=args.top)
     if args.json:
         print(json.dumps(results, indent=1))

@@ -27,6 +27,14 @@ from typing import Any, Optional
 from alexnet_pp.config import RunConfig
 from alexnet_pp.layout import Layout
 from alexnet_pp.summary import RunSummary
+from alexnet_pp.data import ensure_dataset
+from alexnet_pp.pipeline import describe
+from alexnet_pp.progress import Progress
+from alexnet_pp.trainer import total_steps
+from cluster.callbacks import load_callbacks
+from cluster.discovery import DiscoveryServer
+from cluster.run_summary import HistoryProgress
+from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
 
 log = logging.getLogger("cluster.driver")
 # What a working-dir upload must leave out (virtual environments, generated data, run outputs).
@@ -165,8 +173,6 @@ def describe_failure(error: BaseException, layout: Layout) -> str:
 
 def collect_history(run_dir: Path, job_id: str) -> tuple[list[int], list[float], list[dict[str, Any]]]:
     """Steps, losses and evaluations this job logged; a step redone after a restart keeps its last value."""
-    from cluster.workers import history_path, read_jsonl
-
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, Any]] = {}
     for rec in read_jsonl(history_path(run_dir), job_id):
@@ -180,8 +186,6 @@ def collect_history(run_dir: Path, job_id: str) -> tuple[list[int], list[float],
 
 def planned_steps(cfg: RunConfig, info: Any) -> int:
     """The driver's estimate of the job's optimizer steps (the workers know it exactly)."""
-    from alexnet_pp.trainer import total_steps
-
     return total_steps(cfg, max(1, info.train_samples // cfg.train.batch_size))
 
 
@@ -190,15 +194,6 @@ def planned_steps(cfg: RunConfig, info: Any) -> int:
 
 def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None) -> RunSummary:
     """Run a P × T × D job through Ray Train; see the module docstring."""
-    from alexnet_pp.data import ensure_dataset
-    from alexnet_pp.pipeline import describe
-    from alexnet_pp.progress import Progress
-    from cluster.discovery import DiscoveryServer
-    from cluster.run_summary import HistoryProgress
-    from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
-
-    from cluster.callbacks import load_callbacks
-
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
     cfg = absolutize(cfg)
