@@ -151,7 +151,8 @@ def describe_failure(error: BaseException, layout: Layout) -> str:
     lines = []
     for rank, exc in sorted(failures.items()):
         base = getattr(exc, "_base_exc", exc)
-        text = f"{type(base).__name__}: {base}"
+        # a WorkerError's message starts with the rank's place already (cluster/engine.py)
+        text = str(base) if type(base).__name__ == "WorkerError" else f"{type(base).__name__}: {base}"
         if f"rank {rank} (" not in text:
             label = layout.coord(rank).label() if 0 <= rank < layout.world_size else f"rank {rank}"
             text = f"{label}: {text}"
@@ -198,6 +199,7 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
     from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
 
     from cluster.callbacks import load_callbacks
+    from cluster.faults import stuck_reports
 
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
@@ -235,9 +237,10 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})
-            summary.ok = True
+            summary.ok = not summary.error  # the ranks stopped early and said why (cluster/faults.py)
         except Exception as e:  # ray.train.TrainingFailedError and anything Ray raises on the way
-            summary.error = describe_failure(e, layout)
+            # a rank stuck in its own instruction first: its peers' timeouts follow from it
+            summary.error = "\n".join([*stuck_reports(run_dir, job_id), describe_failure(e, layout)])
     except Exception as e:  # dataset or Ray start-up problems: fail, don't hang, say what happened
         summary.error = f"{type(e).__name__}: {e}"
     finally:

@@ -143,6 +143,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     from alexnet_pp.config import from_dict
     from cluster.callbacks import load_callbacks
     from cluster.engine import PipelineWorker
+    from cluster.faults import StuckReport
     from cluster.metrics import WorkerMetrics
     from cluster.run_summary import summarize_run
 
@@ -161,7 +162,8 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     }, indent=1))
     exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
     history = HistoryLog(cfg, job_id, attempt, rank)
-    worker = PipelineWorker(cfg, layout, callbacks=[exporter, history, *load_callbacks(cfg.callbacks)])
+    stuck = StuckReport(cfg.run_dir, job_id, attempt, rank)  # the driver names a stage stuck in an instruction
+    worker = PipelineWorker(cfg, layout, callbacks=[exporter, history, stuck, *load_callbacks(cfg.callbacks)])
     try:
         result = worker.run()  # raises WorkerError naming rank / stage / tower
     finally:
@@ -173,13 +175,14 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     dist.all_gather_object(gathered, mine)
     summary = summarize_run(gathered)
     ray.train.report({"kind": "final", "attempt": attempt, "resume_step": resume_step, "steps": result.steps,
-                      "loss": result.losses[-1] if result.losses else None,
+                      "loss": result.losses[-1] if result.losses else None, "stopped": result.stopped,
                       "images_per_sec": summary.images_per_sec, "step_time_p50": summary.step_time_p50,
                       "step_time_p95": summary.step_time_p95, "bubble_per_stage": summary.bubble_per_stage})
     if rank != 0:
         return None
     summary.steps, summary.losses, summary.evals = result.steps, result.losses, result.evals
     summary.resumed_from = result.resumed_from
+    summary.error = result.stopped  # a run that stopped early and why (cluster/faults.py)
     return summary.to_dict()
 
 
