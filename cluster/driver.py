@@ -200,10 +200,12 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
 
     from cluster.callbacks import load_callbacks
     from cluster.faults import stuck_reports
+    from cluster.preflight import check_writable
 
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
     cfg = absolutize(cfg)
+    check_writable(cfg)  # an unwritable run or checkpoint directory: ConfigError, before any worker
     print(f"job {cfg.name}: {layout.describe()}", flush=True)
     if layout.pp > 1:
         measured = cfg.parallel.partition.strip() == "measured"

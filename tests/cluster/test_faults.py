@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pp.config import load_config, parse_override_args
+from alexnet_pp.config import ConfigError, load_config, parse_override_args
 from cluster.spawn import run_local
 from rayproc import ray_env, run_job_cli
 from tensorjob import make_batches, tensor_cfg, tensor_data
@@ -186,3 +186,28 @@ def test_a_full_disk_while_checkpointing_stops_the_job_and_keeps_the_previous_ch
     assert resumed[0].resumed_from == 2
     torch.testing.assert_close(torch.tensor(resumed[0].losses), torch.tensor(straight[0].losses[2:]),
                                rtol=1e-6, atol=1e-7)
+
+
+# --- an unwritable checkpoint directory ----------------------------------------------------------
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_before_the_workers_start(tmp_path):
+    from cluster.driver import run_job
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoint directory's parent should be")
+    cfg = tiny_cfg(tmp_path / "runs", tmp_path / "no-data", "--checkpoint.dir", str(blocker / "checkpoints"))
+    with pytest.raises(ConfigError, match="checkpoint directory .*not-a-directory/checkpoints is not writable"):
+        run_job(cfg)
+    assert not (tmp_path / "no-data").exists()  # no dataset generated, no Ray started
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    if os.geteuid() != 0:  # permissions stop everyone but root
+        ro = tmp_path / "read-only"
+        ro.mkdir(mode=0o500)
+        cfg = tiny_cfg(tmp_path / "runs", tmp_path / "no-data", "--checkpoint.dir", str(ro / "ckpt"))
+        with pytest.raises(ConfigError, match="read-only/ckpt is not writable"):
+            run_job(cfg)
+    proc = subprocess.run([sys.executable, "-m", "cluster.job", "--preset", "test", *TINY, "--out_dir",
+                           str(tmp_path / "runs"), "--checkpoint.dir", str(blocker / "x")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not writable" in proc.stderr, proc.stderr
