@@ -189,7 +189,8 @@ def planned_steps(cfg: RunConfig, info: Any) -> int:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None) -> RunSummary:
+def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None,
+            allow_insecure_cluster: bool = False) -> RunSummary:
     """Run a P × T × D job through Ray Train; see the module docstring."""
     from alexnet_pp.data import ensure_dataset
     from alexnet_pp.pipeline import describe
@@ -200,7 +201,7 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
 
     from cluster.callbacks import load_callbacks
     from cluster.faults import stuck_reports
-    from cluster.preflight import check_writable
+    from cluster.preflight import check_cluster_auth, check_writable
 
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
@@ -226,6 +227,8 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         for stale in workers_dir(run_dir).glob("rank*.json"):  # another job's workers
             stale.unlink(missing_ok=True)
         started_ray = _connect(cfg, layout, address)
+        if not started_ray:  # a cluster we joined must ask for a token (cluster/preflight.py)
+            check_cluster_auth(allow_insecure_cluster)
         _check_resources(cfg, layout)
         if cfg.metrics.enabled:
             discovery = DiscoveryServer(run_dir, cfg.name, host=cfg.metrics.host, port=cfg.metrics.sd_port,
