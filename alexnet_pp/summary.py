@@ -31,6 +31,9 @@ class RunSummary:
     restarts: int = 0
     resume_steps: list[Optional[int]] = field(default_factory=list)  # per worker-group start
     resumed_from: Optional[int] = None
+    # parallel.elastic: each restart with fewer replicas (start, replicas D → D', micro_batches M → M',
+    # global_batch), from cluster/elastic.py
+    replica_changes: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = math.nan
     # timing, from the steps after the first (warm-up)
     steps_timed: int = 0
@@ -82,6 +85,10 @@ class RunSummary:
                 shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.phase_share_per_stage.get(stage, {}).items())
                 lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "
                              f"{shares}")
+        for change in self.replica_changes:
+            (d0, d1), (m0, m1) = change["replicas"], change["micro_batches"]
+            lines.append(f"elastic: continued on {d1} replica{'s' if d1 > 1 else ''} instead of {d0} "
+                         f"(micro-batches {m0} → {m1}, global batch {change['global_batch']} kept)")
         who = f"job {self.job_id}" if self.job_id else "run"
         lines.append(
             f"{who} done: {self.steps} steps, final loss {_f(self.final_loss, '.4f')}, "

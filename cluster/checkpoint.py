@@ -122,7 +122,8 @@ class EngineCheckpoints:
         if self.rank == 0:
             lay = self.layout
             self.store.mark_complete(tag, {**position, "world": lay.world_size, "layout": list(lay.shape),
-                                           "bounds": list(lay.partition.bounds), "units": list(lay.units)})
+                                           "bounds": list(lay.partition.bounds), "units": list(lay.units),
+                                           "zero_stage": lay.zero_stage})
             self.store.prune()
         dist.barrier()
         return time.perf_counter() - t0
@@ -133,7 +134,7 @@ class EngineCheckpoints:
         if latest is None:
             return None
         _, tag, info = latest
-        if info.get("layout") not in (None, list(self.layout.shape)):
+        if info.get("layout") not in (None, list(self.layout.shape)) and not self._replicas_changed_only(info):
             raise CheckpointError(
                 f"checkpoint {self.store.root / tag} was written by layout (P, T, D) = {tuple(info['layout'])}; "
                 f"this job is {self.layout.shape}. Use the same layout or another checkpoint.dir")
@@ -141,6 +142,13 @@ class EngineCheckpoints:
                                            load_lr_scheduler_states=False)
         schedule.load_state_dict(client["schedule"])
         return client["position"]
+
+    def _replicas_changed_only(self, info: dict[str, Any]) -> bool:
+        """Another D, same P, T and cuts, ZeRO stage 0 on both sides: DeepSpeed wrote each stage's layer
+        and optimizer files once, from replica 0, named by stage and tower only, and every replica loads
+        them, so any D resumes (parallel.elastic relies on it). ZeRO-1 shards optimizer state per replica."""
+        return (list(info["layout"][:2]) == [self.layout.pp, self.layout.tp] and
+                info.get("zero_stage", 0) == 0 and self.layout.zero_stage == 0)
 
 
 class CheckpointError(RuntimeError):

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -238,11 +239,19 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         progress = HistoryProgress(history_path(run_dir), job_id, Progress(planned_steps(cfg, info),
                                    cfg.train.log_every, desc=cfg.name), cfg.train.batch_size).start()
         try:
-            result = build_trainer(cfg, layout, job_id).fit()
+            if cfg.parallel.elastic:  # the driver restarts the worker group, with fewer replicas if it must
+                from cluster.elastic import run_elastic
+
+                result, cfg, layout, changes = run_elastic(
+                    cfg, layout, lambda c, lay, start: build_trainer(c, lay, job_id, start=start).fit(),
+                    describe_failure)
+            else:
+                result, changes = build_trainer(cfg, layout, job_id).fit(), []
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})
             summary.ok = not summary.error  # the ranks stopped early and said why (cluster/faults.py)
+            summary.replica_changes = [asdict(c) for c in changes]
         except Exception as e:  # ray.train.TrainingFailedError and anything Ray raises on the way
             # a rank stuck in its own instruction first: its peers' timeouts follow from it
             summary.error = "\n".join([*stuck_reports(run_dir, job_id), describe_failure(e, layout)])

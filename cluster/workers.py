@@ -189,8 +189,10 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 # --- the trainer ------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
-    """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere)."""
+def build_trainer(cfg: RunConfig, layout: Layout, job_id: str, start: Optional[int] = None):
+    """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere).
+    `start`: the driver restarts the worker group itself (parallel.elastic, cluster/elastic.py), so
+    this trainer does not, and runs under a name of its own."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -213,12 +215,12 @@ def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
             placement_strategy="PACK",  # towers of a stage are neighbouring ranks: same node
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{job_id}",
+            name=f"{cfg.name}-{job_id}" + (f"-{start}" if start is not None else ""),
             storage_path=str(storage),
             # max_failures: worker-group restarts. A worker group that cannot be placed (too few
             # resources) is a retried controller error; give up after ~10 tries of Ray's 60 s start
             # timeout instead of waiting forever on a cluster that will never fit the job.
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures if start is None else 0,
                                                    controller_failure_limit=START_RETRIES),
         ),
     )
