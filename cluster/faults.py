@@ -304,6 +304,7 @@ class CheckpointWriteGuard:
         self.engine, self.checkpoints, self.step, self.coord = engine, checkpoints, step, coord
         self.tag_dir = Path(checkpoints.store.root) / tag_for(step)
         self.error: Optional[str] = None
+        self._inner: Any = None  # DeepSpeed's checkpoint engine while the guard's stands in for it
         self._store_mark: Optional[Callable] = None
 
     def failed(self, error: BaseException, path: Any) -> None:

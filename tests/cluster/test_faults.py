@@ -101,6 +101,8 @@ def test_elastic_keeps_the_global_batch_by_raising_the_micro_batch_count(tmp_pat
     small_cfg, small = with_replicas(cfg, layout, 2)
     assert (small.pp, small.tp, small.dp, small.micro_batches, small.micro_batch) == (2, 2, 2, 4, layout.micro_batch)
     assert small_cfg.parallel.dp == 2 and small_cfg.train.batch_size == 64 and cfg.parallel.dp == 4
+    with pytest.raises(ConfigError, match="elastic_wait_s"):
+        Layout.from_config(tensor_cfg(tmp_path, 1, 1, 2, 1, **{"parallel.elastic_wait_s": "-1"}))
     with pytest.raises(ConfigError, match="zero_stage=0"):
         Layout.from_config(tensor_cfg(tmp_path, 1, 1, 2, 1, **{"parallel.elastic": "true", "parallel.zero_stage": 1}))
 
