@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from alexnet_pp.config import ConfigError, load_config, parse_override_args
-from alexnet_pp.layout import Layout
+from alexnet_pp.layout import Coord, Layout
 from cluster.spawn import run_local
 from rayproc import ray_env, run_job_cli
 from tensorjob import gathered, make_batches, tensor_cfg, tensor_data
@@ -171,6 +171,30 @@ def test_a_stage_stuck_past_the_collective_timeout_is_named_with_its_instruction
     waiting = [line for line in lines if line.startswith("rank 0 (stage 0, tower 0, replica 0): in pipeline "
                                                          "instruction")]
     assert waiting and "of step 3" in waiting[0] and "collective_timeout_s = 15 s" in waiting[0], error
+
+
+def test_the_watchdog_reports_an_instruction_past_half_the_timeout_and_withdraws_it_when_it_ends(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.faults import InstructionWatchdog, StuckReport, stuck_reports
+    from cluster.timing import InFlight
+
+    timer = SimpleNamespace(in_flight=None)
+    coord = Coord(rank=3, stage=1, tower=1, replica=0)
+    report = StuckReport(tmp_path, "job-a", attempt=2, rank=3)
+    dog = InstructionWatchdog(timer, coord, timeout_s=10.0, report=lambda rec: report.on_stuck(rec, coord))
+    timer.in_flight = InFlight("ForwardPass", {"buffer_id": 1}, 7, time.monotonic() - 4.0)
+    dog.check()  # 4 s < 5 s: not yet
+    assert stuck_reports(tmp_path, "job-a") == []
+    timer.in_flight = InFlight("ForwardPass", {"buffer_id": 1}, 7, time.monotonic() - 6.0)
+    dog.check()
+    [line] = stuck_reports(tmp_path, "job-a")
+    assert line.startswith("rank 3 (stage 1, tower 1, replica 0) was stuck in pipeline instruction "
+                           "ForwardPass(buffer_id=1) of step 7 for 6.0 s (parallel.collective_timeout_s = 10 s)")
+    assert stuck_reports(tmp_path, "another-job") == []
+    timer.in_flight = None
+    dog.check()
+    assert stuck_reports(tmp_path, "job-a") == []
 
 
 # --- a full disk while checkpointing -------------------------------------------------------------
