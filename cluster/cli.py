@@ -61,7 +61,8 @@ def resolve(args: argparse.Namespace, extra: Sequence[str], check_data: bool = T
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg, layout = resolve(args, extra)
     if args.distributed or layout.world_size > 1:
-        return 0 if run_job(cfg, layout, address=args.address).ok else 1
+        summary = run_job(cfg, layout, address=args.address, allow_insecure_cluster=args.allow_insecure_cluster)
+        return 0 if summary.ok else 1
     print(train_single(cfg).format())
     return 0
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distributed", action="store_true", help="run through the Ray engine even for 1 worker")
     train.add_argument("--address", default=None,
                        help="Ray cluster to use (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)")
+    train.add_argument("--allow-insecure-cluster", action="store_true",
+                       help="run on a Ray cluster that does not ask for a token (refused otherwise)")
     train.set_defaults(func=cmd_train)
     info = sub.add_parser("info", help="print the network's layers, shapes, parameters and multiply-adds")
     _add_run_args(info)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +33,8 @@ from alexnet_pp.pipeline import describe
 from alexnet_pp.progress import Progress
 from alexnet_pp.trainer import total_steps
 from cluster.callbacks import load_callbacks
+from cluster.faults import stuck_reports
+from cluster.preflight import check_cluster_auth, check_writable
 from cluster.discovery import DiscoveryServer
 from cluster.run_summary import HistoryProgress
 from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
@@ -159,7 +162,8 @@ def describe_failure(error: BaseException, layout: Layout) -> str:
     lines = []
     for rank, exc in sorted(failures.items()):
         base = getattr(exc, "_base_exc", exc)
-        text = f"{type(base).__name__}: {base}"
+        # a WorkerError's message starts with the rank's place already (cluster/engine.py)
+        text = str(base) if type(base).__name__ == "WorkerError" else f"{type(base).__name__}: {base}"
         if f"rank {rank} (" not in text:
             label = layout.coord(rank).label() if 0 <= rank < layout.world_size else f"rank {rank}"
             text = f"{label}: {text}"
@@ -192,11 +196,13 @@ def planned_steps(cfg: RunConfig, info: Any) -> int:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None) -> RunSummary:
+def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None,
+            allow_insecure_cluster: bool = False) -> RunSummary:
     """Run a P × T × D job through Ray Train; see the module docstring."""
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
     cfg = absolutize(cfg)
+    check_writable(cfg)  # an unwritable run or checkpoint directory: ConfigError, before any worker
     print(f"job {cfg.name}: {layout.describe()}", flush=True)
     if layout.pp > 1:
         measured = cfg.parallel.partition.strip() == "measured"
@@ -217,6 +223,8 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         for stale in workers_dir(run_dir).glob("rank*.json"):  # another job's workers
             stale.unlink(missing_ok=True)
         started_ray = _connect(cfg, layout, address)
+        if not started_ray:  # a cluster we joined must ask for a token (cluster/preflight.py)
+            check_cluster_auth(allow_insecure_cluster)
         _check_resources(cfg, layout)
         if cfg.metrics.enabled:
             discovery = DiscoveryServer(run_dir, cfg.name, host=cfg.metrics.host, port=cfg.metrics.sd_port,
@@ -226,13 +234,22 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         progress = HistoryProgress(history_path(run_dir), job_id, Progress(planned_steps(cfg, info),
                                    cfg.train.log_every, desc=cfg.name), cfg.train.batch_size).start()
         try:
-            result = build_trainer(cfg, layout, job_id).fit()
+            if cfg.parallel.elastic:  # the driver restarts the worker group, with fewer replicas if it must
+                from cluster.elastic import run_elastic
+
+                result, cfg, layout, changes = run_elastic(
+                    cfg, layout, lambda c, lay, start: build_trainer(c, lay, job_id, start=start).fit(),
+                    describe_failure)
+            else:
+                result, changes = build_trainer(cfg, layout, job_id).fit(), []
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})
-            summary.ok = True
+            summary.ok = not summary.error  # the ranks stopped early and said why (cluster/faults.py)
+            summary.replica_changes = [asdict(c) for c in changes]
         except Exception as e:  # ray.train.TrainingFailedError and anything Ray raises on the way
-            summary.error = describe_failure(e, layout)
+            # a rank stuck in its own instruction first: its peers' timeouts follow from it
+            summary.error = "\n".join([*stuck_reports(run_dir, job_id), describe_failure(e, layout)])
     except Exception as e:  # dataset or Ray start-up problems: fail, don't hang, say what happened
         summary.error = f"{type(e).__name__}: {e}"
     finally:

@@ -57,19 +57,54 @@ def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, secon
     return StepStats(step, epoch, loss, lr, images, seconds, phases, bubble, theoretical_bubble, **extra)
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """The pipeline instruction a rank is executing: its name, arguments, step and start time."""
+
+    name: str
+    kwargs: dict
+    step: Optional[int]
+    started: float  # time.monotonic()
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
+        where = f"step {self.step}" if self.step is not None else "evaluation"
+        return f"pipeline instruction {self.name}({args}) of {where}"
+
+
 class InstructionTimer:
     """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
-    `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase)."""
+    `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase).
+
+    It also knows where the rank is: `in_flight` is the instruction running now (None between
+    instructions), `failed_in` the one that raised last; the engine sets `step` (the optimizer step
+    being run, None during evaluation) so both can name it (cluster/faults.py reports them)."""
 
     def __init__(self, engine, before: Optional[dict[str, tuple[Callable[[], None], str]]] = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.step: Optional[int] = None
+        self.in_flight: Optional[InFlight] = None
+        self.failed_in: Optional[InFlight] = None
         table = dict(type(engine)._INSTRUCTION_MAP)
         for cmd_type, fn in list(table.items()):
             timed = self._timed(fn, INSTRUCTION_PHASE.get(cmd_type.__name__, "other"))
             if before and cmd_type.__name__ in before:
                 timed = self._preceded(timed, *before[cmd_type.__name__])
-            table[cmd_type] = timed
+            table[cmd_type] = self._tracked(timed, cmd_type.__name__)
         engine._INSTRUCTION_MAP = table
+
+    def _tracked(self, run: Callable, name: str) -> Callable:
+        def tracked(engine, **kwargs):
+            self.in_flight = InFlight(name, dict(kwargs), self.step, time.monotonic())
+            try:
+                return run(engine, **kwargs)
+            except BaseException:
+                self.failed_in = self.in_flight
+                raise
+            finally:
+                self.in_flight = None
+
+        return tracked
 
     def _preceded(self, run: Callable, extra: Callable[[], None], phase: str) -> Callable:
         def both(engine, **kwargs):
