@@ -12,11 +12,9 @@ Ray Train's own restarts and restarts it itself, up to `parallel.max_failures` t
    and the run summary lists the change (`replica_changes`).
 
 "Fits" is asked of Ray itself: a placement group of the job's bundles with the worker group's PACK
-strategy, removed again at once. The new group resumes from the newest complete checkpoint: with
-ZeRO stage 0 DeepSpeed writes a stage's layer files and its optimizer state once, from replica 0
-(`layer_XX-model_YY-model_states.pt`, `mp_rank_XX_model_states.pt`, named by stage and tower, not by
-replica), and every replica loads the same files, so any D loads them (`EngineCheckpoints.resume`
-accepts another D then). ZeRO-1 keeps optimizer shards per replica and cannot (refused by Layout).
+strategy, removed again at once. The new group resumes from the newest complete checkpoint, which
+is layout-free (cluster/checkpoint.py: parts keyed by layer names), so any D loads it. With ZeRO-1
+the optimizer state is not saved (only float32 plain SGD keeps its momentum), so elastic refuses it.
 
 What changes with D: each replica reads its own part of an epoch (docs/DATA.md), so from the resume
 point on the samples of the epoch in progress are those a D'-replica run would have read at that

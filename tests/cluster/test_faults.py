@@ -81,17 +81,6 @@ def test_a_checkpoint_written_by_two_replicas_resumes_on_one_with_the_same_losse
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_zero1_checkpoints_are_refused_on_another_replica_count(tmp_path):
-    from cluster.checkpoint import CheckpointError, EngineCheckpoints
-
-    cfg = tensor_cfg(tmp_path, 1, 1, 2, 1, **{"parallel.zero_stage": 1})
-    ckpts = EngineCheckpoints(cfg, Layout.from_config(cfg), 0)
-    ckpts.store.root.mkdir(parents=True)
-    ckpts.store.mark_complete("step00000002", {"step": 2, "layout": [1, 1, 4], "zero_stage": 1})
-    with pytest.raises(CheckpointError, match=r"\(P, T, D\) = \(1, 1, 4\)"):
-        ckpts.resume(None, None)
-
-
 def test_elastic_keeps_the_global_batch_by_raising_the_micro_batch_count(tmp_path):
     from cluster.elastic import smaller_replica_counts, with_replicas
 
