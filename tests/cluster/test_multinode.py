@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -134,6 +135,7 @@ def nodes(env):
         yield Nodes(cluster)
     finally:
         cluster.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- 1. spread over two worker nodes ---------------------------------------------------------------

@@ -8,6 +8,7 @@ The cluster is a Ray head of the test's own on 127.0.0.1 with authentication off
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def insecure_cluster(tmp_path_factory):
         yield cluster, env
     finally:
         cluster.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.e2e
