@@ -83,13 +83,6 @@ def decode_raw(data: bytes) -> np.ndarray:
         raise DecodeError(f"bad .npy member: {e}") from None
 
 
-def encode_raw(img: np.ndarray) -> bytes:
-    """uint8 H×W×3 pixels as a `.npy` member (what `decode_raw` and numpy read)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(img, dtype=np.uint8), allow_pickle=False)
-    return buf.getvalue()
-
-
 def decode(data: bytes, ext: str = "jpg") -> np.ndarray:
     """uint8 H×W×3 RGB; raises DecodeError for bytes that are no image."""
     if ext in RAW_EXTS:
