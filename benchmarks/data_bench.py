@@ -46,6 +46,7 @@ import torch
 
 from alexnet_pp.config import preset
 from alexnet_pp.data import build_train_loader
+from alexnet_pp.host import reuse_freed_memory
 from alexnet_pp.data import transforms as T
 from alexnet_pp.data.dataset import write_synthetic
 from alexnet_pp.data.tarstream import iter_samples
@@ -301,6 +302,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # the main process only receives batches; workers do the work
+    reuse_freed_memory()  # as every trainer does (alexnet_pp/host.py); workers of both sides inherit it
     shards, folder, raw_shards = make_data(Path(args.data), args.images, args.size, args.classes, args.raw)
     cores = len(os.sched_getaffinity(0))
     print(f"data: {args.images} JPEGs of {args.size}px ({shards}, {folder}); crop {args.crop}, batch {args.batch}, "

@@ -35,6 +35,9 @@ def test_pipelines_side_by_side_with_format_costs(tmp_path, capsys, monkeypatch)
     result = json.loads(out.read_text())
     assert set(result["images_per_s"]) == {"shards", "uint8", "webdataset", "raw"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["epochs"].values())
+    # and the CPU time per image beside it, which load from other jobs does not inflate
+    assert set(result["cpu_us_per_image"]) == set(result["images_per_s"])
+    assert all(v > 0 for v in result["cpu_us_per_image"].values()) and "CPU µs/image" in text
     assert result["formats"]["raw"]["bytes"] > result["formats"]["jpeg q90"]["bytes"]
     assert result["formats"]["raw"]["decode_us"] < result["formats"]["jpeg q90"]["decode_us"]
     assert "gpu" in result or "CUDA" in result["gpu_note"]

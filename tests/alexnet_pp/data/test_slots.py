@@ -1,6 +1,10 @@
 """Reused shared-memory batch buffers: reused once the caller drops a batch, never while it holds one."""
 
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from alexnet_pp.data import build_eval_loader, build_train_loader, slots
 from shardsets import make_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +107,24 @@ def test_an_abandoned_pass_gives_its_slots_back(root):
     pool = slots._idle[(2, 4, (3, 3, 32, 32), torch.float32)][-1]
     assert (pool.state != slots.WORKER).all()
     assert int(np.sum(pool.state == slots.FREE)) >= 7
+
+
+def test_workers_keep_freed_memory_whatever_the_parent_did(tmp_path):
+    """Decoded images are freed batch after batch; a worker must not hand the heap back and fault
+    it in again, even under a parent that never called alexnet_pp.host.reuse_freed_memory."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import alexnet_pp.host as host\n"
+        "from torch.utils.data import IterableDataset\n"
+        "from alexnet_pp.data.loader import ShardLoader\n"
+        "class Probe(IterableDataset):  # what a worker of the loader's DataLoader sees\n"
+        "    def __iter__(self):\n"
+        "        yield host._applied\n"
+        "loader = ShardLoader.__new__(ShardLoader)\n"
+        "loader.workers, loader.stream = 1, None\n"
+        "loader._pin = lambda: False\n"
+        "print('parent', host._applied, 'worker', list(loader._dataloader(Probe()))[0])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "parent False worker True" in out.stdout
