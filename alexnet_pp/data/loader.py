@@ -85,14 +85,17 @@ class ShardLoader:
 
     def _pool(self) -> Optional[slots.SlotPool]:
         """The pass's reused batch buffers: not when batches are pinned (the pin thread copies each
-        out of its segment at once) nor for encoded batches."""
+        out of its segment at once) nor for encoded batches; as many per worker as fit in
+        slots.MAX_POOL_BYTES (ten 224 px crops of 128 images are 770 MB a batch: none)."""
         if self.batch_slots == 0 or self._pin() or self.stream.output == "encoded":
             return None
         s, side = self.stream.spec, self.stream.spec.image_size
         if self.stream.output == "uint8":
-            return slots.acquire(self.workers, self.batch_slots, (s.batch, side, side, 3), torch.uint8)
-        crops = s.eval_crops if not s.train else 1
-        return slots.acquire(self.workers, self.batch_slots, (s.batch * crops, 3, side, side), torch.float32)
+            shape, dtype = (s.batch, side, side, 3), torch.uint8
+        else:
+            shape, dtype = (s.batch * (s.eval_crops if not s.train else 1), 3, side, side), torch.float32
+        per_worker = min(self.batch_slots, slots.fitting(shape, dtype, self.workers))
+        return slots.acquire(self.workers, per_worker, shape, dtype) if per_worker > 0 else None
 
     def _dataloader(self, stream: ShardStream) -> DataLoader:
         kw = {}

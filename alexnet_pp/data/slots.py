@@ -34,6 +34,7 @@ FREE, WORKER, HELD = 0, 1, 2
 _idle: dict[tuple, list["SlotPool"]] = {}
 _lock = threading.Lock()
 MAX_IDLE_PER_KIND = 1  # pools kept for the next loader of the same shape (a new loader per epoch)
+MAX_POOL_BYTES = 1 << 30  # a loader's buffers together, at most (fewer per worker, or none, past it)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ class SlotPool:
         """The workers have stopped: what they claimed but never delivered is free."""
         self.state[self.state == WORKER] = FREE
         self.reclaim()
+
+
+def fitting(shape: tuple[int, ...], dtype: torch.dtype, workers: int) -> int:
+    """How many buffers of `shape` per worker fit in MAX_POOL_BYTES."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return MAX_POOL_BYTES // max(1, nbytes * max(1, workers))
 
 
 def acquire(workers: int, per_worker: int, shape: tuple[int, ...], dtype: torch.dtype) -> SlotPool:

@@ -1,4 +1,4 @@
-"""Decoding and augmentation on uint8 HWC arrays, then one fused normalise step per batch.
+"""Decoding, augmentation draws and normalisation constants for uint8 H×W×3 images.
 
 Decoding uses simplejpeg (libjpeg-turbo straight into a numpy array) with exact DCT and
 upsampling: 290 µs against Pillow's 440 µs per 256×256 JPEG on this machine, pixel-identical

@@ -80,6 +80,22 @@ def test_slots_are_reused_when_the_caller_drops_its_batches(root, workers):
     assert again.slot_batches == len(again)
 
 
+def test_pools_stay_within_their_memory_budget(root, monkeypatch):
+    batch_bytes = 3 * 3 * 32 * 32 * 4
+    monkeypatch.setattr(slots, "MAX_POOL_BYTES", 2 * 2 * batch_bytes)  # two buffers for each of two workers
+    loader = build_train_loader(cfg_for(root, 2))
+    pool = loader._pool()
+    assert pool.per_worker == 2
+    slots.release(pool)
+    ref = [x.clone() for x, _ in build_train_loader(cfg_for(root, 2, 0))]
+    assert all(torch.equal(x, r) for (x, _), r in zip(loader, ref))
+    assert loader.slot_batches > 0
+    monkeypatch.setattr(slots, "MAX_POOL_BYTES", batch_bytes)  # not one each: no pool at all
+    loader = build_train_loader(cfg_for(root, 2))
+    assert loader._pool() is None
+    assert sum(1 for _ in loader) == loader.fresh_batches > 0
+
+
 def test_without_slots_every_batch_is_a_new_segment(root):
     loader = build_train_loader(cfg_for(root, 2, 0))
     n = sum(1 for _ in loader)
