@@ -20,8 +20,8 @@ Submodules: synthetic (the embedded images), shards (writing), tarstream (readin
 sources (source strings → shards), stream (epoch splitting, shuffling, skipping), transforms
 (decode, draws, lighting, normalise), native (the crop kernel), slots (reused batch buffers),
 augment (the same augmentation as torch ops on any device), gpu_decode (nvJPEG through torchvision),
-loader (DataLoader wrapper), digest (batch fingerprints),
-ingest + commands (`alexnet-pp data synth|ingest`). Test-only helpers (small shard sets,
+loader (DataLoader wrapper), digest (batch fingerprints), formats (JPEG or raw pixels in a
+shard), ingest + commands (`alexnet-pp data synth|ingest`). Test-only helpers (small shard sets,
 comparing two streams) live in tests/helpers, not here.
 The loaders import torch lazily, so shard generation in worker pools stays light.
 """
