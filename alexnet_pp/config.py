@@ -72,6 +72,8 @@ class DataConfig:
     # JSON file keeping the sample counts of remote shards without a manifest across processes
     # ("": counted once per process); `data ingest` writes manifests that make counting unnecessary
     count_cache: str = ""
+    decode: Literal["cpu", "gpu", "auto"] = "auto"  # where loaders given a device decode JPEGs (docs/DATA.md)
+    batch_slots: int = 4  # reused shared-memory batch buffers per worker on CPU-only hosts (0: a new one per batch)
 
 
 @dataclass
