@@ -1,0 +1,24 @@
+"""`alexnet-pp bench NAME`: the project's benchmarks, one command and one output format.
+
+    alexnet-pp bench lrn          our LRN vs torch.nn.LocalResponseNorm (forward + backward)
+    alexnet-pp bench data         the shard stream vs torchvision ImageFolder; tar readers
+    alexnet-pp bench engine       engine vs plain trainer, pipeline bubble vs theory, 2-stage speedup
+    alexnet-pp bench scaling      layouts (P, T, D, M) over 1…N workers vs baselines and prediction
+    alexnet-pp bench checkpoint   distributed checkpoint write / read vs torch.save / torch.load
+    alexnet-pp bench gpu          the training step on one CUDA device
+
+Each writes NAME.json, NAME.csv and NAME.md under `--out` (report.py); `scaling` adds PNG plots.
+One module per benchmark, each with `main(argv) -> int`; `benchmarks/` keeps thin wrappers for
+`python -m benchmarks.X`. Importing this package stays light (the data benchmark's baseline runs
+it in a venv with another torch).
+"""
+
+# name → (module, one line of help). `checkpoint` lives outside the package for now.
+BENCHMARKS = {
+    "lrn": ("cluster.bench.lrn", "our LRN vs torch.nn.LocalResponseNorm, forward + backward"),
+    "data": ("cluster.bench.data", "the shard stream vs torchvision ImageFolder (--baseline sets up its venv)"),
+    "engine": ("cluster.bench.engine", "engine vs plain trainer, pipeline bubble vs theory, 2-stage speedup"),
+    "scaling": ("cluster.bench.scaling", "layouts (P, T, D, M) over workers vs baselines and the cost model"),
+    "checkpoint": ("benchmarks.checkpoint_bench", "distributed checkpoint write / read vs torch.save / torch.load"),
+    "gpu": ("cluster.bench.gpu", "the training step on one CUDA device (plain, fused LRN, engine)"),
+}
