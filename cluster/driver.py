@@ -188,8 +188,11 @@ def planned_steps(cfg: RunConfig, info: Any) -> int:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None) -> RunSummary:
-    """Run a P × T × D job through Ray Train; see the module docstring."""
+def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None,
+            data_factory: Optional[Any] = None, warmup_steps: int = 1) -> RunSummary:
+    """Run a P × T × D job through Ray Train; see the module docstring. `data_factory(rank)`, when
+    given, is what a rank's first stage reads instead of the shard stream (cluster.feeds.TensorData,
+    for benchmarks; it travels pickled to every worker); `warmup_steps`: steps the summary leaves out."""
     from alexnet_pp.data import ensure_dataset
     from alexnet_pp.pipeline import describe
     from alexnet_pp.progress import Progress
@@ -231,7 +234,7 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         progress = HistoryProgress(history_path(run_dir), job_id, Progress(planned_steps(cfg, info),
                                    cfg.train.log_every, desc=cfg.name), cfg.train.batch_size).start()
         try:
-            result = build_trainer(cfg, layout, job_id).fit()
+            result = build_trainer(cfg, layout, job_id, data_factory, warmup_steps).fit()
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})

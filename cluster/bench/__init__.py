@@ -7,7 +7,8 @@
     alexnet-pp bench checkpoint   distributed checkpoint write / read vs torch.save / torch.load
     alexnet-pp bench gpu          the training step on one CUDA device
 
-Each writes NAME.json, NAME.csv and NAME.md under `--out` (report.py); `scaling` adds PNG plots.
+Each writes NAME.json, NAME.csv and NAME.md under `--out` (report.py); `scaling` (scaling.py, with
+baselines.py, synthetic.py and plots.py) adds PNG plots.
 One module per benchmark, each with `main(argv) -> int`; `benchmarks/` keeps thin wrappers for
 `python -m benchmarks.X`. Importing this package stays light (the data benchmark's baseline runs
 it in a venv with another torch).
