@@ -307,22 +307,24 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     """The cost model's numbers for a measured layout row (W's profile; bytes need none)."""
     from alexnet_pp.planning.costmodel import Candidate, predict
 
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+
     profile = sweep.profile(row["workers"])
-    if profile is None:
-        return {}
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
                      "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
-    try:
-        pred = predict(sweep.model, profile, cand)
+    try:  # without a calibration (--no-predict) only the bytes, which no profile changes
+        pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand)
     except (ValueError, ConfigError) as e:
         return {"prediction_error_text": str(e)}
-    out = {"predicted_images_per_s": pred.images_per_s, "predicted_step_s": pred.step_seconds,
+    traffic = {"bytes_stages": pred.bytes_per_step["stages"], "bytes_towers": pred.bytes_per_step["towers"],
+               "bytes_replicas": pred.bytes_per_step["replicas"]}
+    if profile is None:
+        return traffic
+    out = {**traffic, "predicted_images_per_s": pred.images_per_s, "predicted_step_s": pred.step_seconds,
            "predicted_bounds": list(pred.bounds), "predicted_extrapolated": pred.extrapolated,
            "predicted_bubble": {str(s.stage): s.bubble for s in pred.stages},
            "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
-           "predicted_memory_bytes": pred.memory_per_worker,
-           "bytes_stages": pred.bytes_per_step["stages"], "bytes_towers": pred.bytes_per_step["towers"],
-           "bytes_replicas": pred.bytes_per_step["replicas"], "profile": profile.name}
+           "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name}
     if row.get("images_per_s"):
         out["prediction_error"] = row["images_per_s"] / pred.images_per_s - 1
     return out

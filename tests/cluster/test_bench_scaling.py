@@ -85,6 +85,7 @@ def test_a_failing_configuration_is_recorded_and_an_interrupted_sweep_resumes(tm
     two = next(r for r in rows if r["id"] == "engine:1x1x2:M1")
     assert two["efficiency"] == pytest.approx(2**0.8 / 2) and two["vs_plain"] == pytest.approx(1.0)
     assert two["vs_ddp"] == pytest.approx(1.0) and two["peak_memory_max_bytes"] == 2**28
+    assert two["bytes_replicas"] > 0 and two["bytes_stages"] == 0 and "predicted_images_per_s" not in two
     # --retry-failed runs the failure again; other settings refuse to mix with these rows
     calls.clear()
     assert scaling.main([*argv, "--retry-failed"], runner=fake_runner(calls)) == 0
