@@ -45,6 +45,8 @@ class RunSummary:
     bubble_per_stage: dict[str, float] = field(default_factory=dict)
     phase_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
     data_wait_share: float = math.nan
+    phase_seconds_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)  # mean per step
+    peak_memory_per_rank: dict[str, int] = field(default_factory=dict)  # bytes (GPU: CUDA allocations; CPU: max RSS)
 
     @property
     def final_loss(self) -> Optional[float]:

@@ -4,6 +4,7 @@
     alexnet-pp info   …   the network's layers and the stage plan        alexnet-pp config …  the resolved YAML
     alexnet-pp data synth|ingest …                                        (dataset commands)
     alexnet-pp plan --workers 64 --batch 4096 [--device-profile FILE]    (layouts ranked by prediction)
+    alexnet-pp bench lrn|data|engine|scaling|checkpoint|gpu …            (benchmarks: cluster/bench/)
     alexnet-pp export RUN_OR_CHECKPOINT model.safetensors | eval --checkpoint … | predict --checkpoint … IMAGE…
     python -m cluster.job ARGS   ≡   alexnet-pp train --distributed ARGS  (the `ray job submit` entrypoint)
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     # its own parser (alexnet_pp/planning/cli_plan.py) takes every argument after the word
     sub.add_parser("plan", add_help=False,
                    help="rank (P, T, D, M) layouts for a worker count by predicted images/s (plan --help)")
+    sub.add_parser("bench", add_help=False,  # cluster/bench/cli.py parses what follows the word
+                   help="benchmarks: lrn, data, engine, scaling, checkpoint, gpu (bench --help)")
     return parser
 
 
@@ -183,6 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from alexnet_pp.planning.cli_plan import main_plan
 
         return main_plan(argv[1:])
+    if argv[:1] == ["bench"]:
+        from cluster.bench.cli import main_bench
+
+        return main_bench(argv[1:])
     _, args, extra = parse(argv)
     try:
         if args.command in RUN_COMMANDS:

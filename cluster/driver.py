@@ -197,8 +197,11 @@ def planned_steps(cfg: RunConfig, info: Any) -> int:
 
 
 def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None,
-            allow_insecure_cluster: bool = False) -> RunSummary:
-    """Run a P × T × D job through Ray Train; see the module docstring."""
+            allow_insecure_cluster: bool = False, data_factory: Optional[Any] = None,
+            warmup_steps: int = 1) -> RunSummary:
+    """Run a P × T × D job through Ray Train; see the module docstring. `data_factory(rank)`, when
+    given, is what a rank's first stage reads instead of the shard stream (cluster.feeds.TensorData,
+    for benchmarks; it travels pickled to every worker); `warmup_steps`: steps the summary leaves out."""
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
     cfg = absolutize(cfg)
@@ -238,10 +241,10 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
                 from cluster.elastic import run_elastic
 
                 result, cfg, layout, changes = run_elastic(
-                    cfg, layout, lambda c, lay, start: build_trainer(c, lay, job_id, start=start).fit(),
+                    cfg, layout, lambda c, lay, start: build_trainer(c, lay, job_id, data_factory, warmup_steps, start=start).fit(),
                     describe_failure)
             else:
-                result, changes = build_trainer(cfg, layout, job_id).fit(), []
+                result, changes = build_trainer(cfg, layout, job_id, data_factory, warmup_steps).fit(), []
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})

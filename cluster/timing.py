@@ -8,6 +8,8 @@ schedule (the step minus its optimizer work) this rank spent neither computing n
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class StepStats:
     theoretical_bubble: float
     total_steps: Optional[int] = None  # the run's planned steps
     skip_counts: dict[str, int] = field(default_factory=dict)  # data samples skipped this epoch, by kind
+    peak_memory: int = 0  # bytes: this rank's peak so far (peak_memory_bytes)
 
 
 def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, seconds: float,
@@ -54,6 +57,7 @@ def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, secon
     busy = phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("data_wait", 0.0)
     phases = {**phases, "idle": max(0.0, pipe_time - busy)}
     bubble = phases["idle"] / pipe_time if pipe_time > 0 else 0.0
+    extra.setdefault("peak_memory", peak_memory_bytes())
     return StepStats(step, epoch, loss, lr, images, seconds, phases, bubble, theoretical_bubble, **extra)
 
 
@@ -70,6 +74,17 @@ class InFlight:
         args = ", ".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
         where = f"step {self.step}" if self.step is not None else "evaluation"
         return f"pipeline instruction {self.name}({args}) of {where}"
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory so far: the CUDA memory it allocated on its device when it uses a
+    GPU, else its peak resident set (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class InstructionTimer:

@@ -132,7 +132,8 @@ class HistoryLog(Callback):
 
 
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "layout": Layout, "job_id": str}."""
+    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "layout": Layout, "job_id": str, and
+    optionally "data_factory": rank → TrainData, "warmup_steps": int}."""
     cfg_dict = config["cfg"]
     gpus = cfg_dict["parallel"]["gpus_per_worker"] > 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")  # before deepspeed is imported
@@ -163,7 +164,9 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
     history = HistoryLog(cfg, job_id, attempt, rank)
     stuck = StuckReport(cfg.run_dir, job_id, attempt, rank)  # the driver names a stage stuck in an instruction
-    worker = PipelineWorker(cfg, layout, callbacks=[exporter, history, stuck, *load_callbacks(cfg.callbacks)])
+    factory = config.get("data_factory")  # in-memory batches instead of the shard stream (benchmarks)
+    worker = PipelineWorker(cfg, layout, data=factory(rank) if factory else None,
+                            callbacks=[exporter, history, stuck, *load_callbacks(cfg.callbacks)])
     try:
         result = worker.run()  # raises WorkerError naming rank / stage / tower
     finally:
@@ -173,7 +176,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     mine = {"coord": asdict(coord), "stats": result.stats[-SUMMARY_STEPS:]}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    summary = summarize_run(gathered)
+    summary = summarize_run(gathered, config.get("warmup_steps", 1))
     ray.train.report({"kind": "final", "attempt": attempt, "resume_step": resume_step, "steps": result.steps,
                       "loss": result.losses[-1] if result.losses else None, "stopped": result.stopped,
                       "images_per_sec": summary.images_per_sec, "step_time_p50": summary.step_time_p50,
@@ -189,10 +192,12 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 # --- the trainer ------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: RunConfig, layout: Layout, job_id: str, start: Optional[int] = None):
+def build_trainer(cfg: RunConfig, layout: Layout, job_id: str, data_factory: Optional[Any] = None,
+                  warmup_steps: int = 1, start: Optional[int] = None):
     """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere).
-    `start`: the driver restarts the worker group itself (parallel.elastic, cluster/elastic.py), so
-    this trainer does not, and runs under a name of its own."""
+    `data_factory` and `warmup_steps`: as `cluster.driver.run_job` takes them. `start`: the driver
+    restarts the worker group itself (parallel.elastic, cluster/elastic.py), so this trainer does not,
+    and runs under a name of its own."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,7 +211,8 @@ def build_trainer(cfg: RunConfig, layout: Layout, job_id: str, start: Optional[i
     storage.mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "layout": layout, "job_id": job_id},
+        train_loop_config={"cfg": cfg.to_dict(), "layout": layout, "job_id": job_id, "data_factory": data_factory,
+                           "warmup_steps": warmup_steps},
         torch_config=TorchConfig(backend=process_group_backend(p.gpus_per_worker > 0), timeout_s=max(1, int(p.collective_timeout_s))),
         scaling_config=ray.train.ScalingConfig(
             num_workers=layout.world_size,
