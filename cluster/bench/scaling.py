@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -151,7 +152,9 @@ class Sweep:
     def __init__(self, args: argparse.Namespace, argv: Sequence[str]):
         self.args, self.argv = args, list(argv)
         self.out = Path(args.out)
-        self.scratch = Path(args.scratch) if args.scratch else self.out / "scratch"
+        # each run's own files (config, checkpoints, Ray's records): removed after the run
+        self.scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="alexnet-pp-scaling-"))
+        self.own_scratch = not args.scratch
         self.overrides = dict(kv.split("=", 1) for kv in args.set)
         self.base = load_config(args.preset, None, self.overrides, check_data=args.data == "shards")
         self.batch = args.batch or self.base.train.batch_size
@@ -640,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPU counts to predict on assumed H100 profiles ('' none; default 8,64,512)")
     ap.add_argument("--gpu-batch-per-worker", type=int, default=128, help="images per GPU for those (default 128)")
     ap.add_argument("--out", default=os.path.join("runs", "bench", "scaling"), help="folder for the results")
-    ap.add_argument("--scratch", help="folder for the runs' files (default OUT/scratch, removed after each)")
+    ap.add_argument("--scratch", help="folder for each run's own files, removed after it (default: a new temporary "
+                    "folder; on several machines give one they all see)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT's sweep")
     ap.add_argument("--retry-failed", action="store_true", help="on resume, run failed configurations again")
     return ap
@@ -656,6 +660,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         print(f"alexnet-pp bench scaling: unknown baseline(s) {', '.join(sorted(unknown))}; use {', '.join(BASELINES)}",
               file=sys.stderr)
         return 2
+    sweep = None
     try:
         sweep = Sweep(args, argv)
         sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict)
@@ -664,6 +669,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         done = load_rows(sweep.rows_path, sweep.settings())
     except ConfigError as e:
         print(f"alexnet-pp bench scaling: {e}", file=sys.stderr)
+        if sweep is not None and sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
         return 2
     env = environment()
     todo = [s for s in sweep.specs if s.id not in done
@@ -711,6 +718,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
             say.line(f"wrote {path}")
     finally:
         say.close()
+        if sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
     return 0 if complete else 130
 
 

@@ -138,6 +138,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     progress = capfd.readouterr().err
     for name in ("scaling.json", "scaling.csv", "scaling.md", "scaling.rows.jsonl", "profiles/w2.json", *PLOTS):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(["logs", "profiles", "scaling.rows.jsonl", "scaling.json",
+                                                            "scaling.csv", "scaling.md", *PLOTS])  # no run files
     data = json.loads((out / "scaling.json").read_text())
     assert data["command"].startswith("alexnet-pp bench scaling --preset test --launcher spawn")
     assert data["environment"]["versions"]["deepspeed"] and data["settings"]["batch"] == 32
