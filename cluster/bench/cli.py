@@ -8,6 +8,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from cluster.bench import BENCHMARKS
+from cluster.bench.report import REPO_ROOT
 
 
 def usage() -> str:
@@ -18,8 +19,11 @@ def usage() -> str:
 
 
 def load(name: str) -> Optional[Any]:
-    """The benchmark's module, or None (with a message) when this installation lacks it."""
+    """The benchmark's module, or None (with a message) when this installation lacks it. `benchmarks/`
+    is not an installed package: in a checkout it is found beside the `cluster` package."""
     module = BENCHMARKS[name][0]
+    if module.startswith("benchmarks.") and (REPO_ROOT / "benchmarks").is_dir() and str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -15,7 +15,6 @@ pure-torch fallback path too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

@@ -23,7 +23,6 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -304,12 +303,3 @@ def rows_from_result(result: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             settings[key] = value
     return rows, settings
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def stream_is_tty(stream=None) -> bool:
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())

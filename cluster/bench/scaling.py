@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -151,7 +152,9 @@ class Sweep:
     def __init__(self, args: argparse.Namespace, argv: Sequence[str]):
         self.args, self.argv = args, list(argv)
         self.out = Path(args.out)
-        self.scratch = Path(args.scratch) if args.scratch else self.out / "scratch"
+        # each run's own files (config, checkpoints, Ray's records): removed after the run
+        self.scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="alexnet-pp-scaling-"))
+        self.own_scratch = not args.scratch
         self.overrides = dict(kv.split("=", 1) for kv in args.set)
         self.base = load_config(args.preset, None, self.overrides, check_data=args.data == "shards")
         self.batch = args.batch or self.base.train.batch_size
@@ -252,7 +255,7 @@ class Sweep:
         return {"partition": cfg.parallel.partition, "images_per_s": summary.images_per_sec,
                 "step_p50_s": summary.step_time_p50, "step_p95_s": summary.step_time_p95,
                 "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
-                "bubble_measured": summary.bubble_per_stage, "phases_s": summary.phase_seconds_per_stage,
+                "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
                 "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses}
 
     def links(self):
@@ -293,6 +296,14 @@ class Sweep:
 
         path = self.profile_path(workers)
         return DeviceProfile.load(path) if path.is_file() else None
+
+
+def exclusive_idle(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per stage, `idle` as the time in no timed instruction, so the phases add up to the step. The
+    engine's idle (cluster/timing.py), from which the bubble comes, also holds the time a blocking
+    send or receive waited for its peer, which `send` and `recv` already count."""
+    return {stage: {**ph, "idle": max(0.0, ph.get("idle", 0.0) - ph.get("send", 0.0) - ph.get("recv", 0.0))}
+            for stage, ph in phases.items()}
 
 
 def _gpu_count() -> int:
@@ -524,7 +535,7 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             Column("× plain", _ratio("vs_plain")), Column("× DDP", _ratio("vs_ddp")),
             Column("× DS", _ratio("vs_ds_default")),
             Column("peak MiB (max rank)", lambda r: _mib(r.get("peak_memory_max_bytes")), ".0f"),
-            Column("MB/step stages / towers / replicas", _bytes),
+            Column("MB/step stages / towers / replicas", _bytes), Column("load", "load_1min", ".1f"),
             Column("status", lambda r: r.get("status") if r.get("status") != "ok" else "")],
         intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}, "
                f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
@@ -533,7 +544,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
                "for W workers. Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
                "vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
-               "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured.")))
+               "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
+               f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))
     report.tables.append(Table("Baselines (same run, same batches)", base, [
         Column("baseline", lambda r: "plain single-process trainer" if r["kind"] == "plain" else "PyTorch DDP (gloo)"),
         Column("W", "workers"), Column("processes × threads",
@@ -558,7 +570,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         *[Column(p, (lambda p: lambda r: None if r.get(p) is None else
                      f"{_ms(r[p]):.1f}" + (f" ({_ms(r['pred'][p]):.1f})" if p in r["pred"] else ""))(p)) for p in PHASES],
         Column("bubble", "bubble", ".3f")],
-        intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py). The cost model "
+        intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
+               "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
                "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
                "DeepSpeed's gradient copies; the all-reduce over replicas is its own predicted phase, in the JSON); it does "
                "not model data_wait.")))
@@ -630,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPU counts to predict on assumed H100 profiles ('' none; default 8,64,512)")
     ap.add_argument("--gpu-batch-per-worker", type=int, default=128, help="images per GPU for those (default 128)")
     ap.add_argument("--out", default=os.path.join("runs", "bench", "scaling"), help="folder for the results")
-    ap.add_argument("--scratch", help="folder for the runs' files (default OUT/scratch, removed after each)")
+    ap.add_argument("--scratch", help="folder for each run's own files, removed after it (default: a new temporary "
+                    "folder; on several machines give one they all see)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT's sweep")
     ap.add_argument("--retry-failed", action="store_true", help="on resume, run failed configurations again")
     return ap
@@ -646,6 +660,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         print(f"alexnet-pp bench scaling: unknown baseline(s) {', '.join(sorted(unknown))}; use {', '.join(BASELINES)}",
               file=sys.stderr)
         return 2
+    sweep = None
     try:
         sweep = Sweep(args, argv)
         sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict)
@@ -654,6 +669,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         done = load_rows(sweep.rows_path, sweep.settings())
     except ConfigError as e:
         print(f"alexnet-pp bench scaling: {e}", file=sys.stderr)
+        if sweep is not None and sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
         return 2
     env = environment()
     todo = [s for s in sweep.specs if s.id not in done
@@ -701,6 +718,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
             say.line(f"wrote {path}")
     finally:
         say.close()
+        if sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
     return 0 if complete else 130
 
 

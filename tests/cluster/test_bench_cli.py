@@ -22,6 +22,20 @@ def test_a_benchmark_missing_from_this_copy_says_so(capsys, monkeypatch):
     assert "not available here: benchmarks.no_such_bench" in capsys.readouterr().err
 
 
+def test_benchmarks_outside_the_package_are_found_in_a_checkout_from_any_directory(monkeypatch, tmp_path):
+    """The `alexnet-pp` script's sys.path holds neither the working directory nor the checkout."""
+    from cluster.bench.cli import load
+    from cluster.bench.report import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(REPO_ROOT))])
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(BENCHMARKS, "checkpoint", ("benchmarks.lrn_bench", "x"))
+    module = load("checkpoint")
+    assert module is not None and module.__file__ == str(REPO_ROOT / "benchmarks" / "lrn_bench.py")
+
+
 def test_a_benchmark_outside_the_package_gets_the_common_output(tmp_path, monkeypatch):
     """benchmarks/checkpoint_bench.py's main(argv) returns its results as a dict."""
     seen = []

@@ -28,6 +28,12 @@ def test_every_layout_of_a_worker_count():
     assert (2, 1, 2, 4) not in layouts_for(4, 4, [4])  # batch 4 does not split into D·M = 8 micro-batches
 
 
+def test_idle_is_the_time_in_no_timed_instruction():
+    phases = {"0": {"forward": 1.0, "backward": 2.0, "send": 0.5, "recv": 1.5, "idle": 2.5, "optimizer": 0.2}}
+    assert scaling.exclusive_idle(phases)["0"] == {**phases["0"], "idle": 0.5}
+    assert scaling.exclusive_idle({"0": {"forward": 1.0, "recv": 0.3, "idle": 0.2}})["0"]["idle"] == 0.0
+
+
 def test_a_sweep_calibrates_then_runs_baselines_then_each_layout_and_deepspeeds_cut():
     ids = [s.id for s in plan([1, 2], 64, [4], scaling.BASELINES)]
     assert ids == ["calibration:W1", "plain:W1", "engine:1x1x1:M1",
@@ -132,6 +138,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     progress = capfd.readouterr().err
     for name in ("scaling.json", "scaling.csv", "scaling.md", "scaling.rows.jsonl", "profiles/w2.json", *PLOTS):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(["logs", "profiles", "scaling.rows.jsonl", "scaling.json",
+                                                            "scaling.csv", "scaling.md", *PLOTS])  # no run files
     data = json.loads((out / "scaling.json").read_text())
     assert data["command"].startswith("alexnet-pp bench scaling --preset test --launcher spawn")
     assert data["environment"]["versions"]["deepspeed"] and data["settings"]["batch"] == 32
@@ -143,6 +151,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     pipe = rows["engine:2x1x1:M2"]
     assert pipe["status"] == "ok" and pipe["steps_timed"] == 2 and pipe["images_per_s"] > 0
     assert set(pipe["phases_s"]) == {"0", "1"} and pipe["phases_s"]["0"]["forward"] > 0
+    for ph in pipe["phases_s"].values():  # the phases add up to the step (idle: in no timed instruction)
+        assert sum(ph.values()) == pytest.approx(32 / pipe["images_per_s"], rel=0.25)  # the mean step
     assert pipe["bubble_theory"] == pytest.approx(1 / 3) and set(pipe["bubble_measured"]) == {"0", "1"}
     assert pipe["peak_memory_bytes"]["0"] > 50 * 2**20 and pipe["predicted_images_per_s"] > 0
     assert pipe["bytes_stages"] > 0 and pipe["bytes_towers"] == 0 and pipe["bytes_replicas"] == 0
