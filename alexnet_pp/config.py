@@ -74,6 +74,12 @@ class DataConfig:
     count_cache: str = ""
     decode: Literal["cpu", "gpu", "auto"] = "auto"  # where loaders given a device decode JPEGs (docs/DATA.md)
     batch_slots: int = 4  # reused shared-memory batch buffers per worker on CPU-only hosts (0: a new one per batch)
+    # Ray actors that decode and augment for each first-stage rank in place of its data.workers, on any
+    # node with augment_cpus free CPUs (CPU-only nodes too); the same batches as data.workers = N
+    # (cluster/augment_actors.py). Distributed runs only.
+    augment_actors: int = 0
+    augment_cpus: float = 1.0
+    augment_prefetch: int = 2  # batches requested ahead per actor: the back-pressure bound
 
 
 @dataclass
@@ -380,6 +386,9 @@ def validate(cfg: RunConfig, check_data: bool = True) -> RunConfig:
         raise ConfigError("set both data.train and data.val (or neither, for the embedded dataset)")
     if d.workers < 0:
         raise ConfigError("data.workers must be ≥ 0")
+    if d.augment_actors < 0 or d.augment_cpus <= 0 or d.augment_prefetch < 1:
+        raise ConfigError(f"data.augment_actors must be ≥ 0 (got {d.augment_actors}), data.augment_cpus > 0 "
+                          f"(got {d.augment_cpus}) and data.augment_prefetch ≥ 1 (got {d.augment_prefetch})")
     if d.resampled and d.epoch_samples <= 0:
         raise ConfigError("data.resampled needs data.epoch_samples > 0 (samples per epoch over the job)")
     if t.batch_size <= 0 or t.lr <= 0 or t.epochs <= 0:

@@ -61,7 +61,7 @@ def resolve(args: argparse.Namespace, extra: Sequence[str], check_data: bool = T
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg, layout = resolve(args, extra)
-    if args.distributed or layout.world_size > 1:
+    if args.distributed or layout.world_size > 1 or cfg.data.augment_actors:  # actors need Ray
         summary = run_job(cfg, layout, address=args.address, allow_insecure_cluster=args.allow_insecure_cluster)
         return 0 if summary.ok else 1
     print(train_single(cfg).format())

@@ -87,7 +87,9 @@ def _connect(cfg: RunConfig, layout: Layout, address: Optional[str]) -> bool:
         ray.init()
         return False
     p = cfg.parallel
-    need_cpus = math.ceil(layout.world_size * p.cpus_per_worker)
+    d = cfg.data  # every first-stage rank brings its augmentation actors
+    need_cpus = math.ceil(layout.world_size * p.cpus_per_worker
+                          + layout.tp * layout.dp * d.augment_actors * d.augment_cpus)
     need_gpus = math.ceil(layout.world_size * p.gpus_per_worker)
     env = {"PYTHONPATH": os.pathsep.join(x for x in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if x)}
     with _loopback_only():

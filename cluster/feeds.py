@@ -52,12 +52,22 @@ class ShardData:
         self.micro_batch, self.multiple = layout.micro_batch, layout.micro_batches
         self._train, self._eval = build_train_loader, build_eval_loader
         self._current = None
+        self._actors = None  # data.augment_actors: one set of actors for the whole run
         self._eval_batches: Optional[int] = None
         self._len = len(self._loader(0))
 
     def _loader(self, epoch: int):
-        return self._train(self.cfg, replica=self.replica, num_replicas=self.replicas, epoch=epoch,
-                           micro_batch=self.micro_batch, with_keys=True, batch_multiple=self.multiple)
+        loader = self._train(self.cfg, replica=self.replica, num_replicas=self.replicas, epoch=epoch,
+                             micro_batch=self.micro_batch, with_keys=True, batch_multiple=self.multiple)
+        d = self.cfg.data
+        if d.augment_actors <= 0:
+            return loader
+        if self._actors is None:
+            from cluster.augment_actors import ActorLoader
+
+            self._actors = ActorLoader(loader, d.augment_actors, d.augment_cpus, d.augment_prefetch)
+        self._actors.use(loader)
+        return self._actors
 
     def micro_batches_per_epoch(self) -> int:
         return self._len

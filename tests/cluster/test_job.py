@@ -417,21 +417,23 @@ def test_absolutize_leaves_remote_sources_alone(tmp_path, monkeypatch):
 @pytest.mark.timeout(900)
 def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(auth_env, data_dir, tmp_path):
     """`alexnet-pp train --preset test --train.max_steps 6 --model.dropout 0.5` on the embedded shards:
-    one process, (P, T) = (2, 2) with M = 2, and P = 3 with M = 4 train on the same images with the same
-    dropout masks, so their per-step losses agree."""
+    one process, (P, T) = (2, 2) with M = 2, P = 3 with M = 4, and P = 2 fed by an augmentation actor
+    train on the same images with the same dropout masks, so their per-step losses agree."""
     from alexnet_pp.summary import RunSummary
     from cluster.cli import main
 
     base = ["train", "--preset", "test", "--train.max_steps", "6", "--model.dropout", "0.5",
             "--data.synthetic_dir", str(data_dir), "--out_dir", str(tmp_path), "--train.threads", "1"]
     runs = {"single": [], "pp2-tp2": ["--pp", "2", "--tp", "2", "--parallel.micro_batches", "2"],
-            "pp3": ["--pp", "3", "--parallel.micro_batches", "4"]}
+            "pp3": ["--pp", "3", "--parallel.micro_batches", "4"],
+            # the first stage's batches made by a Ray actor: the same as its own (data.workers 0 ≡ one actor)
+            "pp2-actor": ["--pp", "2", "--parallel.micro_batches", "2", "--data.augment_actors", "1"]}
     losses = {}
     for name, extra in runs.items():
         assert main([*base, "--name", name, *extra]) == 0, name
         losses[name] = RunSummary.read(tmp_path / name / "summary.json").losses
     assert len(losses["single"]) == 6
-    for name in ("pp2-tp2", "pp3"):
+    for name in ("pp2-tp2", "pp3", "pp2-actor"):
         assert_close(losses[name], losses["single"], rtol=1e-4, atol=0)
 
 
