@@ -143,7 +143,9 @@ def test_failing_and_breaking_commands(root, tmp_path):
     with pytest.raises(ShardTruncated):
         for p, _, _ in iter_samples(f"pipe:cat {tmp_path}/half; exit 4"):
             seen.append(p)
-    assert 0 < len(seen) < 11
+    # webdataset's pipe checks the command's status after each read: how many samples came before the
+    # failure depends on when the command exited, never the whole shard
+    assert len(seen) < 11
     # stopping early on purpose kills the command: no error, no process left behind
     assert [p for p, _, _ in iter_samples(f"pipe:cat {root}/train-000003.tar; sleep 30", 0, 2)] == [0, 1]
 
