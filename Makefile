@@ -26,7 +26,7 @@ demo: setup
 # the monitoring tests start a real Prometheus: installed here when the machine can, else one clear line
 test: setup
 	bash .ci/ensure-prometheus
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"
