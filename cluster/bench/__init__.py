@@ -6,6 +6,7 @@
     alexnet-pp bench scaling      layouts (P, T, D, M) over 1…N workers vs baselines and prediction
     alexnet-pp bench checkpoint   distributed checkpoint write / read vs torch.save / torch.load
     alexnet-pp bench gpu          the training step on one CUDA device
+    alexnet-pp bench augment      a one-CPU training worker fed by augmentation actors on a CPU-only node
 
 Each writes NAME.json, NAME.csv and NAME.md under `--out` (report.py); `scaling` (scaling.py, with
 baselines.py, synthetic.py and plots.py) adds PNG plots.
@@ -23,4 +24,5 @@ BENCHMARKS = {
     "scaling": ("cluster.bench.scaling", "layouts (P, T, D, M) over workers vs baselines and the cost model"),
     "checkpoint": ("benchmarks.checkpoint_bench", "distributed checkpoint write / read vs torch.save / torch.load"),
     "gpu": ("cluster.bench.gpu", "the training step on one CUDA device (plain, fused LRN, engine)"),
+    "augment": ("cluster.bench.augment", "a one-CPU training worker fed by 0, 1, 2, … augmentation actors"),
 }
