@@ -52,6 +52,9 @@ class RankResult:
     resumed_layout: Optional[tuple[int, int, int]] = None  # the (P, T, D) that wrote the resumed checkpoint
     skip_counts: dict[str, int] = field(default_factory=dict)
     parameters: Optional[dict[str, torch.Tensor]] = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # the last step's instructions (timing.InstructionEvent)
+    peak_memory: int = 0  # bytes while training: CUDA's peak allocation, else the process's peak resident set
+    bounds: tuple[int, ...] = ()  # the stage cut it trained on (pipeline units, alexnet_pp/pipeline.py)
 
 
 def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
@@ -111,8 +114,6 @@ class PipelineWorker:
 
     def _build(self) -> None:
         import deepspeed
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         cfg, c = self.cfg, self.coord
         # DeepSpeed keeps its own handle on the process group the launcher already made.
@@ -124,7 +125,25 @@ class PipelineWorker:
             self.layer_costs = self._measured_costs()
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
             self.layout = self.layout.with_bounds(cut.bounds)
+        self._build_engine()
         layout = self.layout
+        if self.data is None and c.stage == 0:
+            self.data = ShardData(cfg, layout, c.replica)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = total_steps(cfg, self.steps_per_epoch)
+        self.schedule = LRSchedule(self.optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
+        if self.rank == 0:
+            log.info("%s", describe(cfg.model, layout.partition, self.layer_costs, layout.tp))
+
+    def _build_engine(self) -> None:
+        """This rank's stage of `self.layout` inside DeepSpeed's engine, with its optimizer and timer."""
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        from cluster.zero_bubble import ZeroBubbleEngine  # imports deepspeed: inside the worker
+
+        cfg, c, layout = self.cfg, self.coord, self.layout
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
@@ -146,23 +165,20 @@ class PipelineWorker:
         self.group.group = self.module._grid.get_slice_parallel_group()
         mark_norm_ownership(self.module, layout.tp, c.tower)
         self.checkpoints.load_weights(self.module)  # before DeepSpeed copies them (bf16 master weights)
-        # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch
-        self.deferred = DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
-        optimizer = build_optimizer(self.module.parameters(), cfg.train)
+        zero_bubble = cfg.parallel.schedule == "zb-h1"
+        # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch.
+        # zb-h1: every conv and linear weight gradient in its micro-batch's W pass (cluster/zero_bubble.py)
+        self.deferred = DeferredGrads(list(self.module.forward_funcs), convolutions=True) if zero_bubble else \
+            DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.train)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=deepspeed_config(cfg, layout)
+            model=self.module, optimizer=self.optimizer, config=deepspeed_config(cfg, layout)
         )
+        if zero_bubble:
+            ZeroBubbleEngine.adopt(self.engine, self.deferred)
         # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
         self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
-                                      if self.deferred else None)
-        if self.data is None and c.stage == 0:
-            self.data = ShardData(cfg, layout, c.replica)
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.total_steps = total_steps(cfg, self.steps_per_epoch)
-        self.optimizer = optimizer
-        self.schedule = LRSchedule(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
-        if self.rank == 0:
-            log.info("%s", describe(cfg.model, layout.partition, self.layer_costs, layout.tp))
+                                      if self.deferred and not zero_bubble else None)
 
     def deferred_active(self) -> bool:
         p = self.cfg.parallel
@@ -266,7 +282,7 @@ class PipelineWorker:
     def _run(self) -> RankResult:
         self._build()
         cfg, layout = self.cfg, self.layout
-        result = RankResult(coord=asdict(self.coord), steps=0)
+        result = RankResult(coord=asdict(self.coord), steps=0, bounds=tuple(layout.partition.bounds))
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:
@@ -281,7 +297,10 @@ class PipelineWorker:
             epoch, in_epoch = epoch + 1, 0
         eval_every = eval_interval(cfg, self.steps_per_epoch)
         ckpt_every = cfg.checkpoint.every_steps
-        theory = layout.theoretical_bubble()
+        from cluster.zero_bubble import theoretical_bubble
+
+        theory = theoretical_bubble(cfg.parallel.schedule, layout.pp, layout.micro_batches)
+        reset_peak_memory()
         while step < self.total_steps:
             stream = self._train_iter(epoch, step, in_epoch)
             while in_epoch < self.steps_per_epoch and step < self.total_steps:
@@ -309,12 +328,42 @@ class PipelineWorker:
             if in_epoch >= self.steps_per_epoch:
                 epoch, in_epoch = epoch + 1, 0
         result.steps = step
+        result.peak_memory = peak_memory()
+        result.timeline = [asdict(e) for e in self.timer.last_step]
         if self.data is not None:
             result.skip_counts = self.data.skip_counts()
         if self.keep_parameters:
             result.parameters = {key: p.detach().clone() for layer in self.module.forward_funcs
                                  for key, p in layer.model_parameters()}
         return result
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory` afresh (Linux: the resident set's high-water mark, /proc/self/clear_refs)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory() -> int:
+    """Bytes: CUDA's peak allocation, else the process's peak resident set since reset_peak_memory."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def init_process_group_from_env(timeout_s: float) -> None:
