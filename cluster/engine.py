@@ -10,6 +10,7 @@ What it reads comes from cluster/feeds.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from cluster.callbacks import Callback, Callbacks
 from cluster.checkpoint import EngineCheckpoints
 from cluster.feeds import ShardData, TrainData, eval_micro_batches, no_data, train_micro_batches
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, rank_layers
+from cluster.stage_cut import live_costs, settle_cut
 from cluster.timing import InstructionTimer, step_stats
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ class PipelineWorker:
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
             self.layout = self.layout.with_bounds(cut.bounds)
         self._build_engine()
+        if self.layer_costs is not None:
+            self._settle_cut()
         layout = self.layout
         if self.data is None and c.stage == 0:
             self.data = ShardData(cfg, layout, c.replica)
@@ -179,6 +183,27 @@ class PipelineWorker:
         # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
         self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
                                       if self.deferred and not zero_bubble else None)
+
+    def _settle_cut(self) -> None:
+        """Check the measured cut on the engine's live stage times and re-cut (cluster/stage_cut.py)."""
+        cfg, layout = self.cfg, self.layout
+
+        def measure() -> list[float]:
+            return live_costs(self.engine, self.timer, self.module, cfg.model, layout.micro_batch, self.coord.stage,
+                              layout.pp, cfg.train.seed)
+
+        def rebuild(bounds: tuple[int, ...]) -> None:
+            self.engine = self.module = self.optimizer = self.deferred = self.timer = None
+            gc.collect()
+            self.layout = self.layout.with_bounds(bounds)
+            self._build_engine()
+
+        first = layout.partition.bounds
+        _, tried = settle_cut(cfg.model, self.layer_costs, first, layout.tp, measure, rebuild)
+        if self.rank == 0:
+            log.info("pipeline cut on live stage times (ms per micro-batch): %s; training on %s", "; ".join(
+                f"{list(b)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for b, live in tried.items()),
+                list(self.layout.partition.bounds))
 
     def deferred_active(self) -> bool:
         p = self.cfg.parallel
