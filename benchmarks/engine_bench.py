@@ -11,8 +11,14 @@ pipeline does not blur the engine's numbers; the paper's network and batch by de
    work per micro-batch (busy_max − busy_stage) / schedule time, which the theory's equal stages
    exclude — and the remaining fill/drain bubble, which is what the formula predicts;
 3. the speedup of (P, T, D) = (2, 1, 1), one thread per worker, over the plain trainer with one
-   thread, at M = 8 (goal: ≥ 1.5×; the best 2-way cut bounds it near 1.7×).
-Steps after `--warmup` are timed; medians are reported.
+   thread, at M = 8 (goal: ≥ 1.5×; the best 2-way cut bounds it near 1.7×);
+4. 1F1B against ZB-H1 (`parallel.schedule`), side by side for P = 2, 3 and M = 4, 8, one thread per
+   worker: the measured bubble per stage (goal: ZB-H1's ≤ ⅓ of 1F1B's), images/s (goal: ≥ 1.1× at
+   M = 4) and peak memory per rank (goal: ≤ 1.1×), each schedule next to its ideal for the measured
+   per-stage F, B, W times (alexnet_pp/planning/simulate.py). `--figure PATH` draws both schedules'
+   measured instruction timelines of one step per configuration.
+Steps after `--warmup` are timed; medians are reported. `--runs N` repeats comparison 2 and ends
+with each stage's largest distance from theory over the runs (goal: within 5 points in every run).
 """
 
 from __future__ import annotations
@@ -71,9 +77,12 @@ def plain_step_seconds(cfg: RunConfig, batches: list, threads: int, warmup: int)
     return times[warmup:]
 
 
+def engine_results(cfg: RunConfig, batches: list) -> list:
+    return run_local(cfg, functools.partial(tensor_data, batches, cfg.parallel.micro_batches), threads=cfg.train.threads)
+
+
 def engine_stats(cfg: RunConfig, batches: list, warmup: int) -> list:
-    results = run_local(cfg, functools.partial(tensor_data, batches, cfg.parallel.micro_batches), threads=cfg.train.threads)
-    return [r.stats[warmup:] for r in results]  # per rank
+    return [r.stats[warmup:] for r in engine_results(cfg, batches)]  # per rank
 
 
 def median(xs: list[float]) -> float:
@@ -138,7 +147,10 @@ def main() -> None:
     ap.add_argument("--speedup-batches", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
                     help="global batches for comparison 3 (M = 8 micro-batches each)")
     ap.add_argument("--scratch", default="/tmp/alexnet-pp-bench")
-    ap.add_argument("--sections", default="1,2,3", help="which comparisons to run, e.g. 3")
+    ap.add_argument("--sections", default="1,2,3,4", help="which comparisons to run, e.g. 3")
+    ap.add_argument("--runs", type=int, default=1, help="repeat comparison 2 this many times")
+    ap.add_argument("--schedule-layouts", default="2x4,2x8,3x4,3x8", help="comparison 4's P×M pairs")
+    ap.add_argument("--figure", help="comparison 4: write the measured timelines here (PNG)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. parallel.defer_weight_grads=false")
     ap.add_argument("--json", help="also write the results here")
@@ -150,9 +162,14 @@ def main() -> None:
     if 1 in sections:
         section_engine_vs_plain(args, steps, report)
     if 2 in sections:
-        section_bubble(args, steps, report)
+        for run in range(args.runs):
+            section_bubble(args, steps, report, run)
+        if args.runs > 1:
+            bubble_spread(report["bubble"], args.runs)
     if 3 in sections:
         section_speedup(args, steps, report)
+    if 4 in sections:
+        section_schedules(args, steps, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -169,18 +186,32 @@ def section_engine_vs_plain(args, steps: int, report: dict) -> None:
     report["engine_vs_plain"] = {"plain_img_s": args.batch / plain, "engine_img_s": args.batch / eng, "ratio": ratio}
 
 
-def section_bubble(args, steps: int, report: dict) -> None:
+def section_bubble(args, steps: int, report: dict, run: int = 0) -> None:
     batches = make_batches(bench_cfg(args, 1, 1, 1), steps)
-    print(f"\n# 2. pipeline bubble, P = 2, one thread per stage ({args.partition} partition)")
-    print(f"{'M':>3} {'stage':>5} {'ms/micro-batch':>15} {'measured':>9} {'theory':>7} {'diff (pp)':>10} "
+    print(f"\n# 2. pipeline bubble, P = 2, one thread per stage ({args.partition} partition)"
+          + (f", run {run + 1} of {args.runs}" if args.runs > 1 else ""))
+    print(f"{'M':>3} {'stage':>5} {'cut':>10} {'ms/micro-batch':>15} {'measured':>9} {'theory':>7} {'diff (pp)':>10} "
           f"{'ideal 1F1B, these stage times':>30}")
-    report["bubble"] = []
+    report.setdefault("bubble", [])
     for m in (2, 4, 8):
         cfg = bench_cfg(args, 2, m, 1)
-        for row in bubble_rows(engine_stats(cfg, batches, args.warmup), m):
-            print(f"{m:>3} {row['stage']:>5} {row['stage_ms_per_micro_batch']:>15.1f} {row['measured']:>9.3f} "
+        results = engine_results(cfg, batches)
+        cut = ",".join(map(str, results[0].bounds[1:-1]))
+        for row in bubble_rows([r.stats[args.warmup:] for r in results], m):
+            print(f"{m:>3} {row['stage']:>5} {cut:>10} {row['stage_ms_per_micro_batch']:>15.1f} {row['measured']:>9.3f} "
                   f"{row['theory']:>7.3f} {100 * (row['measured'] - row['theory']):>+10.1f} {row['ideal_1f1b']:>30.3f}")
-            report["bubble"].append(row)
+            report["bubble"].append({**row, "run": run, "cut": list(results[0].bounds)})
+
+
+def bubble_spread(rows: list[dict], runs: int) -> None:
+    """Per (M, stage): the distance from theory in every run, its median and largest absolute value."""
+    print(f"\n# 2. over {runs} runs: measured − theory (pp) per run; goal |diff| ≤ 5 in every run")
+    for m in (2, 4, 8):
+        for stage in (0, 1):
+            diffs = [100 * (r["measured"] - r["theory"]) for r in rows if r["M"] == m and r["stage"] == stage]
+            worst = max(abs(d) for d in diffs)
+            print(f"M {m} stage {stage}: {' '.join(f'{d:+5.1f}' for d in diffs)}   median {median(diffs):+5.1f}  "
+                  f"largest |diff| {worst:4.1f}  {'ok' if worst <= 5 else 'OVER 5'}")
 
 
 def section_speedup(args, steps: int, report: dict) -> None:
@@ -197,6 +228,83 @@ def section_speedup(args, steps: int, report: dict) -> None:
               f"{batch / pipe8:7.1f} img/s   speedup {speedup:.2f}× (goal ≥ 1.5×)")
         report["pipeline_speedup"].append({"batch": batch, "plain_img_s": batch / plain1,
                                            "pipeline_img_s": batch / pipe8, "speedup": speedup})
+
+
+
+def stage_phase_ms(stats: list[dict], m: int) -> tuple[float, float, float]:
+    """Median forward, backward (B) and weight-gradient (W) ms per micro-batch of one rank's steps."""
+    return tuple(1000 * median([s["phases"].get(k, 0.0) / m for s in stats])
+                 for k in ("forward", "backward", "backward_weight"))
+
+
+def schedule_row(schedule: str, pp: int, m: int, results: list, warmup: int, batch: int) -> dict:
+    """One schedule's numbers: per stage (its ranks' medians) the bubble and F, B, W; the job's
+    images/s (the slowest rank's step); each rank's peak memory; the ideal for these stage times."""
+    from alexnet_pp.planning.simulate import StageCost, simulate
+    from cluster.zero_bubble import theoretical_bubble
+
+    by_stage: dict[int, list] = {}
+    for r in results:
+        by_stage.setdefault(r.coord["stage"], []).append(r)
+    bubble, fbw = [], []
+    for stage in range(pp):
+        stats = [s for r in by_stage[stage] for s in r.stats[warmup:]]
+        bubble.append(median([s["bubble"] for s in stats]))
+        fbw.append(stage_phase_ms(stats, m))
+    steps = {}
+    for r in results:
+        for s in r.stats[warmup:]:
+            steps[s["step"]] = max(steps.get(s["step"], 0.0), s["seconds"])
+    step_s = median(list(steps.values()))
+    costs = [StageCost(f, b, w) if schedule == "zb-h1" else StageCost(f, b + w) for f, b, w in fbw]
+    ideal = simulate(schedule, costs, m, comm="async").bubbles()
+    return {"P": pp, "M": m, "schedule": schedule, "cut": list(results[0].bounds), "bubble": bubble,
+            "mean_bubble": sum(bubble) / pp, "ideal": ideal, "theory": theoretical_bubble(schedule, pp, m),
+            "fbw_ms": fbw, "img_s": batch / step_s, "step_s": step_s,
+            "step_spread_s": [min(steps.values()), max(steps.values())],
+            "peak_mb": {r.coord["rank"]: r.peak_memory / 2**20 for r in results},
+            "timeline": {r.coord["rank"]: (r.coord["stage"], r.timeline) for r in results}}
+
+
+def section_schedules(args, steps: int, report: dict) -> None:
+    pairs = [tuple(int(x) for x in pm.split("x")) for pm in args.schedule_layouts.split(",") if pm]
+    print(f"\n# 4. 1F1B vs ZB-H1, one thread per worker, batch {args.batch}; 1F1B on the {args.partition} partition, "
+          "ZB-H1 on the cut 1F1B trained on")
+    print(f"{'P':>2} {'M':>2} {'schedule':>8} {'cut':>8} {'bubble per stage':>22} {'mean':>6} {'theory':>6} "
+          f"{'ideal':>17} {'F/B/W ms per micro-batch and stage':>40} {'img/s':>7} {'peak MB per rank':>22}")
+    report["schedules"] = []
+    batches = make_batches(bench_cfg(args, 1, 1, 1), steps)
+    for pp, m in pairs:
+        rows = {}
+        for schedule in ("1f1b", "zb-h1"):
+            cfg = bench_cfg(args, pp, m, 1)
+            cfg.parallel.schedule = schedule
+            if rows:  # ZB-H1 on the cut 1F1B settled on: the same work per stage, only the schedule differs
+                cfg.parallel.partition = ",".join(map(str, rows["1f1b"]["cut"][1:-1]))
+            row = schedule_row(schedule, pp, m, engine_results(cfg, batches), args.warmup, args.batch)
+            rows[schedule] = row
+            fbw = " | ".join("/".join(f"{x:.0f}" for x in t) for t in row["fbw_ms"])
+            peaks = " ".join(f"{v:.0f}" for _, v in sorted(row["peak_mb"].items()))
+            print(f"{pp:>2} {m:>2} {schedule:>8} {','.join(map(str, row['cut'][1:-1])):>8} "
+                  f"{' '.join(f'{b:.3f}' for b in row['bubble']):>22} {row['mean_bubble']:>6.3f} {row['theory']:>6.3f} "
+                  f"{' '.join(f'{b:.3f}' for b in row['ideal']):>17} {fbw:>40} {row['img_s']:>7.1f} {peaks:>22}")
+            report["schedules"].append({k: v for k, v in row.items() if k != "timeline"})
+        a, z = rows["1f1b"], rows["zb-h1"]
+        mem = max(z["peak_mb"][r] / a["peak_mb"][r] for r in a["peak_mb"])
+        bubble_ratio = z["mean_bubble"] / a["mean_bubble"] if a["mean_bubble"] > 0 else float("nan")
+        print(f"      zb-h1 / 1f1b: bubble {bubble_ratio:.2f} (goal ≤ 0.33), images/s {z['img_s'] / a['img_s']:.2f}× "
+              f"(goal ≥ 1.1× at M = 4), peak memory ≤ {mem:.2f}× per rank (goal ≤ 1.1×)")
+        report["schedules"].append({"P": pp, "M": m, "bubble_ratio": bubble_ratio, "speedup": z["img_s"] / a["img_s"],
+                                    "memory_ratio": mem})
+        report.setdefault("_timelines", []).append((pp, m, a["timeline"], z["timeline"]))
+    if args.figure:
+        from benchmarks.timelines import plot_timelines
+
+        plot_timelines(report["_timelines"], args.figure,
+                       title=f"Measured instruction timelines, one step ({args.preset} network, batch {args.batch}, "
+                             "one thread per worker)")
+        print(f"timelines: {args.figure}")
+    report.pop("_timelines", None)
 
 
 if __name__ == "__main__":
