@@ -204,3 +204,8 @@ class DeferredGrads:
     def flush(self, key: Hashable = ALL) -> None:
         for layer in self.layers:
             layer.flush(key)
+
+    def discard(self) -> None:
+        """Forget every kept row (backward passes whose gradients are not wanted)."""
+        for layer in self.layers:
+            layer.kept.clear()

@@ -189,8 +189,11 @@ class PipelineWorker:
         cfg, layout = self.cfg, self.layout
 
         def measure() -> list[float]:
-            return live_costs(self.engine, self.timer, self.module, cfg.model, layout.micro_batch, self.coord.stage,
+            live = live_costs(self.engine, self.timer, self.module, cfg.model, layout.micro_batch, self.coord.stage,
                               layout.pp, cfg.train.seed)
+            if self.deferred is not None:  # 1F1B's deferred FC rows would otherwise join the first step's flush
+                self.deferred.discard()
+            return live
 
         def rebuild(bounds: tuple[int, ...]) -> None:
             self.engine = self.module = self.optimizer = self.deferred = self.timer = None

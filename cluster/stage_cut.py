@@ -104,6 +104,7 @@ def live_costs(engine, timer, module, cfg: ModelConfig, micro_batch: int, stage:
         if i > 0:  # the first pass allocates, exchanges shapes and faults pages in
             samples += micro_batch_costs(
                 [{"name": e.name, "start": e.start, "end": e.end} for e in timer.last_step], engine.micro_batches)
+    engine.optimizer.zero_grad(set_to_none=True)  # DeepSpeed's bf16/fp16/ZeRO wrappers keep their own copies
     for p in module.parameters():
         p.grad = None
     engine.set_dataiterator(None)

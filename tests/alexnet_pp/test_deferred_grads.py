@@ -105,3 +105,13 @@ def test_a_conv_weight_pass_matches_autograd_with_stride_and_padding():
     wrapped.flush()
     torch.testing.assert_close(wrapped.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wrapped.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_discard_forgets_kept_rows():
+    deferred = DeferredGrads([nn.Sequential(nn.Linear(8, 4))])
+    x = torch.randn(2, 8)
+    deferred.layers[0](x).sum().backward()
+    assert deferred.pending() == {None}
+    deferred.discard()
+    deferred.flush()
+    assert not deferred.pending() and deferred.layers[0].weight.grad is None

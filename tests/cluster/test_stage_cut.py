@@ -53,30 +53,54 @@ def test_settle_goes_back_when_the_new_cut_measures_worse():
     assert best == (0, 6, 12) and built == [(0, 7, 12), (0, 6, 12)]
 
 
-def skewed_factory(batches, tp, dp, m, rank):
-    """In the rank's process, before its engine is built: unit timings that put almost everything on
-    stage 1 (conv1 timed as if it were the whole network)."""
+def recut_factory(batches, tp, dp, m, rank):
+    """In the rank's process, before its engine is built: equal unit timings (first cut (0, 6, 12)),
+    and live passes that run for real but report stage 1 three times slower than stage 0, then
+    balanced: the cut moves to (0, 8, 12) and the engine is rebuilt there."""
     import cluster.engine as engine
 
-    real = engine.measure_layer_costs
+    real = engine.live_costs
+    reported = iter([[1.0, 3.0], [2.0, 2.0]])
+    engine.measure_layer_costs = lambda *args, **kwargs: [1.0] * 12
 
-    def skewed(*args, **kwargs):
-        costs = real(*args, **kwargs)
-        return [sum(costs) * 0.9] + costs[1:]
+    def live(*args, **kwargs):
+        real(*args, **kwargs)  # the passes run; their numbers are replaced
+        return next(reported)
 
-    engine.measure_layer_costs = skewed
+    engine.live_costs = live
     return data_factory(batches, tp, dp, m, rank)
 
 
 @pytest.mark.e2e
-def test_a_bad_measured_cut_is_corrected_before_training_and_training_is_unchanged(tmp_path):
-    cfg = layout_cfg(tmp_path, 2, 1, 1, 2, **{"checkpoint.resume": "false"})
+@pytest.mark.parametrize("extra", [{}, {"parallel.defer_weight_grads": "true"}, {"parallel.schedule": "zb-h1"}],
+                         ids=["1f1b", "1f1b-deferred-fc", "zb-h1"])
+def test_a_recut_rebuilds_the_engine_before_training_and_training_is_unchanged(tmp_path, extra):
+    """The live passes and the rebuild leave nothing behind: no gradient, no kept rows of deferred
+    layers, no optimizer step."""
+    cfg = layout_cfg(tmp_path, 2, 1, 1, 2, **{"checkpoint.resume": "false", **extra})
     batches = make_batches(STEPS, cfg.train.batch_size)
     ref_losses, ref_state = reference(cfg, batches)
-    results = run_local(cfg, functools.partial(skewed_factory, batches, 1, 1, 2), keep_parameters=True)
-    assert {r.bounds for r in results} != {(0, 1, 12)} and len({r.bounds for r in results}) == 1
-    assert results[0].bounds[1] > 1  # stage 0 was given more than conv1
+    results = run_local(cfg, functools.partial(recut_factory, batches, 1, 1, 2), keep_parameters=True)
+    assert [r.bounds for r in results] == [(0, 8, 12), (0, 8, 12)]
     torch.testing.assert_close(torch.tensor(results[-1].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     state = gathered_state(results, cfg)
     for key in ref_state:
         torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
+def test_the_live_passes_leave_bf16_master_gradients_untouched(tmp_path):
+    """DeepSpeed's bf16 optimizer accumulates float32 copies of the gradients during backward passes:
+    a measured (checked live) run trains exactly as a run given the same cut outright."""
+    common = {"checkpoint.resume": "false", "parallel.precision": "bf16"}
+    batches = make_batches(3, 16)
+    factory = functools.partial(data_factory, batches, 1, 1, 2)
+    measured = run_local(layout_cfg(tmp_path / "a", 2, 1, 1, 2, **common), factory, keep_parameters=True)
+    cut = ",".join(map(str, measured[0].bounds[1:-1]))
+    given = run_local(layout_cfg(tmp_path / "b", 2, 1, 1, 2, **common, **{"parallel.partition": cut}), factory,
+                      keep_parameters=True)
+    assert measured[0].bounds == given[0].bounds
+    assert measured[-1].losses == given[-1].losses
+    a, b = gathered_state(measured, None), gathered_state(given, None)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
