@@ -42,3 +42,16 @@ def test_the_timeline_figure_is_written(tmp_path):
     out = tmp_path / "t.png"
     plot_timelines([(2, 4, one_f, zb)], str(out), title="test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_the_comparison_summary_takes_memory_from_runs_given_the_cut(capsys):
+    from benchmarks.engine_bench import schedule_summary
+
+    rows = [{"P": 2, "M": 4, "schedule": s, "mean_bubble": b, "img_s": i} for s, b, i in
+            (("1f1b", 0.2, 10.0), ("zb-h1", 0.1, 11.0), ("1f1b", 0.22, 9.0), ("zb-h1", 0.12, 10.0))]
+    ratios = [{"P": 2, "M": 4, "bubble_ratio": 0.5, "speedup": 1.1, "memory_ratio": 0.8, "both_given_the_cut": False},
+              {"P": 2, "M": 4, "bubble_ratio": 0.55, "speedup": 1.11, "memory_ratio": 1.02, "both_given_the_cut": True}]
+    schedule_summary({"schedules": rows, "schedule_ratios": ratios}, [(2, 4)])
+    out = capsys.readouterr().out
+    assert "peak memory 1.020 [1.020 – 1.020]" in out
+    assert "1f1b bubble 0.210 [0.200 – 0.220]" in out and "images/s 1.105 [1.100 – 1.110]" in out
