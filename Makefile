@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alexnet-pp-installed
 
-.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine bench-gpu clean
+.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine bench-scaling bench-gpu clean
 
 setup: $(STAMP)
 
@@ -31,16 +31,21 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+# Every benchmark is `alexnet-pp bench NAME` and writes NAME.json / .csv / .md under runs/bench/NAME.
 bench-lrn: setup
-	$(BIN)/python -m benchmarks.lrn_bench
+	$(BIN)/alexnet-pp bench lrn
 
 # The baseline (torchvision ImageFolder) needs torchvision, which only imports beside torch 2.14.1:
-# it lives in a second venv, .venv-tv.
+# --baseline sets up a second venv, .venv-tv, once, and runs the benchmark there.
 bench-data: setup
 	bash benchmarks/setup_tv_venv.sh && .venv-tv/bin/python -m benchmarks.data_bench
 
 bench-engine: setup
-	$(BIN)/python -m benchmarks.engine_bench
+	$(BIN)/alexnet-pp bench engine
+
+# layouts over 1, 2 and 4 workers against the plain trainer, DDP, DeepSpeed's partition and the cost model
+bench-scaling: setup
+	$(BIN)/alexnet-pp bench scaling --workers 1,2,4
 
 # on a CUDA machine whose python3 has torch + triton (the CUDA tests, LRN kernel, training-step throughput)
 bench-gpu:

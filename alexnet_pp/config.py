@@ -72,6 +72,8 @@ class DataConfig:
     # JSON file keeping the sample counts of remote shards without a manifest across processes
     # ("": counted once per process); `data ingest` writes manifests that make counting unnecessary
     count_cache: str = ""
+    decode: Literal["cpu", "gpu", "auto"] = "auto"  # where loaders given a device decode JPEGs (docs/DATA.md)
+    batch_slots: int = 4  # reused shared-memory batch buffers per worker on CPU-only hosts (0: a new one per batch)
 
 
 @dataclass
@@ -119,6 +121,11 @@ class ParallelConfig:
     zero_stage: Literal[0, 1] = 0
     max_failures: int = 2  # worker-group restarts before the job fails
     collective_timeout_s: float = 300.0
+    # A node lost and not replaced within elastic_wait_s: restart with fewer replicas (D' < D) and
+    # micro_batches × D / D' micro-batches, so the global batch stays (cluster/elastic.py). Off: wait
+    # for the cluster to fit the whole job again.
+    elastic: bool = False
+    elastic_wait_s: float = 60.0
 
 
 @dataclass

@@ -70,6 +70,11 @@ class Layout:
             )
         if p.zero_stage > 0 and p.dp < 2:
             raise ConfigError("parallel.zero_stage=1 shards optimizer state over replicas: it needs parallel.dp ≥ 2")
+        if p.elastic_wait_s < 0:
+            raise ConfigError("parallel.elastic_wait_s must be ≥ 0 (seconds to wait for a lost node's replacement)")
+        if p.elastic and p.zero_stage > 0:
+            raise ConfigError("parallel.elastic needs parallel.zero_stage=0: with ZeRO-1 a checkpoint keeps no "
+                              "optimizer state, so a restart on fewer replicas would lose the momentum")
         if p.precision == "fp16" and p.gpus_per_worker <= 0:  # bf16 also runs on CPUs (DeepSpeed's CPU accelerator)
             raise ConfigError("parallel.precision=fp16 needs GPUs (parallel.gpus_per_worker > 0); use bf16 or fp32")
         if p.cpus_per_worker <= 0 and p.gpus_per_worker <= 0:

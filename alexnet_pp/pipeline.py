@@ -26,6 +26,7 @@ layers stay whole.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from alexnet_pp.config import ModelConfig
+from alexnet_pp.deferred_grads import DeferredGrads
 from alexnet_pp.errors import ConfigError
 from alexnet_pp.model import AlexNet, TowerLayer, TowerOps, build_part, layer_ops
 from alexnet_pp.shapes import LAYER_NAMES, layer_macs, layer_output_shapes, layer_param_counts
@@ -221,10 +223,6 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
     """Seconds of forward + backward of each pipeline unit (best of `reps`), as a training step runs
     it: the first computes no input gradient; with `defer_weight_grads` the FC weight gradients are
     computed as the engine does (deferred_grads.py), counted in full per micro-batch."""
-    import time
-
-    from alexnet_pp.deferred_grads import DeferredGrads
-
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)

@@ -32,6 +32,9 @@ class RunSummary:
     resume_steps: list[Optional[int]] = field(default_factory=list)  # per worker-group start
     resumed_from: Optional[int] = None
     resumed_layout: Optional[tuple[int, int, int]] = None  # (P, T, D) of the checkpoint, when it differs
+    # parallel.elastic: each restart with fewer replicas (start, replicas D → D', micro_batches M → M',
+    # global_batch), from cluster/elastic.py
+    replica_changes: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = math.nan
     # timing, from the steps after the first (warm-up)
     steps_timed: int = 0
@@ -42,6 +45,8 @@ class RunSummary:
     bubble_per_stage: dict[str, float] = field(default_factory=dict)
     phase_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
     data_wait_share: float = math.nan
+    phase_seconds_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)  # mean per step
+    peak_memory_per_rank: dict[str, int] = field(default_factory=dict)  # bytes (GPU: CUDA allocations; CPU: max RSS)
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -87,6 +92,10 @@ class RunSummary:
         if self.resumed_layout:
             lines.append(f"resumed step {self.resumed_from}, written by layout (P, T, D) = {self.resumed_layout}, "
                          f"on {self.layout}")
+        for change in self.replica_changes:
+            (d0, d1), (m0, m1) = change["replicas"], change["micro_batches"]
+            lines.append(f"elastic: continued on {d1} replica{'s' if d1 > 1 else ''} instead of {d0} "
+                         f"(micro-batches {m0} → {m1}, global batch {change['global_batch']} kept)")
         who = f"job {self.job_id}" if self.job_id else "run"
         lines.append(
             f"{who} done: {self.steps} steps, final loss {_f(self.final_loss, '.4f')}, "

@@ -12,6 +12,7 @@ An exported model is one safetensors file: the single-process network's state di
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,10 @@ def write_part(directory: str | Path, part: str, tensors: dict[str, torch.Tensor
     try:
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
+    except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own error
+        tmp.unlink(missing_ok=True)
+        code = errno.ENOSPC if "No space left" in str(e) else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({e})", str(tmp)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with one CUDA GPU and torch + triton installed:
 # the CUDA tests (fused Triton LRN, the engine on cuda:nccl with bf16), the LRN kernel timings and the
-# training-step throughput of the paper network (benchmarks/gpu_bench.py).
+# training-step throughput of the paper network (alexnet-pp bench gpu: cluster/bench/gpu.py).
 #
 #   [STEPS="tests_cuda lrn_bench gpu_bench"] benchmarks/gpu_check.sh [OUT_DIR]
 #
@@ -51,5 +51,5 @@ step() {  # step NAME SECONDS CMD...
 }
 
 TAIL=15 step tests_cuda 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_lrn.py tests/cluster/test_engine.py tests/cluster/test_device_feed.py
-TAIL=12 step lrn_bench 90 bash -c "$PY -m benchmarks.lrn_bench --device cuda && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 && $PY -m benchmarks.lrn_bench --device cuda --dtype bfloat16 --channels-last"
-TAIL=30 step gpu_bench 200 "$PY" -m benchmarks.gpu_bench --json "$OUT_DIR/gpu_bench.json"
+TAIL=12 step lrn_bench 90 bash -c "$PY -m cluster.bench lrn --device cuda --out $OUT_DIR/lrn-fp32 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --out $OUT_DIR/lrn-bf16 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --channels-last --out $OUT_DIR/lrn-bf16-cl"
+TAIL=30 step gpu_bench 200 "$PY" -m cluster.bench gpu --out "$OUT_DIR/gpu"

@@ -9,7 +9,7 @@ every worker ("package.module:Class", comma-separated; each is constructed witho
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from alexnet_pp.errors import ConfigError
 
@@ -25,6 +25,11 @@ class Callback:
 
     def on_checkpoint(self, step: int, seconds: float, coord: Any) -> None:
         """After a checkpoint every rank finished writing."""
+
+    def on_stuck(self, record: Optional[dict[str, Any]], coord: Any) -> None:
+        """From a watchdog thread, not the training loop: the rank has been in one pipeline instruction
+        for more than half of parallel.collective_timeout_s (rank, stage, tower, instruction, step,
+        seconds; cluster/faults.py), refreshed while it lasts; None once that instruction ended."""
 
 
 class Callbacks(Callback):
@@ -44,6 +49,10 @@ class Callbacks(Callback):
     def on_checkpoint(self, step, seconds, coord) -> None:
         for c in self.callbacks:
             c.on_checkpoint(step, seconds, coord)
+
+    def on_stuck(self, record, coord) -> None:
+        for c in self.callbacks:
+            c.on_stuck(record, coord)
 
 
 def load_callbacks(spec: str) -> list[Callback]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from alexnet_pp.config import RunConfig
 from alexnet_pp.fileio import write_atomic
@@ -116,37 +117,58 @@ class EngineCheckpoints:
 
     # --- saving ---------------------------------------------------------------------------------
 
-    def save(self, engine, module, schedule, position: dict[str, int]) -> float:
-        """Write a checkpoint on every rank (a collective); returns its seconds."""
-        import torch.distributed as dist
-
+    def save(self, engine, module, schedule, position: dict[str, int], guard=None) -> float:
+        """Write a checkpoint on every rank (a collective); returns its seconds. With a `guard`
+        (cluster/faults.py) a failed write stops every rank together and leaves no partial checkpoint."""
         t0 = time.perf_counter()
         tag = tag_for(position["step"])
         directory = self.store.root / tag
         sgd = plain_sgd(engine.optimizer)
-        if self.coord.replica == 0:  # replicas hold the same values: one of them writes
-            parts: dict[str, dict[str, torch.Tensor]] = {}
-            for key, p, writes in held_parameters(module):
-                if not writes:
-                    continue
-                part, leaf = part_of(key)
-                parts.setdefault(part, {})[leaf] = p
-                buf = sgd.state.get(p, {}).get("momentum_buffer") if sgd is not None else None
-                if buf is not None:
-                    parts[part][MOMENTUM + leaf] = buf
-            directory.mkdir(parents=True, exist_ok=True)
-            for part, tensors in parts.items():
-                write_part(directory, part, tensors)
-        dist.barrier()
+        try:
+            if self.coord.replica == 0:  # replicas hold the same values: one of them writes
+                directory.mkdir(parents=True, exist_ok=True)
+                for part, tensors in self._parts(module, sgd).items():
+                    write_part(directory, part, tensors)
+        except OSError as e:
+            if guard is None:
+                raise
+            guard.failed(e, getattr(e, "filename", None))
+        self._agree(guard)
         if self.rank == 0:
             lay = self.layout
-            self.store.mark_complete(tag, {
-                **position, "schedule": schedule.state_dict(), "seed": self.seed, "model": self.model_cfg,
-                "precision": self.precision, "optimizer_state": sgd is not None, "layout": list(lay.shape),
-                "micro_batches": lay.micro_batches, "bounds": list(lay.partition.bounds), "units": list(lay.units)})
-            self.store.prune()
-        dist.barrier()
+            try:
+                self.store.mark_complete(tag, {
+                    **position, "schedule": schedule.state_dict(), "seed": self.seed, "model": self.model_cfg,
+                    "precision": self.precision, "optimizer_state": sgd is not None, "layout": list(lay.shape),
+                    "micro_batches": lay.micro_batches, "bounds": list(lay.partition.bounds),
+                    "units": list(lay.units)})
+                self.store.prune()
+            except OSError as e:
+                if guard is None:
+                    raise
+                guard.failed(e, None)
+        self._agree(guard)
         return time.perf_counter() - t0
+
+    def _parts(self, module, sgd) -> dict[str, dict[str, torch.Tensor]]:
+        """part name → its tensors (weights, and momentum when the optimizer keeps it) that this rank writes."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, p, writes in held_parameters(module):
+            if not writes:
+                continue
+            part, leaf = part_of(key)
+            parts.setdefault(part, {})[leaf] = p
+            buf = sgd.state.get(p, {}).get("momentum_buffer") if sgd is not None else None
+            if buf is not None:
+                parts[part][MOMENTUM + leaf] = buf
+        return parts
+
+    @staticmethod
+    def _agree(guard) -> None:
+        if guard is None:
+            dist.barrier()
+        else:
+            guard.agree()  # all_reduce of the failures: a barrier that raises on every rank together
 
     # --- resuming -------------------------------------------------------------------------------
 
@@ -184,6 +206,7 @@ class EngineCheckpoints:
         self._loaded = None
         return {"step": info["step"], "epoch": info["epoch"], "step_in_epoch": info["step_in_epoch"],
                 "layout": tuple(info.get("layout", ())), "micro_batches": info.get("micro_batches")}
+
 
 
 def plain_sgd(optimizer) -> Optional[torch.optim.SGD]:

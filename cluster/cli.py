@@ -4,6 +4,7 @@
     alexnet-pp info   …   the network's layers and the stage plan        alexnet-pp config …  the resolved YAML
     alexnet-pp data synth|ingest …                                        (dataset commands)
     alexnet-pp plan --workers 64 --batch 4096 [--device-profile FILE]    (layouts ranked by prediction)
+    alexnet-pp bench lrn|data|engine|scaling|checkpoint|gpu …            (benchmarks: cluster/bench/)
     alexnet-pp export RUN_OR_CHECKPOINT model.safetensors | eval --checkpoint … | predict --checkpoint … IMAGE…
     python -m cluster.job ARGS   ≡   alexnet-pp train --distributed ARGS  (the `ray job submit` entrypoint)
 
@@ -16,6 +17,7 @@ This module sits in cluster/ because it reaches both floors: the single-process 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional, Sequence
@@ -24,7 +26,13 @@ from alexnet_pp.config import PRESETS, RunConfig, load_config, parse_override_ar
 from alexnet_pp.data.commands import register as register_data
 from alexnet_pp.errors import ConfigError
 from alexnet_pp.layout import Layout
+from alexnet_pp.model import AlexNet, layer_parameter_counts
+from alexnet_pp.pipeline import describe, partition
+from alexnet_pp.shapes import layer_macs, layer_output_shapes
+from alexnet_pp.trainer import train_single
 from alexnet_pp.weights import CheckpointError
+from cluster.driver import run_job
+from cluster.inference import eval_config, evaluate, export, predict
 
 RUN_COMMANDS = ("train", "info", "config", "eval")  # the commands that describe a run (and take --setting VALUE)
 
@@ -54,11 +62,8 @@ def resolve(args: argparse.Namespace, extra: Sequence[str], check_data: bool = T
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg, layout = resolve(args, extra)
     if args.distributed or layout.world_size > 1:
-        from cluster.driver import run_job
-
-        return 0 if run_job(cfg, layout, address=args.address).ok else 1
-    from alexnet_pp.trainer import train_single
-
+        summary = run_job(cfg, layout, address=args.address, allow_insecure_cluster=args.allow_insecure_cluster)
+        return 0 if summary.ok else 1
     print(train_single(cfg).format())
     return 0
 
@@ -70,10 +75,6 @@ def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from alexnet_pp.model import AlexNet, layer_parameter_counts
-    from alexnet_pp.pipeline import describe, partition
-    from alexnet_pp.shapes import layer_macs, layer_output_shapes
-
     cfg, layout = resolve(args, extra, check_data=False)  # the network only: no dataset needed
     model = AlexNet(cfg.model)
     params, macs, shapes = layer_parameter_counts(model), layer_macs(cfg.model), layer_output_shapes(cfg.model)
@@ -92,18 +93,12 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cluster.inference import export
-
     done = export(args.source, args.out)
     print(f"exported step {done['step']} of {done['checkpoint']} ({done['classes']} class names) to {args.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    import json
-
-    from cluster.inference import eval_config, evaluate
-
     result = evaluate(args.checkpoint, eval_config(args, extra), device=args.device, workers=args.workers or 1)
     print(json.dumps(result) if args.json else
           f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['val_loss']:.4f}  "
@@ -112,10 +107,6 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from cluster.inference import predict
-
     results = predict(args.checkpoint, args.images, top=args.top)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -139,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distributed", action="store_true", help="run through the Ray engine even for 1 worker")
     train.add_argument("--address", default=None,
                        help="Ray cluster to use (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)")
+    train.add_argument("--allow-insecure-cluster", action="store_true",
+                       help="run on a Ray cluster that does not ask for a token (refused otherwise)")
     train.set_defaults(func=cmd_train)
     info = sub.add_parser("info", help="print the network's layers, shapes, parameters and multiply-adds")
     _add_run_args(info)
@@ -167,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     # its own parser (alexnet_pp/planning/cli_plan.py) takes every argument after the word
     sub.add_parser("plan", add_help=False,
                    help="rank (P, T, D, M) layouts for a worker count by predicted images/s (plan --help)")
+    sub.add_parser("bench", add_help=False,  # cluster/bench/cli.py parses what follows the word
+                   help="benchmarks: lrn, data, engine, scaling, checkpoint, gpu (bench --help)")
     return parser
 
 
@@ -191,6 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from alexnet_pp.planning.cli_plan import main_plan
 
         return main_plan(argv[1:])
+    if argv[:1] == ["bench"]:
+        from cluster.bench.cli import main_bench
+
+        return main_bench(argv[1:])
     _, args, extra = parse(argv)
     try:
         if args.command in RUN_COMMANDS:

@@ -21,12 +21,23 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from alexnet_pp.config import RunConfig
 from alexnet_pp.layout import Layout
 from alexnet_pp.summary import RunSummary
+from alexnet_pp.data import ensure_dataset
+from alexnet_pp.pipeline import describe
+from alexnet_pp.progress import Progress
+from alexnet_pp.trainer import total_steps
+from cluster.callbacks import load_callbacks
+from cluster.faults import stuck_reports
+from cluster.preflight import check_cluster_auth, check_writable
+from cluster.discovery import DiscoveryServer
+from cluster.run_summary import HistoryProgress
+from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
 
 log = logging.getLogger("cluster.driver")
 # What a working-dir upload must leave out (virtual environments, generated data, run outputs).
@@ -151,7 +162,8 @@ def describe_failure(error: BaseException, layout: Layout) -> str:
     lines = []
     for rank, exc in sorted(failures.items()):
         base = getattr(exc, "_base_exc", exc)
-        text = f"{type(base).__name__}: {base}"
+        # a WorkerError's message starts with the rank's place already (cluster/engine.py)
+        text = str(base) if type(base).__name__ == "WorkerError" else f"{type(base).__name__}: {base}"
         if f"rank {rank} (" not in text:
             label = layout.coord(rank).label() if 0 <= rank < layout.world_size else f"rank {rank}"
             text = f"{label}: {text}"
@@ -165,8 +177,6 @@ def describe_failure(error: BaseException, layout: Layout) -> str:
 
 def collect_history(run_dir: Path, job_id: str) -> tuple[list[int], list[float], list[dict[str, Any]]]:
     """Steps, losses and evaluations this job logged; a step redone after a restart keeps its last value."""
-    from cluster.workers import history_path, read_jsonl
-
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, Any]] = {}
     for rec in read_jsonl(history_path(run_dir), job_id):
@@ -180,28 +190,22 @@ def collect_history(run_dir: Path, job_id: str) -> tuple[list[int], list[float],
 
 def planned_steps(cfg: RunConfig, info: Any) -> int:
     """The driver's estimate of the job's optimizer steps (the workers know it exactly)."""
-    from alexnet_pp.trainer import total_steps
-
     return total_steps(cfg, max(1, info.train_samples // cfg.train.batch_size))
 
 
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None) -> RunSummary:
-    """Run a P × T × D job through Ray Train; see the module docstring."""
-    from alexnet_pp.data import ensure_dataset
-    from alexnet_pp.pipeline import describe
-    from alexnet_pp.progress import Progress
-    from cluster.discovery import DiscoveryServer
-    from cluster.run_summary import HistoryProgress
-    from cluster.workers import attempts_path, build_trainer, history_path, read_jsonl, workers_dir
-
-    from cluster.callbacks import load_callbacks
-
+def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[str] = None,
+            allow_insecure_cluster: bool = False, data_factory: Optional[Any] = None,
+            warmup_steps: int = 1) -> RunSummary:
+    """Run a P × T × D job through Ray Train; see the module docstring. `data_factory(rank)`, when
+    given, is what a rank's first stage reads instead of the shard stream (cluster.feeds.TensorData,
+    for benchmarks; it travels pickled to every worker); `warmup_steps`: steps the summary leaves out."""
     layout = layout or Layout.from_config(cfg)  # ConfigError propagates: nothing has started yet
     load_callbacks(cfg.callbacks)  # a name that does not import fails here, not on every worker
     cfg = absolutize(cfg)
+    check_writable(cfg)  # an unwritable run or checkpoint directory: ConfigError, before any worker
     print(f"job {cfg.name}: {layout.describe()}", flush=True)
     if layout.pp > 1:
         measured = cfg.parallel.partition.strip() == "measured"
@@ -222,6 +226,8 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         for stale in workers_dir(run_dir).glob("rank*.json"):  # another job's workers
             stale.unlink(missing_ok=True)
         started_ray = _connect(cfg, layout, address)
+        if not started_ray:  # a cluster we joined must ask for a token (cluster/preflight.py)
+            check_cluster_auth(allow_insecure_cluster)
         _check_resources(cfg, layout)
         if cfg.metrics.enabled:
             discovery = DiscoveryServer(run_dir, cfg.name, host=cfg.metrics.host, port=cfg.metrics.sd_port,
@@ -231,13 +237,22 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
         progress = HistoryProgress(history_path(run_dir), job_id, Progress(planned_steps(cfg, info),
                                    cfg.train.log_every, desc=cfg.name), cfg.train.batch_size).start()
         try:
-            result = build_trainer(cfg, layout, job_id).fit()
+            if cfg.parallel.elastic:  # the driver restarts the worker group, with fewer replicas if it must
+                from cluster.elastic import run_elastic
+
+                result, cfg, layout, changes = run_elastic(
+                    cfg, layout, lambda c, lay, start: build_trainer(c, lay, job_id, data_factory, warmup_steps, start=start).fit(),
+                    describe_failure)
+            else:
+                result, changes = build_trainer(cfg, layout, job_id, data_factory, warmup_steps).fit(), []
             if result.return_value:  # rank 0's summary: timing from every rank
                 summary = RunSummary.from_dict({**result.return_value, "job_id": job_id, "run_dir": str(run_dir),
                                                 "layout": layout.shape})
-            summary.ok = True
+            summary.ok = not summary.error  # the ranks stopped early and said why (cluster/faults.py)
+            summary.replica_changes = [asdict(c) for c in changes]
         except Exception as e:  # ray.train.TrainingFailedError and anything Ray raises on the way
-            summary.error = describe_failure(e, layout)
+            # a rank stuck in its own instruction first: its peers' timeouts follow from it
+            summary.error = "\n".join([*stuck_reports(run_dir, job_id), describe_failure(e, layout)])
     except Exception as e:  # dataset or Ray start-up problems: fail, don't hang, say what happened
         summary.error = f"{type(e).__name__}: {e}"
     finally:

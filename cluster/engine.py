@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -29,10 +30,11 @@ from alexnet_pp.pipeline import describe, measure_layer_costs, partition
 from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.callbacks import Callback, Callbacks
 from cluster.checkpoint import EngineCheckpoints
+from cluster.faults import CheckpointWriteGuard, InstructionWatchdog, NonFiniteWatch, StopRun, timed_out, where
 from cluster.feeds import ShardData, TrainData, eval_micro_batches, no_data, train_micro_batches
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, rank_layers
 from cluster.stage_cut import live_costs, settle_cut
-from cluster.timing import InstructionTimer, step_stats
+from cluster.timing import InstructionTimer, peak_memory_bytes, reset_peak_memory, step_stats
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class RankResult:
     stats: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Optional[int] = None
     resumed_layout: Optional[tuple[int, int, int]] = None  # the (P, T, D) that wrote the resumed checkpoint
+    stopped: Optional[str] = None  # why the job stopped early on every rank (cluster/faults.py: StopRun)
     skip_counts: dict[str, int] = field(default_factory=dict)
     parameters: Optional[dict[str, torch.Tensor]] = None
     timeline: list[dict[str, Any]] = field(default_factory=list)  # the last step's instructions (timing.InstructionEvent)
@@ -131,6 +134,10 @@ class PipelineWorker:
         if self.layer_costs is not None:
             self._settle_cut()
         layout = self.layout
+        # faults (cluster/faults.py): which layer went non-finite first; which instruction a rank is stuck in
+        self.non_finite = NonFiniteWatch(self.module.forward_funcs, c, self.engine.device)
+        self.watchdog = InstructionWatchdog(self.timer, c, cfg.parallel.collective_timeout_s,
+                                            lambda record: self.callbacks.on_stuck(record, self.coord)).start()
         if self.data is None and c.stage == 0:
             self.data = ShardData(cfg, layout, c.replica)
         self.steps_per_epoch = self._steps_per_epoch()
@@ -241,6 +248,7 @@ class PipelineWorker:
     def evaluate(self) -> dict[str, float]:
         engine = self.engine
         engine.reset_activation_shape()
+        self.timer.step = None  # instructions from here on belong to the evaluation
         n = self._eval_batches_needed()
         engine.module.loss_fn = eval_stats
         engine.total_loss = None  # eval_batch accumulates into what train_batch left there
@@ -274,8 +282,17 @@ class PipelineWorker:
             return self._run()
         except WorkerError:
             raise
-        except Exception as e:  # the driver must see where it happened
-            raise WorkerError(f"{self.coord.label()}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # the driver must see where it happened, and in which instruction
+            timer = getattr(self, "timer", None)
+            place = where(timer) + ": " if timer is not None and where(timer) else ""
+            text = f"{type(e).__name__}: {e}"
+            if place and timed_out(text):
+                timeout = self.cfg.parallel.collective_timeout_s
+                text += f" (no answer within parallel.collective_timeout_s = {timeout:g} s)"
+            raise WorkerError(f"{self.coord.label()}: {place}{text}") from e
+        finally:
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.close()
 
     def _train_iter(self, epoch: int, step: int, in_epoch: int):
         if self.coord.stage != 0:
@@ -309,20 +326,35 @@ class PipelineWorker:
 
     def _run(self) -> RankResult:
         self._build()
-        cfg, layout = self.cfg, self.layout
-        result = RankResult(coord=asdict(self.coord), steps=0, bounds=tuple(layout.partition.bounds))
+        result = RankResult(coord=asdict(self.coord), steps=0, bounds=tuple(self.layout.partition.bounds))
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:
             step, epoch, in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
-            result.resumed_from = step
-            if position["layout"] and position["layout"] != layout.shape:
+            result.resumed_from = result.steps = step
+            if position["layout"] and position["layout"] != self.layout.shape:
                 result.resumed_layout = position["layout"]
                 if self.rank == 0:
                     log.warning("resuming step %d, written by layout (P, T, D) = %s, on layout %s", step,
-                                position["layout"], layout.shape)
+                                position["layout"], self.layout.shape)
         if in_epoch >= self.steps_per_epoch:
             epoch, in_epoch = epoch + 1, 0
+        try:
+            self._train(result, step, epoch, in_epoch)
+        except StopRun as e:  # raised on every rank together: end without a restart
+            log.error("%s: %s", self.coord.label(), e)
+            result.stopped = str(e)
+        result.peak_memory = peak_memory_bytes()
+        result.timeline = [asdict(e) for e in self.timer.last_step]
+        if self.data is not None:
+            result.skip_counts = self.data.skip_counts()
+        if self.keep_parameters:
+            result.parameters = {key: p.detach().clone() for layer in self.module.forward_funcs
+                                 for key, p in layer.model_parameters()}
+        return result
+
+    def _train(self, result: RankResult, step: int, epoch: int, in_epoch: int) -> None:
+        cfg, layout = self.cfg, self.layout
         eval_every = eval_interval(cfg, self.steps_per_epoch)
         ckpt_every = cfg.checkpoint.every_steps
         from cluster.zero_bubble import theoretical_bubble
@@ -333,10 +365,15 @@ class PipelineWorker:
             stream = self._train_iter(epoch, step, in_epoch)
             while in_epoch < self.steps_per_epoch and step < self.total_steps:
                 self.timer.take()
+                self.timer.step = step + 1
+                self.non_finite.reset()
                 t0 = time.perf_counter()
                 loss = float(self.engine.train_batch(self._step_inputs(stream, step)))
                 seconds = time.perf_counter() - t0
+                if not math.isfinite(loss):  # the same loss on every rank: all stop here together
+                    raise self.non_finite.stop(step + 1, loss, self.checkpoints, layout.pp - 1)
                 step, in_epoch = step + 1, in_epoch + 1
+                result.steps = step
                 self.schedule.after_step(step)
                 stats = step_stats(step, epoch, loss, self.schedule.lr, cfg.train.batch_size, seconds,
                                    self.timer.take(), theory, total_steps=self.total_steps,
@@ -351,47 +388,11 @@ class PipelineWorker:
                     self.callbacks.on_eval(metrics, self.coord)
                 if (ckpt_every and step % ckpt_every == 0) or step == self.total_steps:
                     position = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch}
-                    seconds = self.checkpoints.save(self.engine, self.module, self.schedule, position)
+                    guard = CheckpointWriteGuard(self.checkpoints, step, self.coord)
+                    seconds = self.checkpoints.save(self.engine, self.module, self.schedule, position, guard)
                     self.callbacks.on_checkpoint(step, seconds, self.coord)
             if in_epoch >= self.steps_per_epoch:
                 epoch, in_epoch = epoch + 1, 0
-        result.steps = step
-        result.peak_memory = peak_memory()
-        result.timeline = [asdict(e) for e in self.timer.last_step]
-        if self.data is not None:
-            result.skip_counts = self.data.skip_counts()
-        if self.keep_parameters:
-            result.parameters = {key: p.detach().clone() for layer in self.module.forward_funcs
-                                 for key, p in layer.model_parameters()}
-        return result
-
-
-def reset_peak_memory() -> None:
-    """Start `peak_memory` afresh (Linux: the resident set's high-water mark, /proc/self/clear_refs)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory() -> int:
-    """Bytes: CUDA's peak allocation, else the process's peak resident set since reset_peak_memory."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def init_process_group_from_env(timeout_s: float) -> None:

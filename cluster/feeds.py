@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Protocol
 import torch
 
 from alexnet_pp.config import RunConfig
+from alexnet_pp.data import build_eval_loader, build_train_loader, ensure_dataset
 from alexnet_pp.data.digest import batch_digest
 from alexnet_pp.dropout import batch_keys
 from alexnet_pp.layout import Layout
@@ -47,8 +48,6 @@ class ShardData:
     optimizer steps (the loader rounds a replica's share up to a multiple of M)."""
 
     def __init__(self, cfg: RunConfig, layout: Layout, replica: int):
-        from alexnet_pp.data import build_eval_loader, build_train_loader
-
         self.cfg, self.replica, self.replicas = cfg, replica, layout.dp
         self.micro_batch, self.multiple = layout.micro_batch, layout.micro_batches
         self._train, self._eval = build_train_loader, build_eval_loader
@@ -76,8 +75,6 @@ class ShardData:
 
     def eval_batch_count(self) -> int:
         if self._eval_batches is None:  # the split does not change during a run: look it up once
-            from alexnet_pp.data import ensure_dataset
-
             per_replica = -(-ensure_dataset(self.cfg).val_samples // self.replicas)  # exact integer ceil
             self._eval_batches = max(1, -(-per_replica // self.micro_batch))
         return self._eval_batches

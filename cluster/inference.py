@@ -22,11 +22,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
 
-from alexnet_pp.config import ModelConfig, RunConfig, load_config
+from alexnet_pp.config import ModelConfig, RunConfig, from_dict, load_config, parse_override_args
 from alexnet_pp.model import AlexNet
 from alexnet_pp.weights import CheckpointError, check_shapes, export_file, read_export, read_parts
 from cluster.checkpoint import MARKER, CheckpointStore, checkpoint_dir
+from alexnet_pp.data import build_eval_loader
+from alexnet_pp.data import transforms as T
+from alexnet_pp.data.ingest import load_image
+from alexnet_pp.data.shards import read_classes
+from alexnet_pp.steps import EvalAccumulator, crop_averaged_probs
+from cluster.spawn import free_port
 
 
 def find_checkpoint(source: str | Path) -> Path:
@@ -52,10 +61,6 @@ def find_checkpoint(source: str | Path) -> Path:
 
 
 def run_config(run_dir: Path) -> RunConfig:
-    import yaml
-
-    from alexnet_pp.config import from_dict
-
     return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
@@ -92,8 +97,6 @@ def load_model(source: str | Path) -> tuple[AlexNet, dict[str, Any]]:
 
 def dataset_classes(cfg: RunConfig) -> list[str]:
     """Class names from the dataset's classes.json, without generating or streaming anything."""
-    from alexnet_pp.data.shards import read_classes
-
     spec = cfg.data.val or cfg.data.synthetic_dir
     for candidate in (Path(spec), Path(spec).parent):
         names = read_classes(candidate) if candidate.is_dir() else None
@@ -125,10 +128,6 @@ def evaluate(source: str | Path, cfg: RunConfig, device: str = "cpu", workers: i
     cfg.model = model_config(meta["model"])
     if workers <= 1:
         return _evaluate_part(model, cfg, device, 0, 1)
-    import torch.multiprocessing as mp
-
-    from cluster.spawn import free_port
-
     with tempfile.TemporaryDirectory(prefix="alexnet-pp-eval-") as tmp:
         mp.spawn(_eval_worker, args=(workers, free_port(), str(source), cfg.to_dict(), device, tmp), nprocs=workers)
         return pickle.loads((Path(tmp) / "result.pkl").read_bytes())
@@ -136,9 +135,6 @@ def evaluate(source: str | Path, cfg: RunConfig, device: str = "cpu", workers: i
 
 def _evaluate_part(model: AlexNet, cfg: RunConfig, device: str, replica: int, replicas: int,
                    reduce=None) -> dict[str, float]:
-    from alexnet_pp.data import build_eval_loader
-    from alexnet_pp.steps import EvalAccumulator, crop_averaged_probs
-
     model = model.to(device).eval()
     acc = EvalAccumulator()
     with torch.no_grad():
@@ -151,10 +147,6 @@ def _evaluate_part(model: AlexNet, cfg: RunConfig, device: str, replica: int, re
 
 
 def _eval_worker(rank: int, world: int, port: int, source: str, cfg_dict: dict, device: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from alexnet_pp.config import from_dict
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -173,9 +165,6 @@ def predict(source: str | Path, images: Sequence[str | Path], top: int = 5,
             stored_size: Optional[int] = None) -> list[dict[str, Any]]:
     """Per image: the `top` most probable classes (name, index, probability), or the error reading it.
     Images of any size are resized as evaluation sees them: shorter side to the stored size, centre crop."""
-    from alexnet_pp.data import transforms as T
-    from alexnet_pp.data.ingest import load_image
-
     model, meta = load_model(source)
     cfg = model.cfg
     stored = stored_size or meta.get("stored_size") or round(cfg.image_size * 256 / 224)
@@ -199,6 +188,4 @@ def predict(source: str | Path, images: Sequence[str | Path], top: int = 5,
 
 def eval_config(args, extra: Sequence[str]) -> RunConfig:
     """The data side of an evaluation: preset, YAML and settings as for a run."""
-    from alexnet_pp.config import parse_override_args
-
     return load_config(args.preset, args.config, parse_override_args(list(extra)), check_data=False)

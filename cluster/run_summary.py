@@ -2,10 +2,10 @@
 
 `summarize_run(ranks)` folds the StepStats dicts of all ranks (`RankResult.stats`, with the
 rank's `coord`) into the timing fields of a `RunSummary` (alexnet_pp/summary.py): job images/s,
-step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share and
-the per-stage phase breakdown. The ranks of a synchronous pipeline finish a step together, so a
+step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share,
+the per-stage phase breakdown (shares, and mean seconds per step) and each rank's peak memory. The ranks of a synchronous pipeline finish a step together, so a
 step's job time is the slowest rank's; each rank's first step (warm-up: allocation, the first p2p
-shape exchange) is left out when there are others.
+shape exchange) is left out when there are others (`warmup_steps`: more, for benchmarks).
 
 `HistoryProgress` feeds the existing `alexnet_pp.progress.Progress` (bar on a terminal, a line every
 N steps in logs) from rank 0's `run_dir/history.jsonl` while `trainer.fit()` blocks the driver.
@@ -41,12 +41,16 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
     step_time: dict[int, float] = {}
     step_images: dict[int, float] = {}
     by_stage: dict[int, list[dict[str, Any]]] = {}
+    peak: dict[str, int] = {}
     theory = math.nan
-    for r in ranks:
+    for i, r in enumerate(ranks):
         coord, stats = _get(r, "coord"), list(_get(r, "stats"))
         stage = int(_get(coord, "stage"))
         timed = stats[warmup_steps:] if len(stats) > warmup_steps else stats
         by_stage.setdefault(stage, []).extend(timed)
+        rank = coord.get("rank", i) if isinstance(coord, Mapping) else getattr(coord, "rank", i)
+        if any("peak_memory" in s for s in stats):
+            peak[str(rank)] = max(int(s.get("peak_memory", 0)) for s in stats)
         for s in timed:
             step_time[s["step"]] = max(step_time.get(s["step"], 0.0), s["seconds"])
             step_images[s["step"]] = s["images"]
@@ -59,6 +63,7 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
         step_time_p50=_percentile(seconds, 0.5),
         step_time_p95=_percentile(seconds, 0.95),
         theoretical_bubble=theory,
+        peak_memory_per_rank=dict(sorted(peak.items(), key=lambda kv: int(kv[0]))),
     )
     for stage, stats in sorted(by_stage.items()):
         if not stats:
@@ -70,6 +75,8 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
             for k, v in s["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
         out.phase_share_per_stage[str(stage)] = {k: v / t if t > 0 else math.nan for k, v in sorted(phases.items())}
+        # per step of one rank of the stage (its ranks run the same work side by side)
+        out.phase_seconds_per_stage[str(stage)] = {k: v / len(stats) for k, v in sorted(phases.items())}
         if stage == 0:  # only the first stage reads data
             out.data_wait_share = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
     return out

@@ -35,13 +35,15 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, layout: Layout,
     if threads > 0:
         torch.set_num_threads(threads)
     from alexnet_pp.config import from_dict
+    from cluster.callbacks import load_callbacks
     from cluster.engine import PipelineWorker, init_process_group_from_env
 
     cfg = from_dict(cfg_dict)
     out = Path(out_dir) / f"rank{rank}.pkl"
     try:
         init_process_group_from_env(cfg.parallel.collective_timeout_s)
-        worker = PipelineWorker(cfg, layout, data=data_factory(rank) if data_factory else None, keep_parameters=keep)
+        worker = PipelineWorker(cfg, layout, data=data_factory(rank) if data_factory else None, keep_parameters=keep,
+                                callbacks=load_callbacks(cfg.callbacks))  # as on Ray workers
         result = worker.run()
         payload: Any = {"ok": True, "result": result}
     except BaseException as e:  # reported to the parent, which raises

@@ -8,6 +8,8 @@ schedule (the step minus its optimizer work) this rank spent neither computing n
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class StepStats:
     theoretical_bubble: float
     total_steps: Optional[int] = None  # the run's planned steps
     skip_counts: dict[str, int] = field(default_factory=dict)  # data samples skipped this epoch, by kind
+    peak_memory: int = 0  # bytes: this rank's peak so far (peak_memory_bytes)
 
 
 def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, seconds: float,
@@ -57,6 +60,7 @@ def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, secon
     busy = sum(phases.get(p, 0.0) for p in COMPUTE_PHASES)
     phases = {**phases, "idle": max(0.0, pipe_time - busy)}
     bubble = phases["idle"] / pipe_time if pipe_time > 0 else 0.0
+    extra.setdefault("peak_memory", peak_memory_bytes())
     return StepStats(step, epoch, loss, lr, images, seconds, phases, bubble, theoretical_bubble, **extra)
 
 
@@ -71,13 +75,69 @@ class InstructionEvent:
     buffer_id: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """The pipeline instruction a rank is executing: its name, arguments, step and start time."""
+
+    name: str
+    kwargs: dict
+    step: Optional[int]
+    started: float  # time.monotonic()
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
+        where = f"step {self.step}" if self.step is not None else "evaluation"
+        return f"pipeline instruction {self.name}({args}) of {where}"
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_bytes` afresh (on Linux without CUDA: the resident set's high-water mark,
+    through /proc/self/clear_refs), so a schedule's peak is its own, not the set-up's."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory since reset_peak_memory (or its start): the CUDA memory it allocated on
+    its device when it uses a GPU, else its peak resident set (Linux: VmHWM; elsewhere getrusage's
+    ru_maxrss, KiB on Linux, bytes on macOS)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
 class InstructionTimer:
     """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
     `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase).
-    The instructions of the last step `take()` closed are kept in `last_step` (the measured timeline)."""
+    The instructions of the last step `take()` closed are kept in `last_step` (the measured timeline).
+
+    It also knows where the rank is: `in_flight` is the instruction running now (None between
+    instructions), `failed_in` the one that raised last; the engine sets `step` (the optimizer step
+    being run, None during evaluation) so both can name it (cluster/faults.py reports them)."""
 
     def __init__(self, engine, before: Optional[dict[str, tuple[Callable[[], None], str]]] = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.step: Optional[int] = None
+        self.in_flight: Optional[InFlight] = None
+        self.failed_in: Optional[InFlight] = None
         self.events: list[InstructionEvent] = []
         self.last_step: list[InstructionEvent] = []
         table = dict(type(engine)._INSTRUCTION_MAP)
@@ -85,8 +145,21 @@ class InstructionTimer:
             timed = self._timed(fn, INSTRUCTION_PHASE.get(cmd_type.__name__, "other"), cmd_type.__name__)
             if before and cmd_type.__name__ in before:
                 timed = self._preceded(timed, *before[cmd_type.__name__])
-            table[cmd_type] = timed
+            table[cmd_type] = self._tracked(timed, cmd_type.__name__)
         engine._INSTRUCTION_MAP = table
+
+    def _tracked(self, run: Callable, name: str) -> Callable:
+        def tracked(engine, **kwargs):
+            self.in_flight = InFlight(name, dict(kwargs), self.step, time.monotonic())
+            try:
+                return run(engine, **kwargs)
+            except BaseException:
+                self.failed_in = self.in_flight
+                raise
+            finally:
+                self.in_flight = None
+
+        return tracked
 
     def _preceded(self, run: Callable, extra: Callable[[], None], phase: str) -> Callable:
         def both(engine, **kwargs):

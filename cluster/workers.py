@@ -132,7 +132,8 @@ class HistoryLog(Callback):
 
 
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "layout": Layout, "job_id": str}."""
+    """One rank of the job. `config`: {"cfg": RunConfig.to_dict(), "layout": Layout, "job_id": str, and
+    optionally "data_factory": rank → TrainData, "warmup_steps": int}."""
     cfg_dict = config["cfg"]
     gpus = cfg_dict["parallel"]["gpus_per_worker"] > 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")  # before deepspeed is imported
@@ -143,6 +144,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     from alexnet_pp.config import from_dict
     from cluster.callbacks import load_callbacks
     from cluster.engine import PipelineWorker
+    from cluster.faults import StuckReport
     from cluster.metrics import WorkerMetrics
     from cluster.run_summary import summarize_run
 
@@ -161,7 +163,10 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     }, indent=1))
     exporter = WorkerMetrics.for_worker(cfg, coord, job_id, attempt)  # None when metrics are off
     history = HistoryLog(cfg, job_id, attempt, rank)
-    worker = PipelineWorker(cfg, layout, callbacks=[exporter, history, *load_callbacks(cfg.callbacks)])
+    stuck = StuckReport(cfg.run_dir, job_id, attempt, rank)  # the driver names a stage stuck in an instruction
+    factory = config.get("data_factory")  # in-memory batches instead of the shard stream (benchmarks)
+    worker = PipelineWorker(cfg, layout, data=factory(rank) if factory else None,
+                            callbacks=[exporter, history, stuck, *load_callbacks(cfg.callbacks)])
     try:
         result = worker.run()  # raises WorkerError naming rank / stage / tower
     finally:
@@ -171,23 +176,28 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     mine = {"coord": asdict(coord), "stats": result.stats[-SUMMARY_STEPS:]}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    summary = summarize_run(gathered)
+    summary = summarize_run(gathered, config.get("warmup_steps", 1))
     ray.train.report({"kind": "final", "attempt": attempt, "resume_step": resume_step, "steps": result.steps,
-                      "loss": result.losses[-1] if result.losses else None,
+                      "loss": result.losses[-1] if result.losses else None, "stopped": result.stopped,
                       "images_per_sec": summary.images_per_sec, "step_time_p50": summary.step_time_p50,
                       "step_time_p95": summary.step_time_p95, "bubble_per_stage": summary.bubble_per_stage})
     if rank != 0:
         return None
     summary.steps, summary.losses, summary.evals = result.steps, result.losses, result.evals
     summary.resumed_from, summary.resumed_layout = result.resumed_from, result.resumed_layout
+    summary.error = result.stopped  # a run that stopped early and why (cluster/faults.py)
     return summary.to_dict()
 
 
 # --- the trainer ------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
-    """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere)."""
+def build_trainer(cfg: RunConfig, layout: Layout, job_id: str, data_factory: Optional[Any] = None,
+                  warmup_steps: int = 1, start: Optional[int] = None):
+    """The TorchTrainer for this job; `cfg` must hold absolute paths (workers chdir elsewhere).
+    `data_factory` and `warmup_steps`: as `cluster.driver.run_job` takes them. `start`: the driver
+    restarts the worker group itself (parallel.elastic, cluster/elastic.py), so this trainer does not,
+    and runs under a name of its own."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -201,7 +211,8 @@ def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
     storage.mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "layout": layout, "job_id": job_id},
+        train_loop_config={"cfg": cfg.to_dict(), "layout": layout, "job_id": job_id, "data_factory": data_factory,
+                           "warmup_steps": warmup_steps},
         torch_config=TorchConfig(backend=process_group_backend(p.gpus_per_worker > 0), timeout_s=max(1, int(p.collective_timeout_s))),
         scaling_config=ray.train.ScalingConfig(
             num_workers=layout.world_size,
@@ -210,12 +221,12 @@ def build_trainer(cfg: RunConfig, layout: Layout, job_id: str):
             placement_strategy="PACK",  # towers of a stage are neighbouring ranks: same node
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{job_id}",
+            name=f"{cfg.name}-{job_id}" + (f"-{start}" if start is not None else ""),
             storage_path=str(storage),
             # max_failures: worker-group restarts. A worker group that cannot be placed (too few
             # resources) is a retried controller error; give up after ~10 tries of Ray's 60 s start
             # timeout instead of waiting forever on a cluster that will never fit the job.
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures if start is None else 0,
                                                    controller_failure_limit=START_RETRIES),
         ),
     )

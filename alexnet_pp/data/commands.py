@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .formats import FORMATS
 from .shards import WriteReport
 
 
@@ -35,7 +36,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     reports = write_synthetic(
         args.out, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed,
         quality=args.quality, max_count=args.shard_samples, max_bytes=args.shard_bytes, workers=args.workers,
-        progress=not args.quiet,
+        progress=not args.quiet, fmt=args.format,
     )
     _summary(reports, sys.stdout)
     return 0
@@ -49,6 +50,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             args.src, args.out, size=args.size, quality=args.quality, max_count=args.shard_samples,
             max_bytes=args.shard_bytes, workers=args.workers, split=args.split,
             shuffle_seed=None if args.no_shuffle else args.shuffle_seed, progress=not args.quiet,
+            fmt=args.format,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"alexnet-pp data ingest: {e}", file=sys.stderr)
@@ -64,6 +66,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, samples: int) -> None:
+    p.add_argument("--format", choices=FORMATS, default="jpeg",
+                   help="how images are stored: jpeg ({key}.jpg, --quality) or raw ({key}.npy, uint8 pixels: "
+                        "nothing to decode, 6-10x the bytes); python -m benchmarks.data_bench prints both's "
+                        "cost (default jpeg)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--shard-samples", type=int, default=samples,
                    help=f"samples per shard at most (default {samples or 'by dataset size'})")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import synthetic
+from .formats import FORMATS, encode_image
 from .shards import Encoded, manifest_complete, write_classes, write_split
 from .sources import ShardList, resolve
 
@@ -42,18 +43,18 @@ def cpu_workers() -> int:
         return os.cpu_count() or 1
 
 
-def encode_synthetic(index: int, *, seed: int, split: str, classes: int, size: int, quality: int) -> Encoded:
-    import simplejpeg
-
+def encode_synthetic(index: int, *, seed: int, split: str, classes: int, size: int, quality: int,
+                     fmt: str = "jpeg") -> Encoded:
     img, label = synthetic.make_image(seed, split, index, classes, size)
-    data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB", colorsubsampling="420")
-    return Encoded(index=index, key=f"{split}-{index:08d}", data=data, label=label)
+    data, ext = encode_image(img, fmt, quality)
+    return Encoded(index=index, key=f"{split}-{index:08d}", data=data, label=label, ext=ext)
 
 
 def synthetic_params(classes: int, per_class: int, size: int, seed: int, quality: int, split: str,
-                     max_count: int) -> dict[str, Any]:
+                     max_count: int, fmt: str = "jpeg") -> dict[str, Any]:
     return {"kind": "synthetic", "version": SYNTHETIC_VERSION, "split": split, "classes": classes,
-            "per_class": per_class, "size": size, "seed": seed, "quality": quality, "max_count": max_count}
+            "per_class": per_class, "size": size, "seed": seed, "quality": quality, "max_count": max_count,
+            **({"format": fmt} if fmt != "jpeg" else {})}
 
 
 def default_shard_count(n: int) -> int:
@@ -73,9 +74,13 @@ def write_synthetic(
     max_bytes: int = 1 << 30,
     workers: int = 0,
     progress: bool = False,
+    fmt: str = "jpeg",
 ) -> dict[str, Any]:
-    """Write (or complete, or reuse) the embedded dataset's train and val shards under `out`."""
+    """Write (or complete, or reuse) the embedded dataset's train and val shards under `out`
+    (images as JPEG, or their raw pixels with fmt="raw")."""
     synthetic.class_names(classes)  # validates the class count
+    if fmt not in FORMATS:
+        raise ValueError(f"image format {fmt!r} not one of {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or cpu_workers()
@@ -85,13 +90,13 @@ def write_synthetic(
         for split, per_class in (("train", train_per_class), ("val", val_per_class)):
             n = classes * per_class
             mc = max_count or default_shard_count(n)
-            params = synthetic_params(classes, per_class, size, seed, quality, split, mc)
+            params = synthetic_params(classes, per_class, size, seed, quality, split, mc, fmt)
             if manifest_complete(out, split, params):
                 reports[split] = None
                 continue
             log.info("writing the embedded dataset's %s split: %d images of %d px to %s", split, n, size, out)
             enc = functools.partial(encode_synthetic, seed=seed, split=split, classes=classes, size=size,
-                                    quality=quality)
+                                    quality=quality, fmt=fmt)
             reports[split] = write_split(out, split, n, enc, params, max_count=mc, max_bytes=max_bytes,
                                          workers=workers, progress=progress)
     return reports

@@ -1,6 +1,7 @@
 """Converting an image-folder tree (one folder per class) into shards.
 
-Every image: shorter side resized to `size`, centre-cropped to size×size, re-encoded as JPEG.
+Every image: shorter side resized to `size`, centre-cropped to size×size, stored as JPEG or, with
+`fmt="raw"` (`--format raw`), as its uint8 pixels (formats.py: faster to read, larger on disk).
 The order is fixed up front: classes and files sorted, then (by default) permuted with a seed so
 that each shard holds a mix of classes (shards written in class order would make a shuffle
 buffer's batches nearly single-class). That plan is written as `{split}-index.tsv`
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .formats import FORMATS, encode_image
 from .shards import Encoded, WriteReport, read_classes, write_classes, write_split
 
 log = logging.getLogger(__name__)
@@ -71,26 +73,23 @@ class FileEncoder:
     """Picklable encoder for write_split: index → Encoded, reading the plan lazily per process
     (only the plan's path travels to the pool, not a million file names per task)."""
 
-    def __init__(self, plan_path: Path, root: Path, size: int, quality: int):
-        self.plan_path, self.root, self.size, self.quality = plan_path, root, size, quality
+    def __init__(self, plan_path: Path, root: Path, size: int, quality: int, fmt: str = "jpeg"):
+        self.plan_path, self.root, self.size, self.quality, self.fmt = plan_path, root, size, quality, fmt
         self._plan: Optional[list[tuple[str, int, str]]] = None
 
     def __getstate__(self):
         return {**self.__dict__, "_plan": None}
 
     def __call__(self, index: int) -> Encoded:
-        import simplejpeg
-
         if self._plan is None:
             self._plan = read_plan(self.plan_path)
         key, label, rel = self._plan[index]
         try:
             img = load_image(self.root / rel, self.size)
-            data = simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=self.quality, colorspace="RGB",
-                                          colorsubsampling="420")
+            data, ext = encode_image(img, self.fmt, self.quality)
         except Exception as e:  # any unreadable file is skipped and listed, never fatal
             return Encoded(index=index, source=rel, error=f"{type(e).__name__}: {e}")
-        return Encoded(index=index, key=key, data=data, label=label, source=rel)
+        return Encoded(index=index, key=key, data=data, label=label, ext=ext, source=rel)
 
 
 def read_plan(path: Path) -> list[tuple[str, int, str]]:
@@ -118,9 +117,12 @@ def ingest(
     split: Optional[str] = None,
     shuffle_seed: Optional[int] = 0,
     progress: bool = True,
+    fmt: str = "jpeg",
 ) -> IngestReport:
     from .dataset import cpu_workers
 
+    if fmt not in FORMATS:
+        raise ValueError(f"image format {fmt!r} not one of {', '.join(FORMATS)}")
     src, out = Path(src).resolve(), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"no such folder: {src}")
@@ -150,10 +152,11 @@ def ingest(
         if not plan_path.exists() or plan_path.read_text() != plan:
             plan_path.write_text(plan)
         params = {"kind": "ingest", "source": str(root), "size": size, "quality": quality,
+                  **({"format": fmt} if fmt != "jpeg" else {}),
                   "shuffle_seed": shuffle_seed, "max_count": max_count, "max_bytes": max_bytes,
                   "classes": len(classes), "plan_sha256": hashlib.sha256(plan.encode()).hexdigest()}
         log.info("%s: %d images in %d classes from %s", name, len(files), len(classes), root)
-        reports[name] = write_split(out, name, len(files), FileEncoder(plan_path, root, size, quality), params,
+        reports[name] = write_split(out, name, len(files), FileEncoder(plan_path, root, size, quality, fmt), params,
                                     max_count=max_count, max_bytes=max_bytes, workers=workers or cpu_workers(),
                                     progress=progress)
     return IngestReport(classes, reports)

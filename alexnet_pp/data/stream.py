@@ -72,13 +72,15 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import native
 from . import transforms as T
+from .slots import Slot, SlotPool, shared_empty
 from .tarstream import ShardOpenError, ShardTruncated, iter_samples
 
 log = logging.getLogger(__name__)
@@ -144,17 +146,45 @@ def worker_slice(num_batches: int, batch: int, worker: int, workers: int) -> tup
     return batch * sum(counts[:worker]), counts[worker]
 
 
+class Crops(NamedTuple):
+    """A batch of uint8 crops N×S×S×3 (or the Slot holding them) and their lighting offsets N×3
+    (output "uint8")."""
+
+    images: object
+    offsets: object
+
+
+class Encoded(NamedTuple):
+    """A batch left for the consumer to decode (output "encoded", data.decode gpu): per sample the
+    JPEG bytes (or the decoded uint8 H×W×3 image, for other formats and images that needed
+    upscaling), its crop box (y, x, flip), and the lighting offsets N×3."""
+
+    payloads: list
+    boxes: list
+    offsets: object
+
+
 class ShardStream(IterableDataset):
     """One replica's batches; each DataLoader worker runs `worker_batches` for its own id.
 
     Items are (images, labels, keys, skips): skips is the worker's {kind: count} since its
-    previous batch, so the main process can add them up (ShardLoader.skip_counts)."""
+    previous batch, so the main process can add them up (ShardLoader.skip_counts).
+    `output` picks what images are: "float" (normalised, a tensor or a Slot), "uint8" (Crops) or
+    "encoded" (Encoded); `pool` is the loader's SlotPool for this pass, if any."""
 
-    def __init__(self, spec: StreamSpec, epoch: int = 0, start: int = 0):
+    OUTPUTS = ("float", "uint8", "encoded")
+
+    def __init__(self, spec: StreamSpec, epoch: int = 0, start: int = 0, output: str = "float"):
         super().__init__()
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output {output!r} not one of {self.OUTPUTS}")
+        if output != "float" and not spec.train:
+            raise ValueError("evaluation batches are float only")
         self.spec = spec
         self.epoch = epoch
         self.start = start  # training: the epoch's first batch to yield (the ones before are fast-forwarded)
+        self.output = output
+        self.pool: Optional[SlotPool] = None
         if spec.total <= 0 and not spec.resampled:
             raise DataError(f"no samples in {len(spec.urls)} shard(s) (first: {spec.urls[0] if spec.urls else '-'})")
 
@@ -253,13 +283,16 @@ class ShardStream(IterableDataset):
             yield buf[i]
 
     def _decoded(self, it, rng: Optional[T.SampleRandom], patience: Optional[int] = None):
-        """(position, key, label, crop(s), lighting offset) of the samples that decode; DataError
-        after more than `patience` failures in a row."""
+        """(position, key, label, image, crop boxes, lighting offset) of the samples that decode;
+        DataError after more than `patience` failures in a row. The image is the decoded uint8
+        H×W×3 array (at least image_size on its shorter side); with output "encoded" a JPEG that
+        needs no upscaling stays its bytes (the consumer decodes it) and only its header is read.
+        Boxes are (y, x, flip): one random crop (training), the centre or ten crops (evaluation)."""
         s, side = self.spec, self.spec.image_size
         failures = 0
         for pos, url, key, label, data, ext in it:
             try:
-                img = T.fit_min_side(T.decode(data, ext), side)
+                img, (h, w) = self._image(data, ext)
             except T.DecodeError as e:
                 self._skip(url, key, "decode", str(e))
                 failures += 1
@@ -268,12 +301,25 @@ class ShardStream(IterableDataset):
                 continue
             failures = 0
             if rng is not None:
-                g = rng.at(pos)
-                yield pos, key, label, T.random_crop(img, side, g, s.flip), T.lighting_offset(g, s.color_noise)
+                d = T.draw(rng.at(pos), h, w, side, s.flip, s.color_noise)
+                yield pos, key, label, img, ((d.y, d.x, d.flip),), d.offset
             elif s.eval_crops == 10:
-                yield pos, key, label, T.ten_crop(img, side), None
+                yield pos, key, label, img, T.ten_boxes(h, w, side), None
             else:
-                yield pos, key, label, T.center_crop(img, side), None
+                yield pos, key, label, img, ((*T.center_box(h, w, side), False),), None
+
+    def _image(self, data: bytes, ext: str):
+        """(decoded image or, in encoded output, JPEG bytes left for the consumer; its size after
+        fit_min_side)."""
+        side = self.spec.image_size
+        if self.output == "encoded" and ext in T.JPEG_EXTS:
+            h, w = T.jpeg_size(data)
+            if T.fitted_size(h, w, side) == (h, w):
+                return data, (h, w)
+        img = T.fit_min_side(T.decode(data, ext), side)
+        if self.output == "encoded" and not img.flags.writeable:
+            img = img.copy()  # it travels as a tensor, which must own writable memory
+        return img, img.shape[:2]
 
     def _resampled_raw(self, worker: int, workers: int, *salt: int):
         s = self.spec
@@ -291,17 +337,45 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ batches
     def _emit(self, samples: list) -> tuple:
+        """(images, labels, keys, skips) of one batch. images: float32 normalised N×3×S×S
+        (N×10×3×S×S with ten crops), Crops (output "uint8") or Encoded; a batch tensor is written
+        into a slot of the loader's pool when one is free (a `slots.Slot` travels instead)."""
+        s, side = self.spec, self.spec.image_size
         keys = [x[1] for x in samples]
         labels = torch.tensor([x[2] for x in samples], dtype=torch.int64)
-        shared = get_worker_info() is not None
-        side = self.spec.image_size
-        if self.spec.train:
-            images = T.normalise([x[3] for x in samples], np.stack([x[4] for x in samples]), shared)
-        elif isinstance(samples[0][3], list):  # ten-crop: N×10×3×S×S
-            flat = [c for x in samples for c in x[3]]
-            images = T.normalise(flat, None, shared).view(len(samples), len(samples[0][3]), 3, side, side)
-        else:
-            images = T.normalise([x[3] for x in samples], None, shared)
+        offsets = np.stack([x[5] for x in samples]) if s.train else None
+        if self.output == "encoded":
+            return self._done(Encoded([x[3] for x in samples], [x[4][0] for x in samples], offsets), labels, keys)
+        n, crops = len(samples), len(samples[0][4])
+        if self.output == "uint8":
+            shape = (n, side, side, 3)
+            images, rows = self._buffer(shape, torch.uint8)
+            for i, x in enumerate(samples):
+                y0, x0, flip = x[4][0]
+                native.crop_into(x[3], y0, x0, side, flip, rows[i])
+            return self._done(Crops(images, offsets), labels, keys)
+        shape = (n, crops, 3, side, side) if crops > 1 else (n, 3, side, side)
+        images, rows = self._buffer(shape, torch.float32)
+        rows = rows.reshape(n * crops, 3, side, side)
+        scale, bias = T.scale_bias(offsets, n)
+        for i, x in enumerate(samples):
+            for j, (y0, x0, flip) in enumerate(x[4]):
+                native.crop_into(x[3], y0, x0, side, flip, rows[i * crops + j], scale, bias[i])
+        return self._done(images, labels, keys)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """(what to send, numpy array to fill): a slot of the pool, else a new tensor (in shared
+        memory in a DataLoader worker, which then sends it without a copy)."""
+        info = get_worker_info()
+        pool = self.pool
+        if pool is not None and pool.dtype == dtype and int(np.prod(shape)) <= int(np.prod(pool.shape)):
+            i = pool.claim(info.id if info is not None else 0)
+            if i is not None:
+                return Slot(i, shape), pool.array(i).reshape(-1)[: int(np.prod(shape))].reshape(shape)
+        t = shared_empty(shape, dtype) if info is not None else torch.empty(shape, dtype=dtype)
+        return t, t.numpy()
+
+    def _done(self, images, labels, keys) -> tuple:
         skips = dict(self._skips)
         self._skips.clear()
         return images, labels, keys, skips

@@ -1,4 +1,4 @@
-"""Decoding and augmentation on uint8 HWC arrays, then one fused normalise step per batch.
+"""Decoding, augmentation draws and normalisation constants for uint8 H×W×3 images.
 
 Decoding uses simplejpeg (libjpeg-turbo straight into a numpy array) with exact DCT and
 upsampling: 290 µs against Pillow's 440 µs per 256×256 JPEG on this machine, pixel-identical
@@ -6,14 +6,23 @@ upsampling: 290 µs against Pillow's 440 µs per 256×256 JPEG on this machine, 
 here and move chroma edges by up to 77 levels, so they stay off. Other formats (PNG, CMYK JPEG)
 fall back to Pillow.
 
-Crops and flips are numpy views; the paper's PCA lighting noise adds one RGB offset per image,
-so lighting and normalisation fold into a per-image, per-channel `x * scale + bias`.
+An image's augmentation is a `Draw` (crop corner, flip, PCA lighting offset) taken from the
+sample's own generator (`SampleRandom`); the paper's PCA lighting noise adds one RGB offset per
+image, so lighting and normalisation fold into a per-image, per-channel `x * scale + bias`
+(`scale_bias`). The loader applies a draw in one pass per image (native.crop_into, straight into
+the batch); `augment.py` applies the same draws with torch ops on any device. `normalise` is the
+numpy reference both are tested against.
+
+Raw shards (`data ingest --format raw`) store `{key}.npy`: the uint8 H×W×3 pixels in numpy's
+format, read without decoding.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import io
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +45,8 @@ EIGVEC = np.array(
     dtype=np.float32,
 )
 JPEG_EXTS = ("jpg", "jpeg")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+RAW_EXTS = ("npy",)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "npy")
 
 
 class DecodeError(ValueError):
@@ -48,8 +58,35 @@ def _pil_decode(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_shape(header: bytes) -> tuple[int, ...]:
+    h = ast.literal_eval(header.decode("latin1"))
+    shape = tuple(h["shape"])
+    if np.dtype(h["descr"]) != np.uint8 or h["fortran_order"] or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"not uint8 H×W×3 pixels: {h}")
+    return shape
+
+
+def decode_raw(data: bytes) -> np.ndarray:
+    """A `.npy` member holding uint8 H×W×3 pixels, as a read-only array over the bytes (no copy);
+    the header is parsed once per distinct header (they repeat in a shard set of one size)."""
+    try:
+        if data[:6] != b"\x93NUMPY":
+            raise ValueError("not a .npy member")
+        wide = data[6] >= 2
+        start = (12 if wide else 10) + int.from_bytes(data[8:12] if wide else data[8:10], "little")
+        shape = _npy_shape(bytes(data[12 if wide else 10:start]))
+        if len(data) - start != shape[0] * shape[1] * 3:
+            raise ValueError(f"{len(data) - start} bytes of pixels for {shape}")
+        return np.frombuffer(data, np.uint8, offset=start).reshape(shape)
+    except Exception as e:
+        raise DecodeError(f"bad .npy member: {e}") from None
+
+
 def decode(data: bytes, ext: str = "jpg") -> np.ndarray:
     """uint8 H×W×3 RGB; raises DecodeError for bytes that are no image."""
+    if ext in RAW_EXTS:
+        return decode_raw(data)
     try:
         if simplejpeg is not None and ext in JPEG_EXTS:
             try:
@@ -61,13 +98,38 @@ def decode(data: bytes, ext: str = "jpg") -> np.ndarray:
         raise DecodeError(str(e) or type(e).__name__) from None
 
 
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's header, without decoding it; DecodeError when unreadable."""
+    try:
+        if simplejpeg is not None:
+            try:
+                h, w = simplejpeg.decode_jpeg_header(data)[:2]
+                return int(h), int(w)
+            except ValueError:
+                pass
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                raise ValueError(f"{im.format}, not JPEG")
+            w, h = im.size
+            return h, w
+    except Exception as e:
+        raise DecodeError(str(e) or type(e).__name__) from None
+
+
+def fitted_size(h: int, w: int, side: int) -> tuple[int, int]:
+    """(height, width) of an h×w image after fit_min_side."""
+    if min(h, w) >= side:
+        return h, w
+    s = side / min(h, w)
+    return max(side, round(h * s)), max(side, round(w * s))
+
+
 def fit_min_side(img: np.ndarray, side: int) -> np.ndarray:
     """Upscale so the shorter side is at least `side` (shards of smaller images still work)."""
     h, w = img.shape[:2]
-    if min(h, w) >= side:
+    nh, nw = fitted_size(h, w, side)
+    if (nh, nw) == (h, w):
         return img
-    s = side / min(h, w)
-    nh, nw = max(side, round(h * s)), max(side, round(w * s))
     return np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
 
 
@@ -89,6 +151,35 @@ class SampleRandom:
                            "state": {"counter": self._zeros.copy(), "key": np.array([self.key0, pos], np.uint64)},
                            "buffer": self._zeros.copy(), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
         return self.gen
+
+
+class Draw(NamedTuple):
+    """One image's augmentation: the crop's top-left corner, a horizontal flip, and the PCA
+    lighting offset (RGB, pixel units in [0, 1])."""
+
+    y: int
+    x: int
+    flip: bool
+    offset: np.ndarray
+
+
+def draw(rng: np.random.Generator, h: int, w: int, side: int, flip: bool, color_noise: float) -> Draw:
+    """The training draws for an h×w image (after fit_min_side), in the generator's order:
+    crop row, crop column, flip (only when flips are on), lighting noise."""
+    y = int(rng.integers(h - side + 1))
+    x = int(rng.integers(w - side + 1))
+    f = bool(flip and rng.random() < 0.5)
+    return Draw(y, x, f, lighting_offset(rng, color_noise))
+
+
+def center_box(h: int, w: int, side: int) -> tuple[int, int]:
+    return (h - side) // 2, (w - side) // 2
+
+
+def ten_boxes(h: int, w: int, side: int) -> list[tuple[int, int, bool]]:
+    """(y, x, flip) of ten_crop's crops, in its order."""
+    five = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), center_box(h, w, side)]
+    return [(y, x, False) for y, x in five] + [(y, x, True) for y, x in five]
 
 
 def random_crop(img: np.ndarray, side: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
@@ -123,6 +214,16 @@ def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
     return EIGVEC @ (alpha * EIGVAL)
 
 
+def scale_bias(offsets: Optional[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scale (3,) and bias (n, 3) of `x * scale + bias` = ((x / 255 + offset) - mean) / std,
+    rounded the way every path (numpy, the C kernel, torch on any device) uses them."""
+    scale = (1.0 / (255.0 * STD)).astype(np.float32)
+    bias = np.broadcast_to(-MEAN / STD, (n, 3)).copy()
+    if offsets is not None:
+        bias += np.asarray(offsets, dtype=np.float32) / STD
+    return scale, bias.astype(np.float32)
+
+
 def normalise(crops: Sequence[np.ndarray], offsets: Optional[np.ndarray] = None, shared: bool = False) -> torch.Tensor:
     """uint8 H×W×3 crops (+ per-image RGB offsets N×3 in [0,1] units) → float32 N×3×H×W,
     ((x / 255 + offset) - mean) / std. Per image: one uint8 transpose to planar, then one
@@ -136,11 +237,8 @@ def normalise(crops: Sequence[np.ndarray], offsets: Optional[np.ndarray] = None,
         out.share_memory_()
     buf = out.numpy()
     planar = np.empty((3, h, w), dtype=np.uint8)
-    scale = (1.0 / (255.0 * STD)).reshape(3, 1, 1)
-    bias = np.broadcast_to(-MEAN / STD, (n, 3)).copy()
-    if offsets is not None:
-        bias += np.asarray(offsets, dtype=np.float32) / STD
-    bias = bias.astype(np.float32).reshape(n, 3, 1, 1)
+    scale, bias = scale_bias(offsets, n)
+    scale, bias = scale.reshape(3, 1, 1), bias.reshape(n, 3, 1, 1)
     for i, c in enumerate(crops):
         planar[...] = c.transpose(2, 0, 1)
         np.multiply(planar, scale, out=buf[i])

@@ -213,7 +213,7 @@ def test_bf16_engine_casts_images_and_tracks_the_float32_run(tmp_path):
     """bf16 weights meet float32 images at the first stage (DeepSpeed moves batches, never casts them);
     the losses stay near the float32 reference's across a pipeline cut."""
     cfg = layout_cfg(tmp_path, 2, 1, 1, 2, **{"parallel.precision": "bf16", "checkpoint.resume": "false"})
-    batches = make_batches(STEPS, cfg.train.batch_size)
+    batches = make_batches(3, cfg.train.batch_size)  # bf16 rounding compounds: three steps, as before
     ref_losses, _ = reference(cfg, batches)
     results = run_local(cfg, functools.partial(data_factory, batches, 1, 1, 2))
     torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=3e-2, atol=3e-2)

@@ -1,6 +1,5 @@
 """A trained run used as a model: export, evaluation and prediction from a layout-free checkpoint."""
 
-import functools
 import json
 import shutil
 

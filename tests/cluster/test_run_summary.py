@@ -81,3 +81,25 @@ def test_one_summary_type_survives_the_trip_to_summary_json_and_back(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == 1.5
     failed = RunSummary(ok=False, job_id="j2", steps=3, error="rank 1 (stage 0, tower 1, replica 0): boom")
     assert "FAILED after 3 steps" in failed.format() and "rank 1" in failed.format()
+
+
+def test_summary_keeps_each_ranks_peak_memory_and_the_stages_phase_seconds():
+    ranks = [
+        {"coord": {"rank": 0, "stage": 0, "tower": 0, "replica": 0},
+         "stats": [{**stats(s, 1.0, 0.2), "peak_memory": 100 * s} for s in range(1, 4)]},
+        {"coord": {"rank": 1, "stage": 1, "tower": 0, "replica": 0},
+         "stats": [{**stats(s, 2.0, 0.2), "peak_memory": 7} for s in range(1, 4)]},
+    ]
+    s = summarize_run(ranks)
+    assert s.peak_memory_per_rank == {"0": 300, "1": 7}
+    assert s.phase_seconds_per_stage["0"]["backward"] == pytest.approx(0.5)  # seconds per step, not a share
+    assert s.phase_seconds_per_stage["1"]["forward"] == pytest.approx(0.5)
+    assert summarize_run(ranks).to_dict()["peak_memory_per_rank"] == {"0": 300, "1": 7}
+
+
+def test_benchmarks_can_leave_out_more_warm_up_steps():
+    ranks = [{"coord": {"rank": 0, "stage": 0}, "stats": [stats(1, 9.0, 0.0), stats(2, 5.0, 0.0)] +
+              [stats(s, 1.0, 0.0) for s in range(3, 6)]}]
+    assert summarize_run(ranks).step_time_p95 > 1.0
+    three = summarize_run(ranks, warmup_steps=2)
+    assert three.steps_timed == 3 and three.step_time_p95 == pytest.approx(1.0)

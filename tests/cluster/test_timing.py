@@ -1,11 +1,11 @@
-"""Phases of a step from its timed instructions (no DeepSpeed engine needed)."""
+"""Phases of a step from its timed instructions, the bubble and the rank's peak memory (no DeepSpeed engine needed)."""
 
 import time
 from types import MethodType
 
 import pytest
 
-from cluster.timing import INSTRUCTION_PHASE, PHASES, InstructionTimer, step_stats
+from cluster.timing import INSTRUCTION_PHASE, PHASES, InstructionTimer, peak_memory_bytes, step_stats
 
 
 def test_weight_passes_are_their_own_phase_and_count_as_busy():
@@ -53,3 +53,11 @@ def test_the_timer_keeps_the_last_steps_instructions_in_order():
     timer.take()
     assert [e.buffer_id for e in timer.last_step] == [1]  # one step's instructions, not the run's
     assert type(engine)._INSTRUCTION_MAP[ForwardPass] is FakeEngine._fwd  # the class stays untouched
+
+
+def test_step_stats_fill_idle_bubble_and_peak_memory():
+    s = step_stats(3, 0, 1.0, 0.01, 64, 2.0, {"forward": 0.5, "backward": 0.7, "optimizer": 0.4}, 0.2)
+    assert s.phases["idle"] == pytest.approx(0.4) and s.bubble == pytest.approx(0.25)
+    assert s.peak_memory >= 10 * 2**20  # a Python process with torch loaded holds well over 10 MiB
+    assert s.peak_memory <= peak_memory_bytes()  # a peak only grows
+    assert step_stats(1, 0, 1.0, 0.01, 64, 1.0, {}, 0.0, peak_memory=5).peak_memory == 5

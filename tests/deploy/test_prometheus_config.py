@@ -200,7 +200,8 @@ def realistic_stats(step: int, stage: int, rng: random.Random) -> StepStats:
     idle = seconds - opt - fwd - bwd - data_wait
     phases = {"forward": fwd, "backward": bwd, "data_wait": data_wait, "optimizer": opt, "send": 0.02 * seconds,
               "recv": 0.03 * seconds, "idle": idle}
-    return StepStats(step, 0, 2.3 / (1 + 0.01 * step), 0.01, 64, seconds, phases, idle / (seconds - opt), 0.2)
+    return StepStats(step, 0, 2.3 / (1 + 0.01 * step), 0.01, 64, seconds, phases, idle / (seconds - opt), 0.2,
+                     total_steps=10_000)
 
 
 class FakeJob:
@@ -228,7 +229,7 @@ class FakeJob:
             step += 1
             skips += step % 3 == 0
             for w in self.workers:
-                w.on_step(realistic_stats(step, w.coord.stage, rng), total_steps=10_000)
+                w.on_step(realistic_stats(step, w.coord.stage, rng))
                 w.set_skips({"decode": skips, "truncated": step // 10})
 
     def close(self) -> None:

@@ -538,19 +538,23 @@ def test_cuda_no_grad_and_inplace():
 
 
 # ----------------------------------------------------------------------------- benchmark smoke
-def test_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+def test_benchmark_runs_and_writes_the_common_output(tmp_path, capsys):
+    import csv
     import json
 
-    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
-    from benchmarks import lrn_bench
+    from cluster.bench.cli import main_bench
 
-    out = tmp_path / "bench.json"
-    assert lrn_bench.main(["--shape", "2x8x5x5", "--shape", "1x3x4x4", "--reps", "2", "--warmup", "1",
-                           "--json", str(out)]) == 0
+    assert main_bench(["lrn", "--shape", "2x8x5x5", "--shape", "1x3x4x4", "--reps", "2", "--warmup", "1",
+                       "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "speedup" in text and "2x8x5x5" in text
-    data = json.loads(out.read_text())
-    assert [r["shape"] for r in data["results"]] == [[2, 8, 5, 5], [1, 3, 4, 4]]
-    for r in data["results"]:
+    data = json.loads((tmp_path / "lrn.json").read_text())
+    assert data["command"].startswith("alexnet-pp bench lrn --shape 2x8x5x5")
+    assert data["environment"]["versions"]["torch"] and data["environment"]["cores"] >= 1
+    assert [r["shape"] for r in data["rows"]] == [[2, 8, 5, 5], [1, 3, 4, 4]]
+    for r in data["rows"]:
         assert len(r["times_ms"]["torch"]) == len(r["times_ms"]["ours"]) == 2
         assert r["median_ms"]["ours"] > 0 and r["speedup"]["ours"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "lrn.csv")))
+    assert len(rows) == 2 and float(rows[0]["speedup.ours"]) > 0
+    assert "| 2x8x5x5 |" in (tmp_path / "lrn.md").read_text()

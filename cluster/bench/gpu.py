@@ -1,0 +1,188 @@
+"""GPU benchmark and checks: the paper network's training step on one CUDA device.
+
+    alexnet-pp bench gpu [--batch 128] [--steps 30] [--warmup 5] [--out DIR]
+
+In one run, on the same batches:
+1. the plain training step (the single-process trainer's `train_step`) in float32 and under bf16
+   autocast, each with our fused LRN kernel and with torch's `F.local_response_norm`, and bf16 in
+   channels_last: images/s side by side, with ratios;
+2. correctness on the device: the first losses of the float32 CUDA step against the same steps on the
+   CPU (float64 reference would be too slow for the paper net; the CPU float32 run is the reference
+   every other test already pins);
+3. the DeepSpeed pipeline engine with (P, T, D) = (1, 1, 1) on the device — process group
+   `cpu:gloo,cuda:nccl`, DS_ACCELERATOR=cuda — in float32 and bf16 against the plain step of the same
+   precision (goal ≥ 0.95, as on CPU), and its losses against the plain step's. DeepSpeed's bf16 keeps
+   bf16 weights with float32 master copies; the plain bf16 step is autocast over float32 weights.
+cuDNN's TF32 convolutions are left at torch's default (on); matmul TF32 at its default (off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import alexnet_pp.model as model_mod
+import ops
+from alexnet_pp.config import load_config
+from alexnet_pp.model import AlexNet
+from alexnet_pp.optim import build_optimizer
+from alexnet_pp.steps import train_step
+from cluster.bench.engine import make_batches, tensor_data
+from cluster.bench.report import Column, Report, Table, add_out_arg
+
+
+@contextlib.contextmanager
+def lrn_impl(name: str):
+    """Swap the model's LRN for torch's own (same math: alpha × size, see ops/__init__.py)."""
+    saved = model_mod.lrn
+    if name == "torch":
+        model_mod.lrn = lambda x, size, alpha, beta, k: F.local_response_norm(x, size, alpha * size, beta, k)
+    try:
+        yield
+    finally:
+        model_mod.lrn = saved
+
+
+def plain_run(cfg, batches, device: str, dtype: torch.dtype, channels_last: bool = False) -> tuple[list[float], list[float]]:
+    """Seconds per step (synchronised: train_step reads the loss back) and losses. bf16 is autocast
+    over float32 weights: pure bf16 weights would round most SGD updates away (8-bit mantissa)."""
+    torch.manual_seed(cfg.train.seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = AlexNet(cfg.model).to(device=device).to(memory_format=fmt)
+    opt = build_optimizer(model.parameters(), cfg.train)
+    cast = (torch.autocast(device_type=torch.device(device).type, dtype=dtype) if dtype != torch.float32
+            else contextlib.nullcontext())
+    times, losses = [], []
+    for x, y in batches:
+        t0 = time.perf_counter()  # the copy from (pinned) host memory is part of a trainer's step
+        x = x.to(device=device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        with cast:
+            losses.append(train_step(model, x, y, opt))
+        times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dict[str, float]]:
+    """Seconds per step, losses, and the median host-side seconds per step of each pipeline phase
+    (not synchronised: where the host spends its time, not the GPU)."""
+    from cluster.spawn import run_local
+
+    os.environ["DS_ACCELERATOR"] = "cuda"
+    # TensorData pins again in the worker: pinning does not survive pickling
+    factory = functools.partial(tensor_data, batches, cfg.parallel.micro_batches)
+    (result,) = run_local(cfg, factory, threads=cfg.train.threads)
+    stats = result.stats[warmup:]
+    phases = {k: statistics.median(s["phases"].get(k, 0.0) for s in stats) for k in stats[0]["phases"]}
+    return [s["seconds"] for s in result.stats], result.losses, phases
+
+
+def rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="alexnet-pp bench gpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--check-steps", type=int, default=3, help="steps compared against the CPU")
+    ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--scratch", default="/tmp/alexnet-pp-gpu-bench")
+    add_out_arg(ap, "gpu")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("alexnet-pp bench gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = "cuda"
+    name = torch.cuda.get_device_name(0)
+    print(f"# device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, fused LRN "
+          f"{'on' if ops.FUSED_LRN_AVAILABLE else 'OFF'}, batch {args.batch}, {args.steps} timed steps "
+          f"after {args.warmup}")
+    overrides = {"train.batch_size": str(args.batch), "model.dropout": "0", "train.schedule": "constant",
+                 "train.epochs": "1", "train.eval_every": "1000", "checkpoint.resume": "false",
+                 "checkpoint.dir": os.path.join(args.scratch, "ckpt"), "out_dir": args.scratch,
+                 "data.synthetic_classes": "1000"}
+    cfg = load_config("paper", overrides=overrides)
+    batches = [(x.pin_memory(), y.pin_memory()) for x, y in make_batches(cfg, args.steps + args.warmup)]
+    report: dict = {"device": name, "torch": torch.__version__, "batch": args.batch, "plain": {}, "engine": {}}
+
+    print("\n# 1. plain training step on the device (images/s, median)")
+    rows = [("fp32", torch.float32, "ours", False), ("fp32", torch.float32, "torch", False),
+            ("bf16", torch.bfloat16, "ours", False), ("bf16", torch.bfloat16, "torch", False),
+            ("bf16", torch.bfloat16, "ours", True)]
+    med: dict = {}
+    for prec, dtype, impl, cl in rows:
+        key = f"{prec}/{impl}LRN" + ("/channels_last" if cl else "")
+        with lrn_impl(impl):
+            times, losses = plain_run(cfg, batches, dev, dtype, cl)
+        t = statistics.median(times[args.warmup:])
+        med[key] = t
+        report["plain"][key] = {"img_s": args.batch / t, "ms": 1000 * t, "losses": losses[:5]}
+        print(f"{key:<28} {args.batch / t:9.0f} img/s  {1000 * t:7.2f} ms/step  first losses "
+              + " ".join(f"{v:.4f}" for v in losses[:3]), flush=True)
+    print(f"fused LRN speedup at model level: fp32 {med['fp32/torchLRN'] / med['fp32/oursLRN']:.2f}x, "
+          f"bf16 {med['bf16/torchLRN'] / med['bf16/oursLRN']:.2f}x; bf16 vs fp32 "
+          f"{med['fp32/oursLRN'] / med['bf16/oursLRN']:.2f}x")
+
+    print(f"\n# 2. float32 losses on the device vs the CPU, first {args.check_steps} steps")
+    few = batches[: args.check_steps]
+    _, gpu_losses = plain_run(cfg, few, dev, torch.float32)
+    _, cpu_losses = plain_run(cfg, few, "cpu", torch.float32)
+    d = rel_diff(gpu_losses, cpu_losses)
+    print("cuda " + " ".join(f"{v:.5f}" for v in gpu_losses) + "\ncpu  " + " ".join(f"{v:.5f}" for v in cpu_losses)
+          + f"\nlargest relative difference {d:.2e} (TF32 convolutions: expect ≲ 1e-3)")
+    report["cpu_check"] = {"cuda": gpu_losses, "cpu": cpu_losses, "max_rel_diff": d}
+
+    if not args.no_engine:
+        print("\n# 3. DeepSpeed engine (1,1,1) on the device vs the plain step")
+        for prec in ("fp32", "bf16"):
+            ecfg = load_config("paper", overrides={**overrides, "parallel.precision": prec,
+                                                   "parallel.gpus_per_worker": "1"})
+            try:
+                times, losses, phases = engine_run(ecfg, batches, args.warmup)
+            except Exception as e:  # noqa: BLE001 - report and go on to the next precision
+                print(f"{prec}: engine FAILED: {str(e).splitlines()[0][:400]}")
+                report["engine"][prec] = {"error": str(e)[:4000]}
+                continue
+            t = statistics.median(times[args.warmup:])
+            plain_t = med[f"{prec}/oursLRN"]
+            plain_losses = report["plain"][f"{prec}/oursLRN"]["losses"]
+            d = rel_diff(losses[:3], plain_losses[:3])
+            print(f"{prec}: engine {args.batch / t:9.0f} img/s  plain {args.batch / plain_t:9.0f} img/s  ratio "
+                  f"{plain_t / t:.3f} (goal ≥ 0.95); first losses " + " ".join(f"{v:.4f}" for v in losses[:3])
+                  + f" (rel. diff to plain {d:.1e})", flush=True)
+            print("      host ms per step: " + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phases.items())))
+            report["engine"][prec] = {"img_s": args.batch / t, "ratio": plain_t / t, "losses": losses[:5],
+                                      "loss_rel_diff": d, "host_phase_s": phases}
+    out = Report("gpu", args.out, argv, {"device": name, "torch": torch.__version__, "batch": args.batch,
+                                         "steps": args.steps, "warmup": args.warmup},
+                 title="Training step on one CUDA device: plain step, fused LRN, DeepSpeed engine")
+    for key, r in report["plain"].items():
+        out.add({"side": "plain", "variant": key, **r})
+    for prec, r in report["engine"].items():
+        out.add({"side": "engine", "variant": prec, **r})
+    out.add({"side": "cpu_check", **report["cpu_check"]})
+    out.tables.append(Table("Images/s (median of the timed steps)", [r for r in out.rows if "img_s" in r], [
+        Column("side", "side"), Column("variant", "variant"), Column("img/s", "img_s", ".0f"),
+        Column("engine / plain", "ratio", ".3f")]))
+    out.notes.append(f"float32 losses, GPU vs CPU, first {args.check_steps} steps: largest relative difference "
+                     f"{report['cpu_check']['max_rel_diff']:.1e}")
+    for path in out.write():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,770 @@
+"""`alexnet-pp bench scaling`: every layout (P, T, D, M) of 1…N workers, measured through the
+training job path beside the baselines and the cost model's prediction, on the same hardware.
+
+    alexnet-pp bench scaling [--workers 1,2,4] [--preset demo] [--micro-batches 4] [--data tensors|shards]
+                             [--launcher ray|spawn] [--steps 10] [--warmup 2] [--out DIR]
+
+For each worker count W, in one run:
+
+1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile) at
+   the micro-batch sizes W's layouts use, with W − 1 co-runners training the network meanwhile when
+   the W workers share a CPU (on GPUs none); the links between two processes are measured once;
+2. baselines: the plain single-process trainer with min(W × threads, cores) torch threads, and
+   PyTorch DistributedDataParallel of the same network over W processes (W ≥ 2; data parallel
+   only), both on the same in-memory batches (cluster/bench/baselines.py);
+3. every layout with P·T·D = W (M from --micro-batches where P > 1, else 1; or --layouts), warm-up
+   steps then timed steps, through `cluster.driver.run_job` — the Ray job path training takes
+   (`--launcher spawn`: the same ranks as local processes, cluster.spawn.run_local, without Ray's
+   start-up) — and, for P > 1, the same layout cut by DeepSpeed's own default (`parameters`).
+
+Each row: images/s; efficiency against one worker; step time p50 / p95; each stage's phase seconds
+per step (forward, backward, send, recv, idle, data_wait, optimizer); the bubble per stage measured,
+simulated and in theory (P − 1)/(M + P − 1); bytes per step between stages, towers and replicas
+(computed from the network's shapes by the cost model, not measured); each rank's peak memory; the
+prediction (costmodel.predict with W's profile) and its error; the ratios to the plain trainer, DDP
+and DeepSpeed's partition. Rows for GPU counts this machine lacks (--gpu-workers, assumed H100
+profiles, the paper network) are predictions and labelled so.
+
+A configuration that fails becomes a row with its error and the sweep goes on. Every finished
+configuration is appended to OUT/scaling.rows.jsonl at once, so the same command run again resumes
+after the last one (`--fresh` starts over). Outputs under OUT: scaling.json / .csv / .md, the PNG
+plots, profiles/ (the calibrations) and logs/ (each configuration's output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from alexnet_pp.config import PRESETS, ModelConfig, RunConfig, load_config
+from alexnet_pp.errors import ConfigError
+from alexnet_pp.pipeline import unit_names
+from cluster.bench.report import Column, Report, Table, cores, environment, load_average
+
+KINDS = ("calibration", "plain", "ddp", "engine", "ds-default")
+BASELINES = ("plain", "ddp", "ds-default")
+PHASES = ("forward", "backward", "send", "recv", "idle", "data_wait", "optimizer")
+GPU_PROFILES = ("h100-nvlink", "h100-ib")
+TOLERANCE = 0.15  # the prediction's goal: within 15 % of the measurement
+
+
+# --- what a sweep runs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    """One configuration of the sweep."""
+
+    kind: str
+    workers: int
+    pp: int = 1
+    tp: int = 1
+    dp: int = 1
+    m: int = 1
+
+    @property
+    def id(self) -> str:
+        if self.kind in ("calibration", "plain", "ddp"):
+            return f"{self.kind}:W{self.workers}"
+        return f"{self.kind}:{self.pp}x{self.tp}x{self.dp}:M{self.m}"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "calibration":
+            return f"calibrate W={self.workers}"
+        if self.kind == "plain":
+            return f"plain trainer (W={self.workers})"
+        if self.kind == "ddp":
+            return f"DDP ×{self.workers}"
+        suffix = " DS parameters" if self.kind == "ds-default" else ""
+        return f"{self.pp}×{self.tp}×{self.dp} M{self.m}{suffix}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "-", self.id).strip("-")
+
+
+def parse_layout(text: str) -> tuple[int, int, int, int]:
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) not in (3, 4) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a layout is P,T,D or P,T,D,M (positive integers)")
+    return (*parts, 1) if len(parts) == 3 else tuple(parts)  # type: ignore[return-value]
+
+
+def layouts_for(workers: int, batch: int, micro_batches: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Every (P, T, D, M) with P·T·D = workers and P at most the pipeline units at T; M from
+    `micro_batches` where P > 1, else 1 (one stage has no pipeline to fill); the batch must split
+    into D·M whole micro-batches."""
+    out = []
+    for tp in (1, 2):
+        if workers % tp:
+            continue
+        for pp in range(1, min(workers // tp, len(unit_names(tp))) + 1):
+            if (workers // tp) % pp:
+                continue
+            dp = workers // (tp * pp)
+            for m in ((1,) if pp == 1 else micro_batches):
+                if batch % (dp * m) == 0:
+                    out.append((pp, tp, dp, m))
+    return out
+
+
+def plan(workers: Sequence[int], batch: int, micro_batches: Sequence[int], baselines: Sequence[str],
+         layouts: Optional[Sequence[tuple[int, int, int, int]]] = None, predict: bool = True) -> list[Spec]:
+    """The sweep in the order it runs: per worker count, calibration, baselines, then the layouts
+    (each pipeline followed by DeepSpeed's partition of it). With explicit `layouts`, calibration
+    and baselines run for the counts that are also in `workers`."""
+    counts = sorted({p * t * d for p, t, d, _ in layouts}) if layouts else sorted(set(workers))
+    specs: list[Spec] = []
+    for w in counts:
+        mine = [lay for lay in layouts if lay[0] * lay[1] * lay[2] == w] if layouts else layouts_for(w, batch, micro_batches)
+        swept = w in workers
+        if predict and mine and swept:
+            specs.append(Spec("calibration", w))
+        if "plain" in baselines and swept:
+            specs.append(Spec("plain", w))
+        if "ddp" in baselines and w > 1 and swept:  # one process is the plain trainer
+            specs.append(Spec("ddp", w, dp=w))
+        for pp, tp, dp, m in mine:
+            specs.append(Spec("engine", w, pp, tp, dp, m))
+            if "ds-default" in baselines and pp > 1:
+                specs.append(Spec("ds-default", w, pp, tp, dp, m))
+    return specs
+
+
+# --- the sweep's context ---------------------------------------------------------------------------
+
+class Sweep:
+    """Settings, base config and files of one sweep; runs its specs (`run_spec`)."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str]):
+        self.args, self.argv = args, list(argv)
+        self.out = Path(args.out)
+        # each run's own files (config, checkpoints, Ray's records): removed after the run
+        self.scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="alexnet-pp-scaling-"))
+        self.own_scratch = not args.scratch
+        self.overrides = dict(kv.split("=", 1) for kv in args.set)
+        self.base = load_config(args.preset, None, self.overrides, check_data=args.data == "shards")
+        self.batch = args.batch or self.base.train.batch_size
+        self.device = "cuda" if args.gpus_per_worker > 0 else "cpu"
+        self.rows_path = self.out / "scaling.rows.jsonl"
+        self.specs: list[Spec] = []
+        self._links = None
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.base.model
+
+    def settings(self) -> dict[str, Any]:
+        """What the numbers depend on: a resumed sweep must have the same."""
+        a = self.args
+        return {"preset": a.preset, "overrides": a.set, "batch": self.batch, "steps": a.steps, "warmup": a.warmup,
+                "threads_per_worker": a.threads, "data": a.data, "launcher": a.launcher, "partition": a.partition,
+                "gpus_per_worker": a.gpus_per_worker, "distinct_batches": a.distinct_batches,
+                "calibration_reps": a.calibration_reps, "model": dataclasses.asdict(self.model)}
+
+    # --- configs ----------------------------------------------------------------------------------
+
+    def engine_config(self, spec: Spec) -> RunConfig:
+        a = self.args
+        overrides = {
+            **self.overrides,
+            "parallel.pp": str(spec.pp), "parallel.tp": str(spec.tp), "parallel.dp": str(spec.dp),
+            "parallel.micro_batches": str(spec.m),
+            "parallel.partition": "parameters" if spec.kind == "ds-default" else a.partition,
+            "parallel.gpus_per_worker": str(a.gpus_per_worker),
+            "train.batch_size": str(self.batch), "train.max_steps": str(a.warmup + a.steps),
+            "train.threads": str(a.threads), "train.schedule": "constant", "train.eval_every": "1000000",
+            "checkpoint.resume": "false", "checkpoint.dir": str((self.scratch / spec.slug / "ckpt").absolute()),
+            "out_dir": str(self.scratch.absolute()), "name": spec.slug, "metrics.enabled": "false",
+        }
+        if a.data == "tensors":
+            overrides["train.epochs"] = "1"  # an epoch is the run's warm-up + timed steps
+        return load_config(a.preset, None, overrides, check_data=a.data == "shards")
+
+    def baseline_job(self):
+        from cluster.bench.baselines import BaselineJob
+
+        a = self.args
+        return BaselineJob(model=dataclasses.asdict(self.model), train=dataclasses.asdict(self.base.train),
+                           steps=a.warmup + a.steps, warmup=a.warmup, batch=self.batch, threads=a.threads,
+                           distinct=a.distinct_batches, seed=self.base.train.seed, device=self.device,
+                           collective_timeout_s=self.base.parallel.collective_timeout_s)
+
+    # --- runs ---------------------------------------------------------------------------------------
+
+    def run_spec(self, spec: Spec) -> dict[str, Any]:
+        return {"calibration": self.calibrate, "plain": self.run_plain, "ddp": self.run_ddp,
+                "engine": self.run_engine, "ds-default": self.run_engine}[spec.kind](spec)
+
+    def run_plain(self, spec: Spec) -> dict[str, Any]:
+        from cluster.bench import baselines
+
+        threads = min(spec.workers * self.args.threads, cores()) if self.device == "cpu" else self.args.threads
+        job = dataclasses.replace(self.baseline_job(), threads=threads)
+        return {"threads": threads, **baselines.run(job, 1)}
+
+    def run_ddp(self, spec: Spec) -> dict[str, Any]:
+        from cluster.bench import baselines
+
+        return {"threads": self.args.threads, **baselines.run(self.baseline_job(), spec.workers)}
+
+    def run_engine(self, spec: Spec) -> dict[str, Any]:
+        from alexnet_pp.layout import Layout
+        from cluster.bench.synthetic import SyntheticBatches
+
+        a = self.args
+        cfg = self.engine_config(spec)
+        layout = Layout.from_config(cfg)  # a layout that cannot be: ConfigError, recorded as the row's error
+        factory = None
+        if a.data == "tensors":
+            factory = SyntheticBatches(layout, a.warmup + a.steps, self.batch, cfg.model.image_size,
+                                       cfg.model.num_classes, a.distinct_batches, cfg.train.seed)
+        try:
+            if a.launcher == "ray":
+                from cluster.driver import run_job
+
+                summary = run_job(cfg, layout, address=a.address, data_factory=factory, warmup_steps=a.warmup)
+                if not summary.ok:
+                    raise RuntimeError(summary.error or "the job failed")
+            else:
+                from cluster.run_summary import summarize_run
+                from cluster.spawn import run_local
+
+                if a.data == "shards":
+                    from alexnet_pp.data import ensure_dataset
+
+                    ensure_dataset(cfg)
+                ranks = run_local(cfg, factory, threads=a.threads, layout=layout)
+                summary = summarize_run(ranks, a.warmup)
+                summary.losses = next(r.losses for r in ranks if r.coord["rank"] == 0)
+        finally:
+            shutil.rmtree(self.scratch / spec.slug, ignore_errors=True)  # checkpoints, run files
+        return {"partition": cfg.parallel.partition, "images_per_s": summary.images_per_sec,
+                "step_p50_s": summary.step_time_p50, "step_p95_s": summary.step_time_p95,
+                "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
+                "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
+                "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses}
+
+    def links(self):
+        if self._links is None:
+            from alexnet_pp.planning.profile import measure_links
+
+            self._links = measure_links("nccl" if self.device == "cuda" else "gloo")
+        return self._links
+
+    def calibrate(self, spec: Spec) -> dict[str, Any]:
+        from alexnet_pp.planning.profile import measure_profile
+
+        sizes = sorted({self.batch // (s.dp * s.m) for s in self.specs if s.workers == spec.workers
+                        and s.kind in ("engine", "ds-default")})
+        co = spec.workers - 1 if self.device == "cpu" else 0  # workers sharing the CPU's cores and memory bus
+        multi_gpu = self.device == "cuda" and _gpu_count() >= 2
+        measured_links = self.device == "cpu" or multi_gpu
+        p2p, allreduce = self.links() if measured_links else (None, None)
+        profile = measure_profile(self.model, sizes, self.device, reps=self.args.calibration_reps,
+                                  threads=self.args.threads, links="assume", co_runners=co,
+                                  name=f"measured-w{spec.workers}")
+        if measured_links:
+            profile = dataclasses.replace(
+                profile, p2p=p2p, allreduce=allreduce,
+                assumptions=[x for x in profile.assumptions if not x.startswith("links")]
+                + [f"links measured once in this sweep between two processes of this machine on "
+                   f"{'nccl' if self.device == 'cuda' else 'gloo'}"])
+        path = self.profile_path(spec.workers)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(path)
+        return {"micro_batch_sizes": sizes, "co_runners": co, "profile": str(path.relative_to(self.out))}
+
+    def profile_path(self, workers: int) -> Path:
+        return self.out / "profiles" / f"w{workers}.json"
+
+    def profile(self, workers: int):
+        from alexnet_pp.planning.profile import DeviceProfile
+
+        path = self.profile_path(workers)
+        return DeviceProfile.load(path) if path.is_file() else None
+
+
+def exclusive_idle(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per stage, `idle` as the time in no timed instruction, so the phases add up to the step. The
+    engine's idle (cluster/timing.py), from which the bubble comes, also holds the time a blocking
+    send or receive waited for its peer, which `send` and `recv` already count."""
+    return {stage: {**ph, "idle": max(0.0, ph.get("idle", 0.0) - ph.get("send", 0.0) - ph.get("recv", 0.0))}
+            for stage, ph in phases.items()}
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+# --- predictions and derived columns ---------------------------------------------------------------
+
+def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
+    """The cost model's numbers for a measured layout row (W's profile; bytes need none)."""
+    from alexnet_pp.planning.costmodel import Candidate, predict
+
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+
+    profile = sweep.profile(row["workers"])
+    cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
+                     "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
+    try:  # without a calibration (--no-predict) only the bytes, which no profile changes
+        pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand)
+    except (ValueError, ConfigError) as e:
+        return {"prediction_error_text": str(e)}
+    traffic = {"bytes_stages": pred.bytes_per_step["stages"], "bytes_towers": pred.bytes_per_step["towers"],
+               "bytes_replicas": pred.bytes_per_step["replicas"]}
+    if profile is None:
+        return traffic
+    out = {**traffic, "predicted_images_per_s": pred.images_per_s, "predicted_step_s": pred.step_seconds,
+           "predicted_bounds": list(pred.bounds), "predicted_extrapolated": pred.extrapolated,
+           "predicted_bubble": {str(s.stage): s.bubble for s in pred.stages},
+           "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
+           "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name}
+    if row.get("images_per_s"):
+        out["prediction_error"] = row["images_per_s"] / pred.images_per_s - 1
+    return out
+
+
+def ddp_replica_bytes(model: ModelConfig, workers: int) -> int:
+    """Bytes a step's gradient all-reduce moves over the whole job (ring: 2(D − 1) × the gradients),
+    as the cost model counts replica traffic; computed from the parameter count."""
+    from alexnet_pp.model import AlexNet
+
+    params = sum(p.numel() for p in AlexNet(model).parameters())
+    return 2 * (workers - 1) * 4 * params
+
+
+def derive(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with predictions, efficiencies and the ratios to the baselines filled in."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    by_kind: dict[tuple[str, int], dict[str, Any]] = {(r["kind"], r["workers"]): r for r in ok if r["kind"] in ("plain", "ddp")}
+    ds = {(r["pp"], r["tp"], r["dp"], r["micro_batches"]): r for r in ok if r["kind"] == "ds-default"}
+    one = next((r for r in ok if r["kind"] == "engine" and r["workers"] == 1), None)
+    replica_bytes: dict[int, int] = {}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["kind"] in ("engine", "ds-default"):
+            r.update(predict_row(sweep, r))
+        if r.get("status") != "ok" or not r.get("images_per_s"):
+            out.append(r)
+            continue
+        ips, w = r["images_per_s"], r["workers"]
+        ref = {"engine": one, "ds-default": one, "plain": by_kind.get(("plain", 1)),
+               "ddp": by_kind.get(("ddp", 1)) or by_kind.get(("plain", 1))}.get(r["kind"])
+        if ref and ref.get("images_per_s"):
+            r["efficiency"] = ips / (w * ref["images_per_s"])
+        for name, base in (("plain", by_kind.get(("plain", w))), ("ddp", by_kind.get(("ddp", w)))):
+            if base and base is not r and base.get("images_per_s"):
+                r[f"{name}_images_per_s"] = base["images_per_s"]
+                r[f"vs_{name}"] = ips / base["images_per_s"]
+        if r["kind"] == "engine" and r["pp"] > 1:
+            base = ds.get((r["pp"], r["tp"], r["dp"], r["micro_batches"]))
+            if base:
+                r["ds_default_images_per_s"] = base["images_per_s"]
+                r["vs_ds_default"] = ips / base["images_per_s"]
+        if r["kind"] == "ddp":
+            if w not in replica_bytes:
+                replica_bytes[w] = ddp_replica_bytes(sweep.model, w)
+            r.update(bytes_stages=0, bytes_towers=0, bytes_replicas=replica_bytes[w])
+        if r["kind"] == "plain":
+            r.update(bytes_stages=0, bytes_towers=0, bytes_replicas=0)
+        peaks = r.get("peak_memory_bytes") or {}
+        if peaks:
+            r["peak_memory_max_bytes"] = max(peaks.values())
+        out.append(r)
+    return out
+
+
+def gpu_predictions(worker_counts: Sequence[int], per_worker: int, min_micro_batch: int) -> list[dict[str, Any]]:
+    """PREDICTED rows for GPU counts this machine lacks: the paper network at `per_worker` images per
+    GPU (weak scaling), the best layout the planner finds and the data-parallel-only layout, on the
+    assumed H100 profiles (alexnet_pp.planning.profile.assumed_gpu_profile)."""
+    from alexnet_pp.planning.costmodel import Candidate, predict
+    from alexnet_pp.planning.planner import rank_layouts
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+
+    model = ModelConfig()
+    rows = []
+    for name in GPU_PROFILES:
+        profile = assumed_gpu_profile(name, model)
+        base = None
+        for w in sorted({1, *worker_counts}):
+            batch = per_worker * w
+            best = rank_layouts(model, profile, w, batch, ("1f1b",), None, "measured", min(min_micro_batch, per_worker))[0]
+            dp_only = predict(model, profile, Candidate(1, 1, w, 1, batch))
+            base = base or best.images_per_s
+            L = best.layout
+            rows.append({"id": f"predicted-gpu:{name}:W{w}", "kind": "predicted-gpu", "status": "predicted",
+                         "profile": name, "workers": w, "batch": batch, "pp": L.pp, "tp": L.tp, "dp": L.dp,
+                         "micro_batches": L.micro_batches, "micro_batch": L.micro_batch,
+                         "predicted_images_per_s": best.images_per_s, "predicted_step_s": best.step_seconds,
+                         "predicted_efficiency": best.images_per_s / (w * base), "predicted_bubble_max": best.bubble,
+                         "predicted_memory_bytes": best.memory_per_worker, "fits": best.fits,
+                         "dp_only_images_per_s": dp_only.images_per_s,
+                         "bytes_stages": best.bytes_per_step["stages"], "bytes_towers": best.bytes_per_step["towers"],
+                         "bytes_replicas": best.bytes_per_step["replicas"]})
+    return rows
+
+
+# --- files: rows as they finish, then the report ---------------------------------------------------
+
+def load_rows(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows a previous run of the same sweep finished (resume); other settings: an error."""
+    if not path.is_file():
+        return {}
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines or lines[0].get("settings") != json.loads(json.dumps(settings)):
+        raise ConfigError(f"{path} holds a sweep measured with other settings; pass --fresh to start over, "
+                          "or choose another --out")
+    done: dict[str, dict[str, Any]] = {}
+    for rec in lines[1:]:
+        if "id" in rec:
+            done[rec["id"]] = rec
+    return done
+
+
+def append_row(path: Path, row: dict[str, Any], settings: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a") as f:
+        if fresh:
+            f.write(json.dumps({"settings": settings}) + "\n")
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's and its children's stdout and stderr (file descriptors 1 and 2) to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _ms(x: Optional[float]) -> Optional[float]:
+    return None if x is None else 1000 * x
+
+
+def _mib(x: Optional[float]) -> Optional[float]:
+    return None if x is None else x / 2**20
+
+
+def _mb(x: Optional[float]) -> Optional[float]:
+    return None if x is None else x / 1e6
+
+
+def _bubble(r: dict[str, Any]) -> Optional[str]:
+    measured = r.get("bubble_measured") or {}
+    if not measured or r.get("pp", 1) < 2:
+        return None
+    sim = r.get("predicted_bubble") or {}
+    return " / ".join(f"{v:.2f}" + (f" ({sim[k]:.2f})" if k in sim else "") for k, v in sorted(measured.items())) \
+        + f" vs {r.get('bubble_theory', math.nan):.2f}"
+
+
+def _ratio(key: str) -> Callable[[dict[str, Any]], Optional[str]]:
+    def cell(r: dict[str, Any]) -> Optional[str]:
+        v = r.get(key)
+        return None if v is None else f"{v:.2f}×"
+
+    return cell
+
+
+def _bytes(r: dict[str, Any]) -> Optional[str]:
+    if r.get("bytes_stages") is None:
+        return None
+    return f"{_mb(r['bytes_stages']):.1f} / {_mb(r['bytes_towers']):.1f} / {_mb(r['bytes_replicas']):.1f}"
+
+
+def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], complete: bool) -> Report:
+    a = sweep.args
+    report = Report("scaling", sweep.out, sweep.argv, sweep.settings(), env,
+                    title=f"Scaling: layouts over {', '.join(map(str, sorted({r['workers'] for r in rows if r['kind'] != 'predicted-gpu'})))} "
+                          f"workers on {env.get('machine')}")
+    report.rows = rows
+    m = sweep.model
+    measured = [r for r in rows if r["kind"] in ("engine", "ds-default")]
+    base = [r for r in rows if r["kind"] in ("plain", "ddp")]
+    cal = [r for r in rows if r["kind"] == "calibration"]
+    gpu = [r for r in rows if r["kind"] == "predicted-gpu"]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    where = "Ray job path (cluster.driver.run_job)" if a.launcher == "ray" else "local processes (cluster.spawn.run_local)"
+    report.tables.append(Table(
+        "Measured layouts: measured vs predicted images/s, beside the baselines", measured, [
+            Column("layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"),
+            Column("M", "micro_batches"), Column("mb", "micro_batch"), Column("W", "workers"),
+            Column("partition", "partition"),
+            Column("img/s measured", "images_per_s", ".1f"), Column("img/s predicted", "predicted_images_per_s", ".1f"),
+            Column("error", lambda r: f"{100 * r['prediction_error']:+.0f}%" if "prediction_error" in r else None),
+            Column("efficiency", "efficiency", ".2f"),
+            Column("step p50 / p95 ms", lambda r: f"{_ms(r['step_p50_s']):.0f} / {_ms(r['step_p95_s']):.0f}"),
+            Column("bubble per stage (simulated) vs theory", _bubble),
+            Column("plain img/s", "plain_images_per_s", ".1f"), Column("DDP img/s", "ddp_images_per_s", ".1f"),
+            Column("DS parameters img/s", "ds_default_images_per_s", ".1f"),
+            Column("× plain", _ratio("vs_plain")), Column("× DDP", _ratio("vs_ddp")),
+            Column("× DS", _ratio("vs_ds_default")),
+            Column("peak MiB (max rank)", lambda r: _mib(r.get("peak_memory_max_bytes")), ".0f"),
+            Column("MB/step stages / towers / replicas", _bytes), Column("load", "load_1min", ".1f"),
+            Column("status", lambda r: r.get("status") if r.get("status") != "ok" else "")],
+        intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}, "
+               f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
+               f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
+               "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
+               "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
+               "for W workers. Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
+               "vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
+               "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
+               f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))
+    report.tables.append(Table("Baselines (same run, same batches)", base, [
+        Column("baseline", lambda r: "plain single-process trainer" if r["kind"] == "plain" else "PyTorch DDP (gloo)"),
+        Column("W", "workers"), Column("processes × threads",
+                                       lambda r: f"1 × {r['threads']}" if r["kind"] == "plain" else f"{r['workers']} × {r['threads']}"),
+        Column("img/s", "images_per_s", ".1f"), Column("efficiency", "efficiency", ".2f"),
+        Column("step p50 / p95 ms", lambda r: f"{_ms(r['step_p50_s']):.0f} / {_ms(r['step_p95_s']):.0f}"),
+        Column("× plain", _ratio("vs_plain")),
+        Column("peak MiB (max rank)", lambda r: _mib(r.get("peak_memory_max_bytes")), ".0f"),
+        Column("MB/step between replicas", lambda r: _mb(r.get("bytes_replicas")), ".1f"),
+        Column("status", lambda r: r.get("status") if r.get("status") != "ok" else "")],
+        intro=("plain: the whole network in one process with min(W × threads, cores) torch threads (the single-process "
+               "trainer's step); DDP: torch.nn.parallel.DistributedDataParallel over W processes, each on its rows of "
+               "the global batch (from W = 2). Efficiency against the same baseline at W = 1 (DDP: the plain trainer).")))
+    phase_rows = []
+    for r in measured:
+        for stage, ph in sorted((r.get("phases_s") or {}).items()):
+            pred = (r.get("predicted_phases_s") or {}).get(stage, {})
+            phase_rows.append({"layout": r["label"], "stage": stage, **{k: ph.get(k) for k in PHASES},
+                               "pred": pred, "bubble": (r.get("bubble_measured") or {}).get(stage)})
+    report.tables.append(Table("Where each stage's step goes: measured ms per step (predicted)", phase_rows, [
+        Column("layout", "layout"), Column("stage", "stage"),
+        *[Column(p, (lambda p: lambda r: None if r.get(p) is None else
+                     f"{_ms(r[p]):.1f}" + (f" ({_ms(r['pred'][p]):.1f})" if p in r["pred"] else ""))(p)) for p in PHASES],
+        Column("bubble", "bubble", ".3f")],
+        intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
+               "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
+               "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
+               "DeepSpeed's gradient copies; the all-reduce over replicas is its own predicted phase, in the JSON); it does "
+               "not model data_wait.")))
+    report.tables.append(Table("PREDICTED, not measured: GPU counts this machine lacks", gpu, [
+        Column("profile", "profile"), Column("GPUs", "workers"), Column("batch", "batch"),
+        Column("best layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"), Column("M", "micro_batches"),
+        Column("img/s predicted", "predicted_images_per_s", ".0f"), Column("efficiency predicted", "predicted_efficiency", ".2f"),
+        Column("data parallel only img/s predicted", "dp_only_images_per_s", ".0f"),
+        Column("GiB per GPU", lambda r: r["predicted_memory_bytes"] / 2**30, ".1f")],
+        intro=(f"The paper network (60,965,224 parameters) at {a.gpu_batch_per_worker} images per GPU, on the assumed "
+               "H100 profiles of alexnet_pp/planning/profile.py (`assumed_gpu_profile`: NVLink 4 in one domain, or "
+               "8 GPUs per node on NVLink joined by InfiniBand NDR), each calibrated on this repository's one measured "
+               "H100 step. The planner's best layout per count; none of these numbers was measured.")))
+    if failed:
+        report.tables.append(Table("Failed configurations (the sweep went on)", failed, [
+            Column("configuration", "label"), Column("error", lambda r: (r.get("error") or "").strip().splitlines()[-1][:300]
+                                                     if r.get("error") else "")]))
+    within = [abs(r["prediction_error"]) <= TOLERANCE for r in measured if "prediction_error" in r]
+    worst = max((abs(r["prediction_error"]) for r in measured if "prediction_error" in r), default=None)
+    if within:
+        report.notes.append(f"prediction within {100 * TOLERANCE:.0f}% of the measurement for {sum(within)} of "
+                            f"{len(within)} measured layouts (largest error {100 * worst:.0f}%)")
+    loads = [r.get("load_1min") for r in rows if r.get("load_1min") is not None]
+    if loads:
+        report.notes.append(f"load average (1 min) before each configuration: {min(loads):.1f}–{max(loads):.1f} on "
+                            f"{env.get('cores')} cores (other processes share this machine when it exceeds the workers)")
+    for r in cal:
+        if r.get("status") == "ok":
+            report.notes.append(f"calibration W={r['workers']}: micro-batches {r['micro_batch_sizes']}, "
+                                f"{r['co_runners']} co-runner(s), profile {r['profile']}")
+    report.notes.append("peak memory: each rank's maximum resident set (CPU, getrusage ru_maxrss) or CUDA memory "
+                        "allocated (GPU); a first stage's includes the in-memory input batches")
+    if not complete:
+        report.notes.append("INCOMPLETE: the sweep was interrupted; run the same command again to resume")
+    report.notes.append("each configuration's own output: logs/<configuration>.log")
+    return report
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="alexnet-pp bench scaling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda v: [int(x) for x in v.split(",") if x]  # noqa: E731
+    ap.add_argument("--workers", type=ints, default=[1, 2, 4], help="worker counts to sweep (default 1,2,4)")
+    ap.add_argument("--layouts", type=parse_layout, nargs="+", metavar="P,T,D[,M]",
+                    help="run these layouts instead of every layout of --workers")
+    ap.add_argument("--micro-batches", type=ints, default=[4], help="M for layouts with P > 1 (default 4)")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="demo", help="network and batch (default demo)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config setting for every run, e.g. model.width=0.5 (repeatable)")
+    ap.add_argument("--batch", type=int, help="global batch per optimizer step (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps before them (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    ap.add_argument("--data", choices=("tensors", "shards"), default="tensors",
+                    help="in-memory tensors (default) or the real shard stream")
+    ap.add_argument("--launcher", choices=("ray", "spawn"), default="ray",
+                    help="ray: the Ray job path training takes (default); spawn: local processes, no Ray start-up")
+    ap.add_argument("--address", help="Ray cluster to run on (default: a local Ray per configuration)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU processes)")
+    ap.add_argument("--partition", default="measured", help="stage cuts of the layouts (default measured)")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help=f"baselines to run beside the layouts, of {','.join(BASELINES)} (default all; '' none)")
+    ap.add_argument("--no-predict", action="store_true", help="skip calibration and predictions")
+    ap.add_argument("--calibration-reps", type=int, default=5, help="timed repetitions of the calibration (median)")
+    ap.add_argument("--distinct-batches", type=int, default=2, help="different in-memory batches, cycled")
+    ap.add_argument("--gpu-workers", type=ints, default=[8, 64, 512],
+                    help="GPU counts to predict on assumed H100 profiles ('' none; default 8,64,512)")
+    ap.add_argument("--gpu-batch-per-worker", type=int, default=128, help="images per GPU for those (default 128)")
+    ap.add_argument("--out", default=os.path.join("runs", "bench", "scaling"), help="folder for the results")
+    ap.add_argument("--scratch", help="folder for each run's own files, removed after it (default: a new temporary "
+                    "folder; on several machines give one they all see)")
+    ap.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT's sweep")
+    ap.add_argument("--retry-failed", action="store_true", help="on resume, run failed configurations again")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep, Spec], dict[str, Any]]] = None) -> int:
+    """`runner(sweep, spec)` replaces how one configuration runs (tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        print(f"alexnet-pp bench scaling: unknown baseline(s) {', '.join(sorted(unknown))}; use {', '.join(BASELINES)}",
+              file=sys.stderr)
+        return 2
+    sweep = None
+    try:
+        sweep = Sweep(args, argv)
+        sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict)
+        if args.fresh and sweep.rows_path.exists():
+            sweep.rows_path.unlink()
+        done = load_rows(sweep.rows_path, sweep.settings())
+    except ConfigError as e:
+        print(f"alexnet-pp bench scaling: {e}", file=sys.stderr)
+        if sweep is not None and sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
+        return 2
+    env = environment()
+    todo = [s for s in sweep.specs if s.id not in done
+            or (args.retry_failed and done[s.id].get("status") == "failed")]
+    say = _Say(len(sweep.specs), len(sweep.specs) - len(todo))
+    say.line(f"scaling sweep: {len(sweep.specs)} configurations ({len(sweep.specs) - len(todo)} done before), "
+             f"workers {sorted({s.workers for s in sweep.specs})}, preset {args.preset}, batch {sweep.batch}, "
+             f"{args.launcher} launcher, {args.data}; results in {sweep.out}")
+    run = runner or (lambda sw, spec: sw.run_spec(spec))
+    complete = True
+    try:
+        for spec in todo:
+            say.start(spec)
+            row = {"id": spec.id, "kind": spec.kind, "label": spec.label, "workers": spec.workers, "pp": spec.pp,
+                   "tp": spec.tp, "dp": spec.dp, "micro_batches": spec.m, "batch": sweep.batch,
+                   "micro_batch": sweep.batch // (spec.dp * spec.m), "launcher": args.launcher, "data": args.data,
+                   "load_1min": (load_average() or [None])[0]}
+            t0 = time.perf_counter()
+            try:
+                with output_to(sweep.out / "logs" / f"{spec.slug}.log"):
+                    row.update(run(sweep, spec))
+                row["status"] = "ok"
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # recorded; the sweep goes on
+                row.update(status="failed", error=f"{type(e).__name__}: {e}".strip(),
+                           traceback=traceback.format_exc()[-4000:])
+            row["wall_s"] = time.perf_counter() - t0
+            done[spec.id] = row
+            append_row(sweep.rows_path, row, sweep.settings())
+            say.finish(spec, derive(sweep, [row])[0] if row["kind"] in ("engine", "ds-default") else row)
+    except KeyboardInterrupt:
+        complete = False
+        say.line("interrupted: run the same command again to resume after the last finished configuration")
+    try:
+        rows = derive(sweep, [done[s.id] for s in sweep.specs if s.id in done])
+        if args.gpu_workers:
+            rows += gpu_predictions(args.gpu_workers, args.gpu_batch_per_worker, min_micro_batch=8)
+        report = build_report(sweep, rows, env, complete)
+        from cluster.bench.plots import write_plots
+
+        report.images = write_plots(rows, sweep.out, env, {**sweep.settings(),
+                                                           "gpu_batch_per_worker": args.gpu_batch_per_worker})
+        for path in report.write():
+            say.line(f"wrote {path}")
+    finally:
+        say.close()
+        if sweep.own_scratch:
+            shutil.rmtree(sweep.scratch, ignore_errors=True)
+    return 0 if complete else 130
+
+
+class _Say:
+    """A progress bar across the sweep on a terminal; one line per finished configuration."""
+
+    def __init__(self, total: int, done: int):
+        from tqdm import tqdm
+
+        self.stream = os.fdopen(os.dup(2), "w", buffering=1)  # survives output_to's redirection
+        self.bar = tqdm(total=total, initial=done, desc="sweep", unit="config", file=self.stream,
+                        dynamic_ncols=True) if self.stream.isatty() else None
+        self.total, self.count = total, done
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, spec: Spec) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(spec.label)
+
+    def finish(self, spec: Spec, row: dict[str, Any]) -> None:
+        self.count += 1
+        text = f"[{self.count}/{self.total}] {spec.label}: "
+        if row.get("status") != "ok":
+            text += "FAILED: " + (row.get("error") or "").strip().splitlines()[-1][:200]
+        elif spec.kind == "calibration":
+            text += f"profile at micro-batches {row.get('micro_batch_sizes')}"
+        else:
+            text += f"{row['images_per_s']:.1f} img/s, step p50 {1000 * row['step_p50_s']:.0f} ms"
+            if "predicted_images_per_s" in row:
+                text += f" (predicted {row['predicted_images_per_s']:.1f}, {100 * row['prediction_error']:+.0f}%)"
+        text += f" [{row.get('wall_s', 0):.0f} s]"
+        self.line(text)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stream.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`alexnet-pp bench scaling`: which configurations a sweep runs, a failing one recorded without
+stopping it, an interrupted sweep resuming, and a tiny sweep end to end (every file, every column,
+every plot drawn), on local processes and through the Ray job path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.bench import scaling
+from cluster.bench.scaling import Spec, layouts_for, plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_layout_of_a_worker_count():
+    assert layouts_for(1, 64, [4]) == [(1, 1, 1, 1)]
+    assert layouts_for(2, 64, [4, 8]) == [(1, 1, 2, 1), (2, 1, 1, 4), (2, 1, 1, 8), (1, 2, 1, 1)]
+    four = layouts_for(4, 64, [4])
+    assert four == [(1, 1, 4, 1), (2, 1, 2, 4), (4, 1, 1, 4), (1, 2, 2, 1), (2, 2, 1, 4)]
+    assert (2, 1, 2, 4) not in layouts_for(4, 4, [4])  # batch 4 does not split into D·M = 8 micro-batches
+
+
+def test_idle_is_the_time_in_no_timed_instruction():
+    phases = {"0": {"forward": 1.0, "backward": 2.0, "send": 0.5, "recv": 1.5, "idle": 2.5, "optimizer": 0.2}}
+    assert scaling.exclusive_idle(phases)["0"] == {**phases["0"], "idle": 0.5}
+    assert scaling.exclusive_idle({"0": {"forward": 1.0, "recv": 0.3, "idle": 0.2}})["0"]["idle"] == 0.0
+
+
+def test_a_sweep_calibrates_then_runs_baselines_then_each_layout_and_deepspeeds_cut():
+    ids = [s.id for s in plan([1, 2], 64, [4], scaling.BASELINES)]
+    assert ids == ["calibration:W1", "plain:W1", "engine:1x1x1:M1",
+                   "calibration:W2", "plain:W2", "ddp:W2", "engine:1x1x2:M1", "engine:2x1x1:M4",
+                   "ds-default:2x1x1:M4", "engine:1x2x1:M1"]
+    explicit = plan([2], 64, [4], ("plain",), [(2, 1, 1, 2), (9, 2, 1, 2)], predict=False)
+    assert [s.id for s in explicit] == ["plain:W2", "engine:2x1x1:M2", "engine:9x2x1:M2"]  # no baselines for 18
+
+
+def fake_runner(calls, fail=(), interrupt=()):
+    def run(sweep, spec: Spec):
+        calls.append(spec.id)
+        if spec.id in interrupt:
+            interrupt.remove(spec.id)
+            raise KeyboardInterrupt
+        if spec.id in fail:
+            raise RuntimeError(f"{spec.id} fell over")
+        if spec.kind == "calibration":
+            return {"micro_batch_sizes": [16], "co_runners": spec.workers - 1, "profile": "none"}
+        ips = 100.0 * spec.workers ** 0.8 * (0.9 if spec.kind == "ds-default" else 1.0)
+        row = {"images_per_s": ips, "step_p50_s": 64 / ips, "step_p95_s": 70 / ips, "steps_timed": 3,
+               "peak_memory_bytes": {str(r): 2**28 for r in range(spec.workers)}}
+        if spec.kind in ("engine", "ds-default"):
+            row.update(partition="measured", bubble_theory=(spec.pp - 1) / (spec.m + spec.pp - 1),
+                       bubble_measured={str(s): 0.2 for s in range(spec.pp)},
+                       phases_s={str(s): {"forward": 0.1, "backward": 0.2, "idle": 0.05} for s in range(spec.pp)})
+        else:
+            row["threads"] = 1
+        return row
+    return run
+
+
+def test_a_failing_configuration_is_recorded_and_an_interrupted_sweep_resumes(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--preset", "test", "--workers", "1,2", "--micro-batches", "2", "--gpu-workers", "", "--no-predict",
+            "--out", str(out)]
+    calls: list[str] = []
+    # first run: 2×1×1 fails (recorded, the sweep goes on), then Ctrl-C at 1×2×1
+    code = scaling.main(argv, runner=fake_runner(calls, fail={"engine:2x1x1:M2"}, interrupt=["engine:1x2x1:M1"]))
+    assert code == 130
+    assert calls == ["plain:W1", "engine:1x1x1:M1", "plain:W2", "ddp:W2", "engine:1x1x2:M1", "engine:2x1x1:M2",
+                     "ds-default:2x1x1:M2", "engine:1x2x1:M1"]
+    partial = json.loads((out / "scaling.json").read_text())
+    assert "INCOMPLETE: the sweep was interrupted; run the same command again to resume" in partial["notes"]
+    failed = next(r for r in partial["rows"] if r["id"] == "engine:2x1x1:M2")
+    assert failed["status"] == "failed" and "RuntimeError: engine:2x1x1:M2 fell over" in failed["error"]
+    assert "2×1×1 M2 | RuntimeError: engine:2x1x1:M2 fell over" in (out / "scaling.md").read_text()
+    # the same command again: only what is left runs, and the report holds every row
+    calls.clear()
+    assert scaling.main(argv, runner=fake_runner(calls)) == 0
+    assert calls == ["engine:1x2x1:M1"]
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert [r["id"] for r in rows] == ["plain:W1", "engine:1x1x1:M1", "plain:W2", "ddp:W2", "engine:1x1x2:M1",
+                                       "engine:2x1x1:M2", "ds-default:2x1x1:M2", "engine:1x2x1:M1"]
+    two = next(r for r in rows if r["id"] == "engine:1x1x2:M1")
+    assert two["efficiency"] == pytest.approx(2**0.8 / 2) and two["vs_plain"] == pytest.approx(1.0)
+    assert two["vs_ddp"] == pytest.approx(1.0) and two["peak_memory_max_bytes"] == 2**28
+    assert two["bytes_replicas"] > 0 and two["bytes_stages"] == 0 and "predicted_images_per_s" not in two
+    # --retry-failed runs the failure again; other settings refuse to mix with these rows
+    calls.clear()
+    assert scaling.main([*argv, "--retry-failed"], runner=fake_runner(calls)) == 0
+    assert calls == ["engine:2x1x1:M2"]
+    ok = next(r for r in json.loads((out / "scaling.json").read_text())["rows"] if r["id"] == "engine:2x1x1:M2")
+    assert ok["status"] == "ok" and ok["vs_ds_default"] == pytest.approx(1 / 0.9)
+    assert scaling.main([*argv, "--steps", "3"], runner=fake_runner(calls)) == 2
+    assert "measured with other settings; pass --fresh" in capsys.readouterr().err
+
+
+COLUMNS = ["id", "kind", "status", "workers", "pp", "tp", "dp", "micro_batches", "micro_batch", "images_per_s",
+           "efficiency", "step_p50_s", "step_p95_s", "bubble_theory", "bubble_measured.0", "bubble_measured.1",
+           "phases_s.0.forward", "phases_s.1.backward", "phases_s.0.send", "phases_s.1.recv", "phases_s.0.idle",
+           "phases_s.0.data_wait", "phases_s.1.optimizer", "bytes_stages", "bytes_towers", "bytes_replicas",
+           "peak_memory_bytes.0", "peak_memory_bytes.1", "predicted_images_per_s", "prediction_error",
+           "plain_images_per_s", "ddp_images_per_s", "ds_default_images_per_s", "vs_plain", "vs_ddp", "vs_ds_default",
+           "error"]
+PLOTS = ["scaling.png", "phases.png", "bubble.png", "predicted_vs_measured.png", "gpu_predicted.png"]
+
+
+def assert_drawn_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 500 and im.height >= 300
+        rgb = im.convert("RGB")
+        colours = rgb.getcolors(maxcolors=1 << 20)
+        inked = sum(n for n, c in colours if c != (255, 255, 255))
+    assert len(colours) > 50, f"{path.name}: almost nothing drawn"
+    assert inked > 0.02 * im.width * im.height, f"{path.name}: mostly blank"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
+    """Local processes, the test preset: 2×1×1 with its baselines and DeepSpeed's cut, calibrated; 1×1×1
+    for the efficiency; and a layout that cannot be (9 stages of 8 units) recorded as failed while the
+    sweep goes on."""
+    out = tmp_path / "out"
+    argv = ["--preset", "test", "--launcher", "spawn", "--workers", "2", "--layouts", "1,1,1", "2,1,1,2", "9,2,1,2",
+            "--steps", "2", "--warmup", "1", "--calibration-reps", "1", "--gpu-workers", "8",
+            "--set", f"data.synthetic_dir={tmp_path / 'data'}", "--out", str(out)]
+    assert scaling.main(argv) == 0
+    progress = capfd.readouterr().err
+    for name in ("scaling.json", "scaling.csv", "scaling.md", "scaling.rows.jsonl", "profiles/w2.json", *PLOTS):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(["logs", "profiles", "scaling.rows.jsonl", "scaling.json",
+                                                            "scaling.csv", "scaling.md", *PLOTS])  # no run files
+    data = json.loads((out / "scaling.json").read_text())
+    assert data["command"].startswith("alexnet-pp bench scaling --preset test --launcher spawn")
+    assert data["environment"]["versions"]["deepspeed"] and data["settings"]["batch"] == 32
+    rows = {r["id"]: r for r in data["rows"]}
+    assert set(rows) == {"engine:1x1x1:M1", "calibration:W2", "plain:W2", "ddp:W2", "engine:2x1x1:M2", "ds-default:2x1x1:M2",
+                         "engine:9x2x1:M2", "ds-default:9x2x1:M2", "predicted-gpu:h100-nvlink:W1",
+                         "predicted-gpu:h100-nvlink:W8", "predicted-gpu:h100-ib:W1", "predicted-gpu:h100-ib:W8"}
+    assert rows["engine:9x2x1:M2"]["status"] == "failed" and "at most 8 stages" in rows["engine:9x2x1:M2"]["error"]
+    pipe = rows["engine:2x1x1:M2"]
+    assert pipe["status"] == "ok" and pipe["steps_timed"] == 2 and pipe["images_per_s"] > 0
+    assert set(pipe["phases_s"]) == {"0", "1"} and pipe["phases_s"]["0"]["forward"] > 0
+    for ph in pipe["phases_s"].values():  # the phases add up to the step (idle: in no timed instruction)
+        assert sum(ph.values()) == pytest.approx(32 / pipe["images_per_s"], rel=0.25)  # the mean step
+    assert pipe["bubble_theory"] == pytest.approx(1 / 3) and set(pipe["bubble_measured"]) == {"0", "1"}
+    assert pipe["peak_memory_bytes"]["0"] > 50 * 2**20 and pipe["predicted_images_per_s"] > 0
+    assert pipe["bytes_stages"] > 0 and pipe["bytes_towers"] == 0 and pipe["bytes_replicas"] == 0
+    assert pipe["vs_plain"] > 0 and pipe["vs_ddp"] > 0 and pipe["vs_ds_default"] > 0
+    assert rows["ddp:W2"]["bytes_replicas"] > 0 and rows["plain:W2"]["threads"] == min(2, len(os.sched_getaffinity(0)))
+    header = next(csv.reader(open(out / "scaling.csv")))
+    assert [c for c in COLUMNS if c not in header] == []
+    md = (out / "scaling.md").read_text()
+    for heading in ("img/s measured", "img/s predicted", "plain img/s", "DDP img/s", "DS parameters img/s",
+                    "PREDICTED, not measured", "Failed configurations", "at most 8 stages"):
+        assert heading in md, heading
+    for name in PLOTS:
+        assert_drawn_png(out / name)
+        assert f"]({name})" in md
+    assert pipe["efficiency"] > 0 and rows["engine:1x1x1:M1"]["efficiency"] == 1.0
+    assert "[8/8] 9×2×1 M2 DS parameters: FAILED: ConfigError" in progress
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_the_sweep_runs_layouts_through_the_ray_job_path(tmp_path):
+    """`--launcher ray` (the default): the job runs through cluster.driver.run_job on the in-memory
+    batches (the same losses as local processes on them) and the run summary brings back every rank's
+    phases and peak memory. A separate process: Ray reads its auth mode once, at import
+    (tests/cluster/test_job.py sets it for its own module)."""
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), DS_ACCELERATOR="cpu",
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cluster.cli", "bench", "scaling", "--preset", "test", "--workers", "2",
+           "--layouts", "2,1,1,2", "--baselines", "", "--no-predict", "--gpu-workers", "", "--steps", "2",
+           "--warmup", "1", "--set", f"data.synthetic_dir={tmp_path / 'data'}", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((out / "scaling.json").read_text())["rows"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["launcher"] == "ray" and row["steps_timed"] == 2 and row["images_per_s"] > 0
+    assert set(row["phases_s"]) == {"0", "1"} and set(row["peak_memory_bytes"]) == {"0", "1"}
+    assert min(row["peak_memory_bytes"].values()) > 50 * 2**20
+    log = (out / "logs" / "engine-2x1x1-M2.log").read_text()
+    assert "job engine-2x1x1-M2: (P, T, D) = (2, 1, 1)" in log  # the driver's own first line
+    local = tmp_path / "local"
+    args = cmd[cmd.index("--preset"):-1] + [str(local), "--launcher", "spawn"]
+    assert scaling.main(args) == 0
+    (same,) = json.loads((local / "scaling.json").read_text())["rows"]
+    assert len(row["losses"]) == 3 and row["losses"] == pytest.approx(same["losses"], rel=1e-5)
