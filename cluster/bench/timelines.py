@@ -1,4 +1,5 @@
-"""Measured pipeline timelines as a figure: every rank's instructions of one step, coloured by phase.
+"""`alexnet-pp bench engine --figure PATH` (comparison 4): the measured pipeline timelines of 1F1B and
+ZB-H1 side by side, every rank's instructions of one step coloured by phase (matplotlib, off-screen).
 
 The input is what the engine recorded (cluster/timing.py: `InstructionTimer.last_step`, returned as
 `RankResult.timeline`): per instruction its phase and perf_counter start and end, one clock for every
@@ -46,11 +47,11 @@ def _bars(ax, timeline: dict, t0: float) -> float:
 def plot_timelines(runs: Sequence[tuple[int, int, dict, dict]], path: str, title: str = "") -> None:
     """`runs`: (P, M, 1F1B timeline, ZB-H1 timeline) per configuration; one row each, the two
     schedules side by side on one time axis."""
-    import matplotlib
+    from matplotlib.patches import Patch  # no backend chosen by this import; _plt() sets Agg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    from cluster.bench.plots import _plt
+
+    plt = _plt()
 
     fig, axes = plt.subplots(len(runs), 2, figsize=(16, 1.2 + 1.0 * sum(max(2, p) for p, *_ in runs)),
                              squeeze=False, gridspec_kw={"height_ratios": [max(2, p) for p, *_ in runs]})
@@ -60,7 +61,7 @@ def plot_timelines(runs: Sequence[tuple[int, int, dict, dict]], path: str, title
             t0 = min(e["start"] for _, events in timeline.values() for e in events)
             spans.append(_bars(ax, timeline, t0))
             ax.set_title(f"{name}, P = {pp}, M = {m}: step {spans[-1]:.2f} s", fontsize=9)
-            ax.set_xlabel("seconds", fontsize=8)
+            ax.set_xlabel("seconds since the step's first instruction", fontsize=8)
             ax.tick_params(axis="x", labelsize=8)
         for ax in row:
             ax.set_xlim(0, max(spans) * 1.01)
