@@ -81,6 +81,19 @@ class Layout:
             raise ConfigError("parallel.cpus_per_worker must be > 0 (or give each worker a GPU)")
         if p.activation_checkpoint_interval < 0:
             raise ConfigError("parallel.activation_checkpoint_interval must be ≥ 0 (0: off)")
+        if p.schedule == "zb-h1":  # W passes write .grad themselves, after the backward pass (cluster/zero_bubble.py)
+            unsupported = [why for why, on in (
+                (f"parallel.precision={p.precision} (DeepSpeed's bf16/fp16 optimizers read gradients in the "
+                 "backward pass)", p.precision != "fp32"),
+                (f"parallel.zero_stage={p.zero_stage} (ZeRO reads gradients in the backward pass)", p.zero_stage > 0),
+                ("parallel.activation_checkpoint_interval > 0 (recomputation would run inside the B pass)",
+                 p.activation_checkpoint_interval > 0),
+                ("parallel.defer_weight_grads (zb-h1 already computes every weight gradient in its own W pass)",
+                 p.defer_weight_grads)) if on]
+            if unsupported:
+                raise ConfigError("parallel.schedule=zb-h1 runs float32 without ZeRO, activation checkpointing or "
+                                  f"deferred FC gradients; not with {'; '.join(unsupported)}. Change these or use "
+                                  "parallel.schedule=1f1b")
         part = partition(cfg.model, p.pp, p.partition, tp=p.tp)
         return cls(p.pp, p.tp, p.dp, p.micro_batches, per_replica, part, p.precision, p.zero_stage)
 

@@ -10,6 +10,7 @@ What it reads comes from cluster/feeds.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -32,7 +33,8 @@ from cluster.checkpoint import EngineCheckpoints
 from cluster.faults import CheckpointWriteGuard, InstructionWatchdog, NonFiniteWatch, StopRun, timed_out, where
 from cluster.feeds import ShardData, TrainData, eval_micro_batches, no_data, train_micro_batches
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, rank_layers
-from cluster.timing import InstructionTimer, step_stats
+from cluster.stage_cut import live_costs, settle_cut
+from cluster.timing import InstructionTimer, peak_memory_bytes, reset_peak_memory, step_stats
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class RankResult:
     stopped: Optional[str] = None  # why the job stopped early on every rank (cluster/faults.py: StopRun)
     skip_counts: dict[str, int] = field(default_factory=dict)
     parameters: Optional[dict[str, torch.Tensor]] = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # the last step's instructions (timing.InstructionEvent)
+    peak_memory: int = 0  # bytes while training: CUDA's peak allocation, else the process's peak resident set
+    bounds: tuple[int, ...] = ()  # the stage cut it trained on (pipeline units, alexnet_pp/pipeline.py)
 
 
 def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
@@ -114,8 +119,6 @@ class PipelineWorker:
 
     def _build(self) -> None:
         import deepspeed
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         cfg, c = self.cfg, self.coord
         # DeepSpeed keeps its own handle on the process group the launcher already made.
@@ -127,7 +130,31 @@ class PipelineWorker:
             self.layer_costs = self._measured_costs()
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
             self.layout = self.layout.with_bounds(cut.bounds)
+        self._build_engine()
+        if self.layer_costs is not None:
+            self._settle_cut()
         layout = self.layout
+        # faults (cluster/faults.py): which layer went non-finite first; which instruction a rank is stuck in
+        self.non_finite = NonFiniteWatch(self.module.forward_funcs, c, self.engine.device)
+        self.watchdog = InstructionWatchdog(self.timer, c, cfg.parallel.collective_timeout_s,
+                                            lambda record: self.callbacks.on_stuck(record, self.coord)).start()
+        if self.data is None and c.stage == 0:
+            self.data = ShardData(cfg, layout, c.replica)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = total_steps(cfg, self.steps_per_epoch)
+        self.schedule = LRSchedule(self.optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
+        if self.rank == 0:
+            log.info("%s", describe(cfg.model, layout.partition, self.layer_costs, layout.tp))
+
+    def _build_engine(self) -> None:
+        """This rank's stage of `self.layout` inside DeepSpeed's engine, with its optimizer and timer."""
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        from cluster.zero_bubble import ZeroBubbleEngine  # imports deepspeed: inside the worker
+
+        cfg, c, layout = self.cfg, self.coord, self.layout
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
@@ -149,27 +176,44 @@ class PipelineWorker:
         self.group.group = self.module._grid.get_slice_parallel_group()
         mark_norm_ownership(self.module, layout.tp, c.tower)
         self.checkpoints.load_weights(self.module)  # before DeepSpeed copies them (bf16 master weights)
-        # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch
-        self.deferred = DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
-        optimizer = build_optimizer(self.module.parameters(), cfg.train)
+        zero_bubble = cfg.parallel.schedule == "zb-h1"
+        # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch.
+        # zb-h1: every conv and linear weight gradient in its micro-batch's W pass (cluster/zero_bubble.py)
+        self.deferred = DeferredGrads(list(self.module.forward_funcs), convolutions=True) if zero_bubble else \
+            DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.train)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=deepspeed_config(cfg, layout)
+            model=self.module, optimizer=self.optimizer, config=deepspeed_config(cfg, layout)
         )
+        if zero_bubble:
+            ZeroBubbleEngine.adopt(self.engine, self.deferred)
         # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
         self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
-                                      if self.deferred else None)
-        # faults (cluster/faults.py): which layer went non-finite first; which instruction a rank is stuck in
-        self.non_finite = NonFiniteWatch(self.module.forward_funcs, c, self.engine.device)
-        self.watchdog = InstructionWatchdog(self.timer, c, cfg.parallel.collective_timeout_s,
-                                            lambda record: self.callbacks.on_stuck(record, self.coord)).start()
-        if self.data is None and c.stage == 0:
-            self.data = ShardData(cfg, layout, c.replica)
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.total_steps = total_steps(cfg, self.steps_per_epoch)
-        self.optimizer = optimizer
-        self.schedule = LRSchedule(optimizer, cfg.train, self.steps_per_epoch, self.total_steps)
+                                      if self.deferred and not zero_bubble else None)
+
+    def _settle_cut(self) -> None:
+        """Check the measured cut on the engine's live stage times and re-cut (cluster/stage_cut.py)."""
+        cfg, layout = self.cfg, self.layout
+
+        def measure() -> list[float]:
+            live = live_costs(self.engine, self.timer, self.module, cfg.model, layout.micro_batch, self.coord.stage,
+                              layout.pp, cfg.train.seed)
+            if self.deferred is not None:  # 1F1B's deferred FC rows would otherwise join the first step's flush
+                self.deferred.discard()
+            return live
+
+        def rebuild(bounds: tuple[int, ...]) -> None:
+            self.engine = self.module = self.optimizer = self.deferred = self.timer = None
+            gc.collect()
+            self.layout = self.layout.with_bounds(bounds)
+            self._build_engine()
+
+        first = layout.partition.bounds
+        _, tried = settle_cut(cfg.model, self.layer_costs, first, layout.tp, measure, rebuild)
         if self.rank == 0:
-            log.info("%s", describe(cfg.model, layout.partition, self.layer_costs, layout.tp))
+            log.info("pipeline cut on live stage times (ms per micro-batch): %s; training on %s", "; ".join(
+                f"{list(b)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for b, live in tried.items()),
+                list(self.layout.partition.bounds))
 
     def deferred_active(self) -> bool:
         p = self.cfg.parallel
@@ -282,7 +326,7 @@ class PipelineWorker:
 
     def _run(self) -> RankResult:
         self._build()
-        result = RankResult(coord=asdict(self.coord), steps=0)
+        result = RankResult(coord=asdict(self.coord), steps=0, bounds=tuple(self.layout.partition.bounds))
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:
@@ -300,6 +344,8 @@ class PipelineWorker:
         except StopRun as e:  # raised on every rank together: end without a restart
             log.error("%s: %s", self.coord.label(), e)
             result.stopped = str(e)
+        result.peak_memory = peak_memory_bytes()
+        result.timeline = [asdict(e) for e in self.timer.last_step]
         if self.data is not None:
             result.skip_counts = self.data.skip_counts()
         if self.keep_parameters:
@@ -311,7 +357,10 @@ class PipelineWorker:
         cfg, layout = self.cfg, self.layout
         eval_every = eval_interval(cfg, self.steps_per_epoch)
         ckpt_every = cfg.checkpoint.every_steps
-        theory = layout.theoretical_bubble()
+        from cluster.zero_bubble import theoretical_bubble
+
+        theory = theoretical_bubble(cfg.parallel.schedule, layout.pp, layout.micro_batches)
+        reset_peak_memory()
         while step < self.total_steps:
             stream = self._train_iter(epoch, step, in_epoch)
             while in_epoch < self.steps_per_epoch and step < self.total_steps:

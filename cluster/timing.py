@@ -15,17 +15,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-PHASES = ("forward", "backward", "send", "recv", "idle", "data_wait", "optimizer")
+PHASES = ("forward", "backward", "backward_weight", "send", "recv", "idle", "data_wait", "optimizer")
+COMPUTE_PHASES = ("forward", "backward", "backward_weight", "data_wait")  # a stage's busy time
 
 # DeepSpeed's pipeline instructions (deepspeed.runtime.pipe.schedule) → phase
 INSTRUCTION_PHASE = {
     "ForwardPass": "forward",
     "BackwardPass": "backward",
+    "BackwardWeightPass": "backward_weight",  # zb-h1's W pass (cluster/zero_bubble.py)
     "LoadMicroBatch": "data_wait",
     "SendActivation": "send",
     "SendGrad": "send",
     "RecvActivation": "recv",
     "RecvGrad": "recv",
+    "WaitSends": "send",  # zb-h1: the step's asynchronous sends complete
     "ReduceGrads": "optimizer",
     "ReduceTiedGrads": "optimizer",
     "OptimizerStep": "optimizer",
@@ -54,11 +57,22 @@ def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, secon
                phases: dict[str, float], theoretical_bubble: float, **extra) -> StepStats:
     """Fill in the idle phase and the bubble from the timed phases of one step."""
     pipe_time = seconds - phases.get("optimizer", 0.0)
-    busy = phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("data_wait", 0.0)
+    busy = sum(phases.get(p, 0.0) for p in COMPUTE_PHASES)
     phases = {**phases, "idle": max(0.0, pipe_time - busy)}
     bubble = phases["idle"] / pipe_time if pipe_time > 0 else 0.0
     extra.setdefault("peak_memory", peak_memory_bytes())
     return StepStats(step, epoch, loss, lr, images, seconds, phases, bubble, theoretical_bubble, **extra)
+
+
+@dataclass(frozen=True)
+class InstructionEvent:
+    """One executed pipeline instruction: perf_counter seconds (one clock for every process of a machine)."""
+
+    name: str  # DeepSpeed's (or zb-h1's) instruction class
+    phase: str
+    start: float
+    end: float
+    buffer_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -76,13 +90,36 @@ class InFlight:
         return f"pipeline instruction {self.name}({args}) of {where}"
 
 
+def reset_peak_memory() -> None:
+    """Start `peak_memory_bytes` afresh (on Linux without CUDA: the resident set's high-water mark,
+    through /proc/self/clear_refs), so a schedule's peak is its own, not the set-up's."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes() -> int:
-    """This process's peak memory so far: the CUDA memory it allocated on its device when it uses a
-    GPU, else its peak resident set (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak memory since reset_peak_memory (or its start): the CUDA memory it allocated on
+    its device when it uses a GPU, else its peak resident set (Linux: VmHWM; elsewhere getrusage's
+    ru_maxrss, KiB on Linux, bytes on macOS)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -90,6 +127,7 @@ def peak_memory_bytes() -> int:
 class InstructionTimer:
     """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
     `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase).
+    The instructions of the last step `take()` closed are kept in `last_step` (the measured timeline).
 
     It also knows where the rank is: `in_flight` is the instruction running now (None between
     instructions), `failed_in` the one that raised last; the engine sets `step` (the optimizer step
@@ -100,9 +138,11 @@ class InstructionTimer:
         self.step: Optional[int] = None
         self.in_flight: Optional[InFlight] = None
         self.failed_in: Optional[InFlight] = None
+        self.events: list[InstructionEvent] = []
+        self.last_step: list[InstructionEvent] = []
         table = dict(type(engine)._INSTRUCTION_MAP)
         for cmd_type, fn in list(table.items()):
-            timed = self._timed(fn, INSTRUCTION_PHASE.get(cmd_type.__name__, "other"))
+            timed = self._timed(fn, INSTRUCTION_PHASE.get(cmd_type.__name__, "other"), cmd_type.__name__)
             if before and cmd_type.__name__ in before:
                 timed = self._preceded(timed, *before[cmd_type.__name__])
             table[cmd_type] = self._tracked(timed, cmd_type.__name__)
@@ -132,17 +172,21 @@ class InstructionTimer:
 
         return both
 
-    def _timed(self, fn: Callable, phase: str) -> Callable:
+    def _timed(self, fn: Callable, phase: str, name: str) -> Callable:
         def run(engine, **kwargs):
             t0 = time.perf_counter()
             try:
                 return fn(engine, **kwargs)
             finally:
-                self.seconds[phase] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.seconds[phase] += t1 - t0
+                self.events.append(InstructionEvent(name, phase, t0, t1, kwargs.get("buffer_id")))
 
         return run
 
     def take(self) -> dict[str, float]:
+        """The phase seconds since the last call; the instructions since then become `last_step`."""
         out = dict(self.seconds)
         self.seconds.clear()
+        self.last_step, self.events = self.events, []
         return out

@@ -48,10 +48,11 @@ class Candidate:
         return f"{self.pp}×{self.tp}×{self.dp}"
 
     @classmethod
-    def of(cls, run: RunConfig, schedule: str = "1f1b") -> "Candidate":
-        """The layout a run configuration trains with, to print a prediction beside its measurement."""
+    def of(cls, run: RunConfig, schedule: Optional[str] = None) -> "Candidate":
+        """The layout a run configuration trains with, its `parallel.schedule` included, to print a
+        prediction beside its measurement."""
         p = run.parallel
-        return cls(p.pp, p.tp, p.dp, p.micro_batches, run.train.batch_size, schedule, p.partition)
+        return cls(p.pp, p.tp, p.dp, p.micro_batches, run.train.batch_size, schedule or p.schedule, p.partition)
 
     def check(self, cfg: ModelConfig) -> None:
         if self.tp not in (1, 2):

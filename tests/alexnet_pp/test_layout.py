@@ -74,3 +74,28 @@ def test_a_measured_cut_keeps_everything_else_of_the_layout():
     lay = layout_of(cfg_for(pp=2, micro_batches=4))
     cut = lay.with_bounds((0, 5, 12))
     assert cut.partition.bounds == (0, 5, 12) and cut.shape == lay.shape and cut.micro_batch == lay.micro_batch
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"parallel.precision": "bf16"}, "parallel.precision=bf16"),
+        ({"parallel.dp": "2", "parallel.zero_stage": "1"}, "parallel.zero_stage=1"),
+        ({"parallel.activation_checkpoint_interval": "1"}, "activation_checkpoint_interval > 0"),
+        ({"parallel.defer_weight_grads": "true"}, "defer_weight_grads"),
+    ],
+)
+def test_zero_bubble_rejects_what_it_does_not_run(overrides, message):
+    cfg = load_config("test", overrides={"parallel.pp": "2", "parallel.schedule": "zb-h1", **overrides})
+    with pytest.raises(ConfigError, match=f"zb-h1 .*{message}.*parallel.schedule=1f1b"):
+        Layout.from_config(cfg)
+    cfg.parallel.schedule = "1f1b"
+    Layout.from_config(cfg)  # the same settings are fine under 1F1B
+
+
+def test_zero_bubble_is_a_schedule_setting():
+    cfg = load_config("test", overrides={"parallel.pp": "2", "parallel.schedule": "zb-h1"})
+    assert cfg.parallel.schedule == "zb-h1" and load_config("test").parallel.schedule == "1f1b"
+    Layout.from_config(cfg)
+    with pytest.raises(ConfigError, match="'1f1b', 'zb-h1'"):
+        load_config("test", overrides={"parallel.schedule": "zb-h2"})

@@ -136,6 +136,8 @@ def test_a_run_configuration_names_its_layout():
                       check_data=False)
     assert Candidate.of(run) == Candidate(2, 2, 1, 4, 64, "1f1b", "measured")
     assert Candidate.of(run).micro_batch == 16
+    run.parallel.schedule = "zb-h1"  # the engine's schedule is the one predicted
+    assert Candidate.of(run).schedule == "zb-h1" and Candidate.of(run, "1f1b").schedule == "1f1b"
 
 
 def test_a_profile_fits_a_plus_b_n_and_never_scales_below_proportional():

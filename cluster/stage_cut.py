@@ -1,0 +1,136 @@
+"""The measured pipeline cut, corrected by the engine's own stage times before training starts.
+
+`parallel.partition: measured` first cuts where unit timings balance (alexnet_pp/pipeline.py:
+`measure_layer_costs`, rank 0 timing one unit at a time while the other ranks wait). A running
+pipeline is not that: its P·T·D workers share the cores and the memory bus (fc6 and fc7, memory-bound
+at small micro-batches, slow down more than the convolutions), DeepSpeed copies every stage's inputs,
+and at P = 2 one unit more or less on a stage is a 5–15% imbalance, so a noisy unit timing that moves
+the cut by one unit moved the bubble by 10 points (600 vs 682 ms per micro-batch on two stages).
+
+So the first cut is checked on the engine itself: before the first step it runs its training
+schedule on synthetic micro-batches without the instructions that reduce gradients and step the
+optimizer (`WithoutOptimizerStep`; weights, momentum, LR schedule and DeepSpeed's step counters stay
+untouched, the gradients are dropped), once to warm up and `passes` more times timed. Each rank's
+live cost per micro-batch is the median over micro-batches and passes of its forward + backward (+ W)
+instruction seconds; a stage's is the median over its ranks. `recut` scales each stage's unit costs
+to its live cost and balances again; the engine is rebuilt on the new cut when that promises a
+slowest stage at least `min_gain` shorter, and checked the same way, at most `rounds` times, keeping
+the best cut seen. Every rank computes the same cut from the same gathered numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from alexnet_pp.config import ModelConfig
+from alexnet_pp.dropout import batch_keys
+from alexnet_pp.pipeline import partition
+
+COMPUTE = ("ForwardPass", "BackwardPass", "BackwardWeightPass")
+OPTIMIZER_STEP = ("ReduceTiedGrads", "ReduceGrads", "OptimizerStep")
+
+
+class WithoutOptimizerStep:
+    """A training schedule (`schedule`) minus its gradient reduction and optimizer step; what the
+    engine's `_exec_schedule` needs of a PipeSchedule."""
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def num_pipe_buffers(self) -> int:
+        return self.schedule.num_pipe_buffers()
+
+    def __iter__(self):
+        for cmds in self.schedule:
+            yield [c for c in cmds if type(c).__name__ not in OPTIMIZER_STEP]
+
+
+def stage_costs(costs: list[float], bounds: tuple[int, ...]) -> list[float]:
+    return [sum(costs[bounds[s]:bounds[s + 1]]) for s in range(len(bounds) - 1)]
+
+
+def recut(cfg: ModelConfig, costs: list[float], bounds: tuple[int, ...], live: list[float], tp: int,
+          min_gain: float = 0.03) -> tuple[int, ...]:
+    """The cut balancing the unit costs scaled, per stage, to the stages' live costs; `bounds` itself
+    unless the new cut's slowest stage is predicted at least `min_gain` shorter than the live one."""
+    planned = stage_costs(costs, bounds)
+    scaled = [c * live[s] / planned[s] if planned[s] > 0 else c
+              for s in range(len(live)) for c in costs[bounds[s]:bounds[s + 1]]]
+    new = partition(cfg, len(live), "measured", scaled, tp=tp).bounds
+    if new != tuple(bounds) and max(stage_costs(scaled, new)) < (1 - min_gain) * max(live):
+        return new
+    return tuple(bounds)
+
+
+def micro_batch_costs(events: Iterable[dict], micro_batches: int) -> list[float]:
+    """Per micro-batch, the seconds of its compute instructions (the k-th ForwardPass, BackwardPass
+    and BackwardWeightPass belong to micro-batch k in every schedule here)."""
+    per_kind: dict[str, list[float]] = {k: [] for k in COMPUTE}
+    for e in events:
+        if e["name"] in per_kind:
+            per_kind[e["name"]].append(e["end"] - e["start"])
+    out = [0.0] * micro_batches
+    for seconds in per_kind.values():
+        for k, t in enumerate(seconds[:micro_batches]):
+            out[k] += t
+    return out
+
+
+def synthetic_micro_batches(cfg: ModelConfig, micro_batch: int, seed: int):
+    """What a first stage's `train_batch` reads, ((images, labels, dropout keys), labels), made up."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    y = torch.randint(0, cfg.num_classes, (micro_batch,), generator=g)
+    return itertools.repeat(((x, y, batch_keys(seed, 0, 0, micro_batch)), y))
+
+
+def live_costs(engine, timer, module, cfg: ModelConfig, micro_batch: int, stage: int, stages: int,
+               seed: int, passes: int = 2) -> list[float]:
+    """Seconds per micro-batch of every stage, measured on the running engine (module docstring)."""
+    engine.set_dataiterator(synthetic_micro_batches(cfg, micro_batch, seed))
+    engine.module.train()  # what train_batch sets up before its schedule
+    engine.total_loss = engine.total_additional_losses = None
+    engine._compute_loss = True
+    samples: list[float] = []
+    timer.take()
+    for i in range(passes + 1):
+        engine._exec_schedule(WithoutOptimizerStep(engine._train_schedule()))
+        timer.take()
+        if i > 0:  # the first pass allocates, exchanges shapes and faults pages in
+            samples += micro_batch_costs(
+                [{"name": e.name, "start": e.start, "end": e.end} for e in timer.last_step], engine.micro_batches)
+    engine.optimizer.zero_grad(set_to_none=True)  # DeepSpeed's bf16/fp16/ZeRO wrappers keep their own copies
+    for p in module.parameters():
+        p.grad = None
+    engine.set_dataiterator(None)
+    engine.total_loss = engine.total_additional_losses = None
+    mine = statistics.median(samples)
+    gathered: list[Optional[tuple[int, float]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (stage, mine))
+    return [statistics.median(t for s, t in gathered if s == k) for k in range(stages)]
+
+
+def settle_cut(cfg: ModelConfig, costs: list[float], bounds: tuple[int, ...], tp: int,
+               measure: Callable[[], list[float]], rebuild: Callable[[tuple[int, ...]], None],
+               rounds: int = 2, min_gain: float = 0.03) -> tuple[tuple[int, ...], dict[tuple[int, ...], list[float]]]:
+    """Measure the engine on `bounds`, re-cut and `rebuild` while a new cut promises `min_gain`, at
+    most `rounds` times; end on the cut whose slowest live stage was fastest. Returns it and the live
+    stage costs of every cut tried."""
+    tried: dict[tuple[int, ...], list[float]] = {}
+    current = tuple(bounds)
+    for _ in range(rounds + 1):
+        tried[current] = measure()
+        proposal = recut(cfg, costs, current, tried[current], tp, min_gain)
+        if proposal == current or proposal in tried or len(tried) > rounds:
+            break
+        rebuild(proposal)
+        current = proposal
+    best = min(tried, key=lambda b: max(tried[b]))
+    if best != current:
+        rebuild(best)
+    return best, tried

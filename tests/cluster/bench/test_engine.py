@@ -1,0 +1,86 @@
+"""`alexnet-pp bench engine` (cluster/bench/engine.py): the bubble repeats and the schedule comparison,
+on made-up rank results (the real runs are the benchmark)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.bench.engine import bubble_spread, main, schedule_ratio, schedule_row, schedule_summary
+from cluster.bench.report import Report
+from cluster.bench.timelines import plot_timelines
+
+
+def rank(r, stage, bubble, fwd, bwd, wgt, peak, m=4):
+    stats = [{"step": k, "seconds": 2.0 + 0.1 * k, "bubble": bubble,
+              "phases": {"forward": fwd * m, "backward": bwd * m, "backward_weight": wgt * m}} for k in range(1, 5)]
+    t, events = 100.0, []
+    for i in range(m):
+        for name, phase, d in (("ForwardPass", "forward", fwd), ("BackwardPass", "backward", bwd),
+                               ("BackwardWeightPass", "backward_weight", wgt), ("SendGrad", "send", 0.01)):
+            if d:
+                events.append({"name": name, "phase": phase, "start": t, "end": t + d, "buffer_id": i % 2})
+                t += d
+    return SimpleNamespace(coord={"rank": r, "stage": stage}, stats=stats, bounds=(0, 6, 12),
+                           peak_memory=peak * 2**20, timeline=events)
+
+
+def test_a_schedule_row_takes_medians_per_stage_and_the_slowest_ranks_step():
+    results = [rank(0, 0, 0.10, 0.1, 0.05, 0.05, 900), rank(1, 1, 0.20, 0.1, 0.05, 0.05, 700)]
+    row = schedule_row("zb-h1", 2, 4, results, warmup=1, batch=128)
+    assert row["bubble"] == [0.10, 0.20] and row["mean_bubble"] == pytest.approx(0.15)
+    assert row["fbw_ms"][0] == pytest.approx((100, 50, 50))
+    assert row["step_s"] == pytest.approx(2.3)  # steps 2..4: 2.2, 2.3, 2.4
+    assert row["img_s"] == pytest.approx(128 / 2.3)
+    assert row["peak_mb"] == {0: 900, 1: 700}
+    assert row["theory"] == pytest.approx(1 / 13) and len(row["ideal"]) == 2
+    assert row["cut"] == [0, 6, 12]
+
+
+def test_the_timeline_figure_is_written(tmp_path):
+    one_f = {r.coord["rank"]: (r.coord["stage"], r.timeline)
+             for r in (rank(0, 0, 0.1, 0.1, 0.1, 0, 1), rank(1, 1, 0.1, 0.1, 0.1, 0, 1))}
+    zb = {r.coord["rank"]: (r.coord["stage"], r.timeline)
+          for r in (rank(0, 0, 0.1, 0.1, 0.05, 0.05, 1), rank(1, 1, 0.1, 0.1, 0.05, 0.05, 1))}
+    out = tmp_path / "t.png"
+    plot_timelines([(2, 4, one_f, zb)], str(out), title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_the_ratios_compare_zb_h1_with_1f1b_rank_by_rank():
+    one_f = {"P": 2, "M": 4, "mean_bubble": 0.2, "img_s": 10.0, "peak_mb": {0: 100, 1: 200}, "cut_given": False}
+    zb = {"P": 2, "M": 4, "mean_bubble": 0.05, "img_s": 12.0, "peak_mb": {0: 105, 1: 180}, "cut_given": True}
+    r = schedule_ratio(one_f, zb, run=0)
+    assert r["bubble_ratio"] == pytest.approx(0.25) and r["speedup"] == pytest.approx(1.2)
+    assert r["memory_ratio"] == pytest.approx(1.05) and r["both_given_the_cut"] is False
+
+
+def test_the_comparison_summary_takes_memory_from_runs_given_the_cut(capsys):
+    rows = [{"P": 2, "M": 4, "schedule": s, "mean_bubble": b, "img_s": i} for s, b, i in
+            (("1f1b", 0.2, 10.0), ("zb-h1", 0.1, 11.0), ("1f1b", 0.22, 9.0), ("zb-h1", 0.12, 10.0))]
+    ratios = [{"P": 2, "M": 4, "bubble_ratio": 0.5, "speedup": 1.1, "memory_ratio": 0.8, "both_given_the_cut": False},
+              {"P": 2, "M": 4, "bubble_ratio": 0.55, "speedup": 1.11, "memory_ratio": 1.02, "both_given_the_cut": True}]
+    summary = schedule_summary(rows, ratios, [(2, 4)])
+    out = capsys.readouterr().out
+    assert "peak memory 1.020 [1.020 – 1.020]" in out
+    assert "1f1b bubble 0.210 [0.200 – 0.220]" in out and "images/s 1.105 [1.100 – 1.110]" in out
+    assert summary[0]["zb-h1"]["img_s"] == {"median": 10.5, "min": 10.0, "max": 11.0}
+
+
+def test_the_bubble_spread_is_the_largest_distance_from_theory_over_the_runs(tmp_path, capsys):
+    rows = [{"M": 2, "stage": s, "measured": 1 / 3 + d, "theory": 1 / 3} for s, d in
+            ((0, 0.01), (1, -0.02), (0, -0.06), (1, 0.03))]
+    report = Report("engine", tmp_path, [], environment={})
+    spread = bubble_spread(rows, 2, report)
+    assert [(r["stage"], r["largest_abs_diff_pp"], r["ok"]) for r in spread] == [(0, pytest.approx(6), False),
+                                                                                  (1, pytest.approx(3), True)]
+    assert "OVER 5" in capsys.readouterr().out
+    assert "| 2 | 0 | +1.0 -6.0 |" in report.markdown()
+
+
+def test_the_help_names_the_new_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--runs", "--schedule-layouts", "--repeats", "--figure", "--out"):
+        assert flag in out
+    assert "1F1B against ZB-H1" in out

@@ -1,0 +1,106 @@
+"""The measured cut corrected by live stage times (cluster/stage_cut.py)."""
+
+import functools
+
+import pytest
+import torch
+
+from alexnet_pp.config import ModelConfig
+from cluster.spawn import run_local
+from cluster.stage_cut import micro_batch_costs, recut, settle_cut, stage_costs
+
+from .test_engine import STEPS, data_factory, gathered_state, layout_cfg, make_batches, reference
+
+CFG = ModelConfig(width=0.25, image_size=64, num_classes=10)
+UNITS = [1.0] * 12  # twelve T = 1 units
+
+
+def test_a_stage_slower_than_its_units_said_gives_up_units():
+    first = (0, 6, 12)
+    live = [6.0, 9.0]  # stage 1 runs 1.5× what its units promised
+    new = recut(CFG, UNITS, first, live, tp=1)
+    assert new == (0, 7, 12)  # scaled: 6 × 1.0 | 6 × 1.5 → best split 7.0 vs 7.5
+    assert max(stage_costs([1.0] * 6 + [1.5] * 6, new)) < max(live)
+
+
+def test_no_recut_for_a_gain_below_the_threshold():
+    assert recut(CFG, UNITS, (0, 6, 12), [6.0, 6.2], tp=1) == (0, 6, 12)
+    assert recut(CFG, UNITS, (0, 6, 12), [6.0, 6.2], tp=1, min_gain=0.0) == (0, 6, 12)  # nothing better exists
+
+
+def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
+    ev = lambda name, t0, t1: {"name": name, "start": t0, "end": t1}  # noqa: E731
+    events = [ev("ForwardPass", 0, 1), ev("SendActivation", 1, 5), ev("ForwardPass", 5, 7), ev("BackwardPass", 7, 10),
+              ev("BackwardWeightPass", 10, 10.5), ev("BackwardPass", 11, 12), ev("BackwardWeightPass", 12, 13)]
+    assert micro_batch_costs(events, 2) == [1 + 3 + 0.5, 2 + 1 + 1]
+
+
+def test_settle_keeps_the_best_cut_it_measured():
+    # live times by cut: the first cut is off, the proposed one better, then it would go back and forth
+    live = {(0, 6, 12): [6.0, 9.0], (0, 7, 12): [7.1, 7.4], (0, 8, 12): [8.5, 6.0]}
+    built = []
+    best, tried = settle_cut(CFG, UNITS, (0, 6, 12), 1, measure=lambda: live[built[-1] if built else (0, 6, 12)],
+                             rebuild=built.append)
+    assert best == (0, 7, 12) and built[-1] == (0, 7, 12)
+    assert list(tried) == [(0, 6, 12), (0, 7, 12)]  # (0, 7, 12) is within 3% of its own best
+
+
+def test_settle_goes_back_when_the_new_cut_measures_worse():
+    live = {(0, 6, 12): [6.0, 9.0], (0, 7, 12): [11.0, 7.0], (0, 5, 12): [5.0, 12.0]}
+    built = []
+    best, tried = settle_cut(CFG, UNITS, (0, 6, 12), 1, measure=lambda: live[built[-1] if built else (0, 6, 12)],
+                             rebuild=built.append, rounds=1)
+    assert best == (0, 6, 12) and built == [(0, 7, 12), (0, 6, 12)]
+
+
+def recut_factory(batches, tp, dp, m, rank):
+    """In the rank's process, before its engine is built: equal unit timings (first cut (0, 6, 12)),
+    and live passes that run for real but report stage 1 three times slower than stage 0, then
+    balanced: the cut moves to (0, 8, 12) and the engine is rebuilt there."""
+    import cluster.engine as engine
+
+    real = engine.live_costs
+    reported = iter([[1.0, 3.0], [2.0, 2.0]])
+    engine.measure_layer_costs = lambda *args, **kwargs: [1.0] * 12
+
+    def live(*args, **kwargs):
+        real(*args, **kwargs)  # the passes run; their numbers are replaced
+        return next(reported)
+
+    engine.live_costs = live
+    return data_factory(batches, tp, dp, m, rank)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("extra", [{}, {"parallel.defer_weight_grads": "true"}, {"parallel.schedule": "zb-h1"}],
+                         ids=["1f1b", "1f1b-deferred-fc", "zb-h1"])
+def test_a_recut_rebuilds_the_engine_before_training_and_training_is_unchanged(tmp_path, extra):
+    """The live passes and the rebuild leave nothing behind: no gradient, no kept rows of deferred
+    layers, no optimizer step."""
+    cfg = layout_cfg(tmp_path, 2, 1, 1, 2, **{"checkpoint.resume": "false", **extra})
+    batches = make_batches(STEPS, cfg.train.batch_size)
+    ref_losses, ref_state = reference(cfg, batches)
+    results = run_local(cfg, functools.partial(recut_factory, batches, 1, 1, 2), keep_parameters=True)
+    assert [r.bounds for r in results] == [(0, 8, 12), (0, 8, 12)]
+    torch.testing.assert_close(torch.tensor(results[-1].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = gathered_state(results, cfg)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.e2e
+def test_the_live_passes_leave_bf16_master_gradients_untouched(tmp_path):
+    """DeepSpeed's bf16 optimizer accumulates float32 copies of the gradients during backward passes:
+    a measured (checked live) run trains exactly as a run given the same cut outright."""
+    common = {"checkpoint.resume": "false", "parallel.precision": "bf16"}
+    batches = make_batches(3, 16)
+    factory = functools.partial(data_factory, batches, 1, 1, 2)
+    measured = run_local(layout_cfg(tmp_path / "a", 2, 1, 1, 2, **common), factory, keep_parameters=True)
+    cut = ",".join(map(str, measured[0].bounds[1:-1]))
+    given = run_local(layout_cfg(tmp_path / "b", 2, 1, 1, 2, **common, **{"parallel.partition": cut}), factory,
+                      keep_parameters=True)
+    assert measured[0].bounds == given[0].bounds
+    assert measured[-1].losses == given[-1].losses
+    a, b = gathered_state(measured, None), gathered_state(given, None)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
