@@ -9,8 +9,9 @@ them in order, batch k from actor k mod N.
 
 - Back-pressure: at most `data.augment_prefetch` requests wait per actor; an actor makes a batch only
   when asked, so a slow trainer never piles batches into the object store.
-- What travels: uint8 crops N×S×S×3 and the lighting offsets (a quarter of the float batch); the rank
-  finishes them on its device (alexnet_pp.data.finish_batch: the same pixels as the CPU loader's).
+- What travels: to a rank with a GPU, uint8 crops N×S×S×3 and the lighting offsets (a quarter of the
+  float batch), finished on its device (alexnet_pp.data.finish_batch: the same pixels as the CPU
+  loader's); to a CPU rank, the finished float images, so its cores only train.
 - Resume: `iter_from(k)` starts every actor at batch k; the batches before are read, not decoded.
 - Skip counts travel with each batch and add up as the local loader's do.
 - An actor that dies (its node lost) is restarted by Ray and resumes at the first batch not yet
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from alexnet_pp.data import finish_batch
-from alexnet_pp.data.stream import DataError, ShardStream
+from alexnet_pp.data.stream import Crops, DataError, ShardStream
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,24 @@ class AugmentWorker:
         self.stream, self.worker, self.workers = stream, worker, workers
         self._it: Optional[Iterator] = None
 
-    def begin(self, epoch: int, start: int) -> int:
-        """Start epoch `epoch` at the first of this worker's batches ≥ `start`; returns the worker id."""
+    def begin(self, epoch: int, start: int, output: str = "uint8") -> int:
+        """Start epoch `epoch` at the first of this worker's batches ≥ `start`, as "uint8" crops or
+        "float" finished images; returns the worker id."""
         stream = copy.copy(self.stream)
-        stream.epoch, stream.start, stream.output, stream.pool = epoch, start, "uint8", None
+        stream.epoch, stream.start, stream.output, stream.pool = epoch, start, output, None
         self._it = stream.worker_batches(self.worker, self.workers, start)
         return self.worker
 
     def next(self) -> Optional[tuple]:
-        """The next batch as (uint8 crops N×S×S×3, offsets N×3, labels, keys, skips), None at the end."""
+        """The next batch as (images, offsets, labels, keys, skips), None at the end: uint8 crops
+        N×S×S×3 and offsets N×3, or float32 N×3×S×S images and None."""
         item = next(self._it, None) if self._it is not None else None
         if item is None:
             return None
-        (crops, offsets), labels, keys, skips = item
-        return crops.numpy(), np.asarray(offsets, dtype=np.float32), labels.numpy(), keys, skips
+        images, labels, keys, skips = item
+        if isinstance(images, Crops):
+            return images.images.numpy(), np.asarray(images.offsets, dtype=np.float32), labels.numpy(), keys, skips
+        return images.numpy(), None, labels.numpy(), keys, skips
 
 
 class ActorLoader:
@@ -71,7 +76,7 @@ class ActorLoader:
     and epoch bookkeeping, the batches finished on `device` (default CPU)."""
 
     def __init__(self, loader, actors: int, cpus: float = 1.0, prefetch: int = 2, device=None,
-                 with_keys: bool = True):
+                 with_keys: bool = True, output: Optional[str] = None):
         import ray
 
         if actors < 1:
@@ -83,6 +88,9 @@ class ActorLoader:
         self.stream: ShardStream = loader.stream
         self.n, self.prefetch, self.cpus = actors, max(1, prefetch), cpus
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # a device finishes uint8 crops at a quarter of the bytes; a CPU rank would spend its own time on
+        # that, so the actors send finished float images to it
+        self.output = output or ("float" if self.device.type == "cpu" else "uint8")
         self.with_keys = with_keys
         self._skips: Counter = Counter(loader.skip_counts())
         self.restarts = 0
@@ -123,7 +131,7 @@ class ActorLoader:
         if not 0 <= start <= n_batches:
             raise ValueError(f"start batch {start} not in 0..{n_batches}")
         try:
-            ray.get([a.begin.remote(epoch, start) for a in self.actors], timeout=PLACEMENT_TIMEOUT_S)
+            ray.get([a.begin.remote(epoch, start, self.output) for a in self.actors], timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise DataError(f"{self.n} augmentation actor(s) of {self.cpus:g} CPU(s) each not running after "
                             f"{PLACEMENT_TIMEOUT_S} s: the cluster has no room for them (data.augment_actors, "
@@ -149,10 +157,11 @@ class ActorLoader:
             ask(a)
             if item is None:
                 raise DataError(f"epoch {epoch}: augmentation actor {a} ended before batch {k} of {n_batches}")
-            crops, offsets, labels, keys, skips = item
+            images, offsets, labels, keys, skips = item
             self._skips.update(skips)
-            images = finish_batch(torch.from_numpy(crops.copy()).permute(0, 3, 1, 2), torch.from_numpy(offsets),
-                                  self.device)
+            images = torch.from_numpy(images.copy())  # the object store's arrays are read-only
+            if offsets is not None:
+                images = finish_batch(images.permute(0, 3, 1, 2), torch.from_numpy(offsets), self.device)
             labels = torch.from_numpy(labels.copy())
             yield (images, labels, keys) if self.with_keys else (images, labels)
         self.stream.epoch += 1
@@ -169,7 +178,7 @@ class ActorLoader:
         deadline_tries = 60
         for _ in range(deadline_tries):  # the restarted actor answers once its process is up again
             try:
-                ray.get(self.actors[a].begin.remote(epoch, k), timeout=60)
+                ray.get(self.actors[a].begin.remote(epoch, k, self.output), timeout=60)
                 return
             except _actor_lost():
                 continue

@@ -17,7 +17,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def pinned(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_pinned() else t.pin_memory()
+    """Host tensors pinned for an asynchronous copy; tensors already on a device pass through."""
+    return t if t.is_pinned() or t.device.type != "cpu" else t.pin_memory()
 
 
 def prefetch_to_device(batches: Iterator[Batch], device: torch.device | str) -> Iterator[Batch]:

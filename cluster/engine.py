@@ -139,7 +139,7 @@ class PipelineWorker:
         self.watchdog = InstructionWatchdog(self.timer, c, cfg.parallel.collective_timeout_s,
                                             lambda record: self.callbacks.on_stuck(record, self.coord)).start()
         if self.data is None and c.stage == 0:
-            self.data = ShardData(cfg, layout, c.replica)
+            self.data = ShardData(cfg, layout, c.replica, self.engine.device)
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = total_steps(cfg, self.steps_per_epoch)
         self.schedule = LRSchedule(self.optimizer, cfg.train, self.steps_per_epoch, self.total_steps)

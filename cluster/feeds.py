@@ -47,8 +47,9 @@ class ShardData:
     """The WebDataset stream of one data-parallel replica (alexnet_pp.data); an epoch is whole
     optimizer steps (the loader rounds a replica's share up to a multiple of M)."""
 
-    def __init__(self, cfg: RunConfig, layout: Layout, replica: int):
+    def __init__(self, cfg: RunConfig, layout: Layout, replica: int, device=None):
         self.cfg, self.replica, self.replicas = cfg, replica, layout.dp
+        self.device = device  # where augmentation actors' batches are finished (a GPU rank's own)
         self.micro_batch, self.multiple = layout.micro_batch, layout.micro_batches
         self._train, self._eval = build_train_loader, build_eval_loader
         self._current = None
@@ -65,7 +66,7 @@ class ShardData:
         if self._actors is None:
             from cluster.augment_actors import ActorLoader
 
-            self._actors = ActorLoader(loader, d.augment_actors, d.augment_cpus, d.augment_prefetch)
+            self._actors = ActorLoader(loader, d.augment_actors, d.augment_cpus, d.augment_prefetch, self.device)
         self._actors.use(loader)
         return self._actors
 

@@ -23,7 +23,7 @@ def test_actors_make_the_local_loaders_batches_resume_and_survive_a_killed_actor
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["batches"] >= 8  # past what two requests ahead per actor hold when one is killed
-    assert out["same_epoch"] and out["same_from_3"] and out["same_after_kill"]
+    assert out["same_epoch"] and out["same_from_3"] and out["same_after_kill"] and out["same_from_uint8"]
     assert out["restarts"] == 1
     assert out["epoch_after"] == 4  # a complete pass moves on to the next epoch, as the local loader does
     assert out["skips_actors"] == out["skips_local"] and sum(out["skips_local"].values()) >= 1

@@ -1,7 +1,8 @@
-"""The job entry point end to end: `ray job submit` against a real head, local runs, restarts, errors.
+"""The job entry point end to end: local Ray runs of the command line, restarts, errors.
 
-The e2e tests start real Ray clusters (each on 127.0.0.1 only, with its own token file, stopped by
-the PIDs of its own processes) and DeepSpeed pipelines on tiny settings. Run them alone with
+The e2e tests start real local Ray instances (each on 127.0.0.1 only, with its own token file, stopped
+by the PIDs of its own processes) and DeepSpeed pipelines on tiny settings. `ray job submit` against a
+real cluster is tested with the several-node cluster (test_multinode.py). Run them alone with
 `python -m pytest tests/cluster/test_job.py -m e2e`.
 """
 
@@ -9,20 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from alexnet_pp.config import ConfigError, RunConfig, load_config, parse_override_args
+from rayproc import kill_session
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,76 +39,6 @@ def tiny_cfg(out: Path, data: Path, *extra: str) -> RunConfig:
 
 def cli_args(out: Path, data: Path, *extra: str) -> list[str]:
     return ["--preset", "test", *TINY, "--data.synthetic_dir", str(data), "--out-dir", str(out), *extra]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port_range(size: int) -> int:
-    """The first port of `size` consecutive free ports (Ray's worker port range)."""
-    for _ in range(200):
-        base = random.randrange(20000, 30000 - size)
-        socks = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid` (everything a `start_new_session=True` child left behind)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z" and int(d.name) != os.getpid():
-            out.append(int(d.name))
-    return out
-
-
-def kill_session(sid: int, grace: float = 5.0) -> None:
-    """SIGTERM then SIGKILL, by PID, every process of the session we started (Ray respawns some
-    dashboard children while dying, so repeat until none is left)."""
-    deadline = time.monotonic() + 30
-    sig = signal.SIGTERM
-    while time.monotonic() < deadline:
-        pids = session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + grace
-        while time.monotonic() < end and session_pids(sid):
-            time.sleep(0.2)
-        sig = signal.SIGKILL
-        grace = 1.0
 
 
 def assert_close(a: list[float], b: list[float], rtol: float = 1e-4, atol: float = 1e-5) -> None:
@@ -159,90 +87,7 @@ def subprocess_env(auth_env: dict, **extra: str) -> dict:
     return env
 
 
-@pytest.fixture
-def ray_head(auth_env):
-    """A real Ray head on 127.0.0.1 with every port fixed, in a temp dir; stopped by its own PIDs."""
-    tmp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths are long
-    names = ["port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
-             "ray-client-server-port", "autoscaler-metric", "dashboard-metric"]
-    ports = dict(zip(names, free_ports(len(names))))
-    workers = free_port_range(100)
-    env = subprocess_env(auth_env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep the node on 127.0.0.1
-                         AUTOSCALER_METRIC_PORT=str(ports.pop("autoscaler-metric")),
-                         DASHBOARD_METRIC_PORT=str(ports.pop("dashboard-metric")))
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-           "--include-dashboard", "true", "--num-cpus", "4", "--temp-dir", str(tmp / "ray"),
-           "--min-worker-port", str(workers), "--max-worker-port", str(workers + 99), "--disable-usage-stats"]
-    for name, port in ports.items():
-        cmd += [f"--{name}", str(port)]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"ray start failed:\n{out}"
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "tmp": tmp}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        kill_session(proc.pid)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- 1. ray job submit ---------------------------------------------------------------------------
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(480)
-def test_ray_job_submit_runs_pp2_tp2(ray_head, data_dir, tmp_path):
-    from cluster.driver import WORKING_DIR_EXCLUDES
-
-    env, address = ray_head["env"], ray_head["dashboard"]
-    out = tmp_path / "runs"
-    sub_id = f"alexnet-pp-test-{secrets.token_hex(3)}"
-
-    def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
-
-    submit = ray_cli("job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
-                     "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES}),
-                     "--", "python", "-m", "cluster.job", *cli_args(out, data_dir, "--parallel.pp", "2",
-                                                                     "--parallel.tp", "2"))
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    deadline, status = time.monotonic() + 400, ""
-    while time.monotonic() < deadline:
-        st = ray_cli("job", "status", "--address", address, sub_id)
-        status = (st.stdout + st.stderr).lower()  # "Job 'x' succeeded" / "... failed" / "... stopped"
-        if any(f"'{sub_id}' {s}" in status for s in ("succeeded", "failed", "was stopped")):
-            break
-        time.sleep(3)
-    logs = ray_cli("job", "logs", "--address", address, sub_id)
-    assert f"'{sub_id}' succeeded" in status, f"{status}\n{logs.stdout[-6000:]}{logs.stderr[-2000:]}"
-    summary = json.loads((out / "test" / "summary.json").read_text())
-    assert "job " + summary["job_id"] + " done: 6 steps" in logs.stdout  # the readable summary, no raw JSON
-    assert '"losses"' not in logs.stdout
-    assert summary["ok"] and summary["layout"] == [2, 2, 1]
-    assert summary["steps"] == 6 and len(summary["losses"]) == 6
-    assert all(isinstance(x, float) and x == x for x in summary["losses"])
-    assert summary["evals"] and {"top1", "top5", "val_loss"} <= set(summary["evals"][-1])
-    assert summary["restarts"] == 0 and summary["images_per_sec"] > 0
-    assert set(summary["bubble_per_stage"]) == {"0", "1"}
-    # the worker files name every rank's coordinates and process
-    from cluster.workers import read_worker_files
-
-    files = read_worker_files(out / "test", summary["job_id"])
-    assert sorted(files) == [0, 1, 2, 3]
-    assert [(files[r]["stage"], files[r]["tower"]) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    # without the token the job API refuses: the auth really is on
-    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    no_token["RAY_AUTH_MODE"] = "disabled"
-    denied = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sub_id], env=no_token,
-                            capture_output=True, text=True, timeout=60)
-    assert denied.returncode != 0
-
-
-# --- 2. a killed worker: restart from the last checkpoint ---------------------------------------
+# --- 1. a killed worker: restart from the last checkpoint ---------------------------------------
 
 
 @pytest.mark.e2e
@@ -296,7 +141,7 @@ def test_killed_worker_restarts_from_checkpoint(auth_env, data_dir, tmp_path):
     assert_close(summary["losses"][resumed:], ref.losses[resumed:])
 
 
-# --- 3. a worker exception reaches the driver, named --------------------------------------------
+# --- 2. a worker exception reaches the driver, named --------------------------------------------
 
 
 @pytest.mark.e2e
@@ -317,7 +162,7 @@ def test_worker_exception_names_rank_stage_tower(auth_env, data_dir, tmp_path):
     assert json.loads((cfg.run_dir / "summary.json").read_text())["ok"] is False
 
 
-# --- 4. invalid layouts fail before anything starts ----------------------------------------------
+# --- 3. invalid layouts fail before anything starts ----------------------------------------------
 
 
 def test_invalid_layout_fails_before_workers(tmp_path):
@@ -384,7 +229,7 @@ def test_absolutize_leaves_remote_sources_alone(tmp_path, monkeypatch):
     assert out.data.val == cfg.data.val and cfg.out_dir == "runs"
 
 
-# --- 5. the public command line: every layout gives one process's losses, dropout on -------------
+# --- 4. the public command line: every layout gives one process's losses, dropout on -------------
 
 
 @pytest.mark.e2e
@@ -417,7 +262,7 @@ def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(
         assert_close(losses[name], losses["single"], rtol=1e-4, atol=0)
 
 
-# --- 6. the README's walk-through: train, resume on another layout, export, eval, predict ---------
+# --- 5. the README's walk-through: train, resume on another layout, export, eval, predict ---------
 
 
 @pytest.mark.e2e

@@ -255,8 +255,10 @@ def test_a_killed_driver_leaves_complete_checkpoints_and_the_same_command_resume
         nodes, env, data_dir, reference, tmp_path):
     """`ray job submit`, then the job's driver is killed (SIGKILL) and `ray job stop` run: every
     checkpoint marked complete holds every rank's files and loads; submitting the same command again
-    resumes from the newest of them and ends with the losses of an uninterrupted run."""
+    resumes from the newest of them and ends with the losses of an uninterrupted run, its summary in the
+    job's logs; the job API refuses a client without the cluster's token."""
     from cluster.driver import WORKING_DIR_EXCLUDES
+    from cluster.workers import read_worker_files
 
     nodes.top_up()
     address = nodes.cluster.dashboard
@@ -276,7 +278,8 @@ def test_a_killed_driver_leaves_complete_checkpoints_and_the_same_command_resume
     wait_for(lambda: complete_steps(run_dir) or _terminal(_status(env, address, first), first), 480,
              "the first complete checkpoint", poll=1.0)
     drivers = _driver_pids(nodes.cluster.descendants(), str(out))
-    assert len(drivers) == 1, drivers
+    assert len(drivers) == 1, (drivers, _status(env, address, first),
+                               _ray(env, "job", "logs", "--address", address, first).stdout[-6000:])
     os.kill(drivers[0], signal.SIGKILL)
     _ray(env, "job", "stop", "--address", address, "--no-wait", first)
     wait_for(lambda: _terminal(_status(env, address, first), first), 120, "the first job to end", poll=1.0)
@@ -306,6 +309,15 @@ def test_a_killed_driver_leaves_complete_checkpoints_and_the_same_command_resume
     assert summary["ok"] and summary["resume_steps"] == [max(done)] and summary["steps"] == STEPS
     assert summary["loss_steps"] == list(range(max(done) + 1, STEPS + 1))
     assert_close(summary["losses"], reference[max(done):])
+    # what a user of `ray job submit` reads: the readable summary, never the raw JSON
+    assert "job " + summary["job_id"] + f" done: {STEPS} steps" in logs.stdout and '"losses"' not in logs.stdout
+    assert summary["layout"] == [2, 2, 1] and set(summary["bubble_per_stage"]) == {"0", "1"}
+    assert summary["evals"] and {"top1", "top5", "val_loss"} <= set(summary["evals"][-1])
+    files = read_worker_files(run_dir, summary["job_id"])  # every rank's coordinates and process
+    assert [(files[r]["stage"], files[r]["tower"]) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # without the token the job API refuses: the auth really is on
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    assert _ray({**no_token, "RAY_AUTH_MODE": "disabled"}, "job", "status", "--address", address, second).returncode
 
 
 # --- 4. elastic data parallelism -------------------------------------------------------------------

@@ -59,6 +59,12 @@ def main() -> None:
     out["restarts"] = actors.restarts
     actors.close()
 
+    # what a GPU rank gets: uint8 crops finished on its device (here the CPU), the same pixels
+    crops = ActorLoader(build_train_loader(cfg, 0, 1, epoch=3, micro_batch=1, with_keys=True), actors=2, cpus=1,
+                        output="uint8")
+    out["same_from_uint8"] = same(list(crops), expected)
+    crops.close()
+
     wrong = cfg_for(root, workers=2)
     try:
         ActorLoader(build_train_loader(wrong, 0, 2, with_keys=True), actors=0)
