@@ -97,28 +97,6 @@ def test_layouts_match_single_process_with_dropout_on(tmp_path, case):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("pp,tp,dp,m", [(2, 2, 1, 2)], ids=lambda v: str(v))
-def test_resume_continues_with_the_same_losses(tmp_path, pp, tp, dp, m):
-    """2K steps straight vs K steps, stop, resume for K more — dropout on: losses and weights agree."""
-    k = 2
-    batches = make_batches(3, 16)  # an epoch of 3 steps: the resume point falls mid-epoch
-    factory = functools.partial(data_factory, batches, tp, dp, m)
-    common = {"model.dropout": "0.5", "train.epochs": "2"}
-    straight = run_local(layout_cfg(tmp_path / "a", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory,
-                         keep_parameters=True)
-    first = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": k}), factory)
-    resumed = run_local(layout_cfg(tmp_path / "b", pp, tp, dp, m, **common, **{"train.max_steps": 2 * k}), factory,
-                        keep_parameters=True)
-    assert resumed[0].resumed_from == k
-    assert len(first[0].losses) == k and len(resumed[0].losses) == k
-    torch.testing.assert_close(torch.tensor(first[0].losses + resumed[0].losses),
-                               torch.tensor(straight[0].losses), rtol=1e-5, atol=1e-6)
-    a, b = gathered_state(straight, None), gathered_state(resumed, None)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
-
-
-@pytest.mark.e2e
 def test_shard_stream_and_ten_crop_eval_through_the_pipeline(tmp_path):
     """Real shards on stage 0 only, labels carried to the last stage, 10-crop eval with padding."""
     from alexnet_pp.data import ensure_dataset

@@ -39,7 +39,7 @@ def test_dashboard_expressions_return_data_for_every_worker_of_a_real_job(tmp_pa
     cmd = [sys.executable, "-m", "cluster.job", "--preset", "test", "--name", run, "--out-dir", str(tmp_path / "runs"),
            "--data.synthetic_dir", str(tmp_path / "data"), "--parallel.pp", "2", "--parallel.tp", "2",
            "--parallel.micro_batches", "2", "--train.batch_size", "16", "--train.max_steps", "40",
-           "--train.eval_every", "0.03", "--train.threads", "1", "--checkpoint.every_steps", "4",
+           "--train.eval_every", "0.1", "--train.threads", "1", "--checkpoint.every_steps", "4",
            "--metrics.enabled", "true", "--metrics.sd_port", str(sd_port),
            "--callbacks", "tests.cluster.job_callbacks:SlowSteps"]  # a live job to scrape
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
