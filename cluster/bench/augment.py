@@ -6,7 +6,9 @@ A Ray cluster of nodes on 127.0.0.1 (ray.cluster_utils.Cluster, started and stop
 with no CPUs, a node with one CPU for the (1, 1, 1) training worker (parallel.cpus_per_worker 1,
 train.threads 1), and a CPU-only node with max(--actors) CPUs for the actors. With 0 actors the worker
 decodes and augments in its own process (data.workers 0); with N it trains while N actors
-(data.augment_actors N, one CPU each) make its batches. Each row is a full run through the Ray job
+(data.augment_actors N, one CPU each) make its batches. The stored images are 256 px JPEGs cropped to
+the network's input (64 px for the test preset), so decoding is a real share of the step, as it is
+for a GPU that trains faster than one core decodes. Each row is a full run through the Ray job
 path (cluster.driver.run_job) on the embedded dataset; images/s after the warm-up steps, the
 repetitions alternating the actor counts, medians and ranges reported with the ratio to 0 actors.
 On a machine with fewer cores than nodes' CPUs the nodes share them: read the ratios with the core
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -34,7 +37,7 @@ def run_config(args, actors: int, scratch: Path):
         "name": f"augment-{actors}", "out_dir": str(scratch), "train.max_steps": str(args.warmup + args.steps),
         "train.threads": "1", "parallel.cpus_per_worker": "1", "data.workers": "0",
         "data.augment_actors": str(actors), "data.augment_cpus": "1", "checkpoint.resume": "false",
-        "train.eval_every": "1000", "metrics.enabled": "false",
+        "train.eval_every": "1000", "metrics.enabled": "false", "data.stored_size": str(args.stored_size),
         "data.synthetic_dir": str(args.data_dir), **dict(kv.split("=", 1) for kv in args.set)})
 
 
@@ -60,7 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="runs per actor count, alternating the counts")
-    ap.add_argument("--data-dir", default="data/synthetic", help="the embedded dataset (generated when absent)")
+    ap.add_argument("--stored-size", type=int, default=256,
+                    help="side of the stored JPEGs (default 256, ImageNet-sized: decoding is a real share of the step)")
+    ap.add_argument("--data-dir", default="data/synthetic-augment",
+                    help="the embedded dataset at --stored-size (generated when absent)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     add_out_arg(ap, "augment")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,15 +74,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     counts = [int(x) for x in args.actors.split(",")]
     args.data_dir = Path(args.data_dir).resolve()
 
-    # nodes on 127.0.0.1 only; Ray reads this when it is imported
+    scratch = Path(tempfile.mkdtemp(prefix="alexnet-pp-augment-"))
+    # Ray reads these when it is imported: nodes on 127.0.0.1 only, and token authentication (the
+    # job path refuses a cluster without it), with a token of this run's own unless one is configured
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        token = scratch / "token"
+        token.write_text(secrets.token_hex(32))
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     import ray
     from ray.cluster_utils import Cluster
 
     from alexnet_pp.data import ensure_dataset
 
     ensure_dataset(run_config(args, 0, Path(tempfile.gettempdir())))
-    scratch = Path(tempfile.mkdtemp(prefix="alexnet-pp-augment-"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                              "include_dashboard": False})
     rates: dict[int, list[float]] = {n: [] for n in counts}
