@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RESTARTS = 3  # actor deaths survived per pass before the pass fails
 PLACEMENT_TIMEOUT_S = 600  # for actors waiting on CPUs the cluster does not have
+RESTART_POLLS = 60  # calls to a restarting actor before it counts as gone
 
 
 class AugmentWorker:
@@ -175,13 +176,15 @@ class ActorLoader:
             raise DataError(f"augmentation actor {a} died {self.restarts} times in this run; last: {error}") from error
         log.warning("augmentation actor %d died at batch %d of epoch %d (%s); resuming it there", a, k, epoch,
                     type(error).__name__)
-        deadline_tries = 60
-        for _ in range(deadline_tries):  # the restarted actor answers once its process is up again
+        # the restarted actor answers once its process is up again; calls before that fail fast
+        for _ in range(RESTART_POLLS):
             try:
-                ray.get(self.actors[a].begin.remote(epoch, k, self.output), timeout=60)
+                ray.get(self.actors[a].begin.remote(epoch, k, self.output), timeout=PLACEMENT_TIMEOUT_S)
                 return
             except _actor_lost():
                 continue
+            except ray.exceptions.GetTimeoutError:
+                break
         raise DataError(f"augmentation actor {a} did not come back after dying at batch {k}") from error
 
 

@@ -602,8 +602,9 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         if r.get("status") == "ok":
             report.notes.append(f"calibration W={r['workers']}: micro-batches {r['micro_batch_sizes']}, "
                                 f"{r['co_runners']} co-runner(s), profile {r['profile']}")
-    report.notes.append("peak memory: each rank's maximum resident set (CPU, getrusage ru_maxrss) or CUDA memory "
-                        "allocated (GPU); a first stage's includes the in-memory input batches")
+    report.notes.append("peak memory: each rank's maximum resident set since training began (CPU, Linux VmHWM "
+                        "after a reset) or CUDA memory allocated (GPU); a first stage's includes the in-memory input "
+                        "batches")
     if not complete:
         report.notes.append("INCOMPLETE: the sweep was interrupted; run the same command again to resume")
     report.notes.append("each configuration's own output: logs/<configuration>.log")
