@@ -32,6 +32,7 @@ from cluster.callbacks import Callback, Callbacks
 from cluster.checkpoint import EngineCheckpoints
 from cluster.faults import CheckpointWriteGuard, InstructionWatchdog, NonFiniteWatch, StopRun, timed_out, where
 from cluster.feeds import ShardData, TrainData, eval_micro_batches, no_data, train_micro_batches
+from cluster.jit_builds import pin_extension_builds
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, rank_layers
 from cluster.stage_cut import live_costs, settle_cut
 from cluster.timing import InstructionTimer, peak_memory_bytes, reset_peak_memory, step_stats
@@ -118,6 +119,7 @@ class PipelineWorker:
     # --- construction -------------------------------------------------------------------------
 
     def _build(self) -> None:
+        pin_extension_builds()  # before DeepSpeed builds or loads its comm op
         import deepspeed
 
         cfg, c = self.cfg, self.coord
