@@ -117,6 +117,9 @@ class ParallelConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Convolutions on channels-last (NHWC) activations, as the fastest plain GPU step runs them; stages
+    # still exchange NCHW tensors (point-to-point sends need contiguous ones). Same math, other kernels.
+    channels_last: bool = False
     activation_checkpoint_interval: int = 0
     # FC weight gradients once per step (fp32 without ZeRO; alexnet_pp/deferred_grads.py). Off by default:
     # it shortens the stage holding fc6/fc7, which pays only where that stage is the slowest.

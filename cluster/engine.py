@@ -160,7 +160,7 @@ class PipelineWorker:
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
-                                    layout.partition.bounds)
+                                    layout.partition.bounds, cfg.parallel.channels_last)
         bounds = list(bounds)
 
         class AlexNetPipe(PipelineModule):

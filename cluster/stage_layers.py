@@ -56,6 +56,21 @@ class _GatherTowers(torch.autograd.Function):
         return grad[:, start : start + ctx.width].contiguous(), None, None, None, None
 
 
+class MemoryFormat:
+    """Where a stage's activations change layout under `parallel.channels_last`: 4-D activations
+    become channels-last before every layer (a no-op once they are) and contiguous again when they
+    leave the stage, since the point-to-point sends and the tower all-gather move contiguous tensors."""
+
+    def __init__(self, channels_last: bool, stage_end: bool):
+        self.channels_last, self.stage_end = channels_last, stage_end
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        return y.contiguous() if self.channels_last and self.stage_end else y
+
+
 def _first_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """Images as the first layer takes them: multi-crop evaluation's crops become batch rows, and
     float32 images meet bf16/fp16 weights in the weights' precision (DeepSpeed moves, never casts)."""
@@ -69,10 +84,11 @@ class StageLayer(nn.Module):
     """A pipeline unit holding both towers (a whole layer, or one tower half) as a pipeline layer:
     (x, labels, dropout keys) → (y, labels, dropout keys). Builds only the parts it holds."""
 
-    def __init__(self, cfg: ModelConfig, unit: Unit, seed: int, first: bool):
+    def __init__(self, cfg: ModelConfig, unit: Unit, seed: int, first: bool,
+                 memory: MemoryFormat = MemoryFormat(False, False)):
         super().__init__()
         self.layer = build_unit(cfg, unit, seed)
-        self.first = first
+        self.first, self.memory = first, memory
 
     def model_parameters(self):
         """(key in the single model's state_dict, parameter) of what this layer holds."""
@@ -87,7 +103,7 @@ class StageLayer(nn.Module):
         x, labels, keys = inputs
         if self.first:
             x = _first_input(x, self.layer)
-        return self.layer(x, keys), labels, keys
+        return self.memory.leave(self.layer(self.memory.enter(x), keys)), labels, keys
 
 
 class TowerShard(nn.Module):
@@ -95,12 +111,13 @@ class TowerShard(nn.Module):
     tower's part, after all-gathering the towers' activations where the layer crosses towers. Dropout
     masks come from the rows' keys and this tower's neuron offset, as in the single network."""
 
-    def __init__(self, cfg: ModelConfig, name: str, tower: int, group: GroupRef, seed: int, first: bool):
+    def __init__(self, cfg: ModelConfig, name: str, tower: int, group: GroupRef, seed: int, first: bool,
+                 memory: MemoryFormat = MemoryFormat(False, False)):
         super().__init__()
         self.ops = layer_ops(cfg)[LAYER_NAMES.index(name)]
         self.replicated = name == "fc8"  # one part, computed by both towers
         self.part = build_part(cfg, name, None if self.replicated else tower, seed)
-        self.tower, self.group, self.first = tower, group, first
+        self.tower, self.group, self.first, self.memory = tower, group, first, memory
 
     @property
     def name(self) -> str:
@@ -116,12 +133,12 @@ class TowerShard(nn.Module):
             x = _first_input(x, self.part)
         if self.ops.connect == "both":
             x = _GatherTowers.apply(x, self.group.get(), self.tower, 2, not self.replicated)
-        x = self.ops.input(x, self.tower, both_towers=False)
-        return self.ops.forward(self.part, self.tower, x, keys, self.training), labels, keys
+        x = self.memory.enter(self.ops.input(x, self.tower, both_towers=False))
+        return self.memory.leave(self.ops.forward(self.part, self.tower, x, keys, self.training)), labels, keys
 
 
 def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: int,
-                bounds: tuple[int, ...]) -> tuple[list, tuple[int, ...]]:
+                bounds: tuple[int, ...], channels_last: bool = False) -> tuple[list, tuple[int, ...]]:
     """Every pipeline layer of the network as this rank would run it, as DeepSpeed LayerSpecs (the
     engine builds only its own stage's, so a rank allocates only its stage's and tower's parameters),
     and the stage bounds over them. T = 1: whole layers, tower halves only at a cut. T = 2: whole
@@ -130,8 +147,11 @@ def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: in
 
     if tp == 1:
         plan, bounds = stage_plan(bounds, 1)
-        return [LayerSpec(StageLayer, cfg, u, seed, i == 0) for i, u in enumerate(plan)], bounds
-    return [LayerSpec(TowerShard, cfg, name, tower, group, seed, i == 0) for i, name in enumerate(LAYER_NAMES)], bounds
+        memory = [MemoryFormat(channels_last, i + 1 in bounds) for i in range(len(plan))]
+        return [LayerSpec(StageLayer, cfg, u, seed, i == 0, memory[i]) for i, u in enumerate(plan)], bounds
+    memory = [MemoryFormat(channels_last, i + 1 in bounds) for i in range(len(LAYER_NAMES))]
+    return [LayerSpec(TowerShard, cfg, name, tower, group, seed, i == 0, memory[i])
+            for i, name in enumerate(LAYER_NAMES)], bounds
 
 
 def mark_norm_ownership(module: nn.Module, tp: int, tower: int) -> None:

@@ -69,8 +69,9 @@ CASES = {
     "3x1x1 M4, activation checkpoints": ((3, 1, 1, 4), {"parallel.activation_checkpoint_interval": "1"}),
     "2x1x2 M2, deferred, clipped": ((2, 1, 2, 2), {"parallel.defer_weight_grads": "true", "train.grad_clip": "0.05",
                                                    "parallel.partition": "fc6"}),
-    "1x2x1 M2": ((1, 2, 1, 2), {}),
-    "3x1x1 M2, cut in conv4 and fc6": ((3, 1, 1, 2), {"parallel.partition": "conv4.1,fc6.1"}),
+    "1x2x1 M2, channels-last": ((1, 2, 1, 2), {"parallel.channels_last": "true"}),
+    "3x1x1 M2, cut in conv4 and fc6, channels-last": ((3, 1, 1, 2), {"parallel.partition": "conv4.1,fc6.1",
+                                                                     "parallel.channels_last": "true"}),
 }
 
 

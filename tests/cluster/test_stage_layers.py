@@ -53,6 +53,34 @@ def test_rank_layers_are_specs_that_build_only_when_asked():
     assert isinstance(built, TowerShard) and built.tower == 1 and built.name == "fc6"
 
 
+def test_channels_last_stages_convolve_in_nhwc_and_hand_on_contiguous_tensors():
+    """parallel.channels_last: every convolution of a stage runs channels-last (its output is), a stage's
+    output leaves contiguous (what the sends take), and the network computes what NCHW computes."""
+    cfg = ModelConfig(width=0.25, image_size=64, num_classes=10, dropout=0.5)
+    bounds = (0, 5, 12)  # stage 1 starts at tower 1's half of conv4: a split layer's hand-off crosses it
+    x = torch.randn(4, 3, 64, 64)
+    labels = torch.zeros(4, dtype=torch.long)
+    keys = batch_keys(seed=1, step=0, start=0, rows=4)
+    outputs = {}
+    for channels_last in (False, True):
+        specs, stage_bounds = rank_layers(cfg, 1, 0, GroupRef(), 3, bounds, channels_last)
+        layers = [spec.build().train() for spec in specs]
+        seen = []
+        for layer in layers:
+            for conv in layer.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.register_forward_hook(lambda m, args, out: seen.append(
+                        out.is_contiguous(memory_format=torch.channels_last)))
+        h = (x, labels, keys)
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i + 1 == stage_bounds[1]:  # what stage 0 sends
+                assert h[0].is_contiguous()
+        outputs[channels_last] = h[0]
+        assert seen and all(seen) == channels_last and any(seen) == channels_last
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
+
+
 def test_eval_stats_average_crops_and_ignore_padding():
     labels = torch.tensor([0, 1, -1])
     logits = torch.full((3 * 2, 3), -5.0)
