@@ -41,7 +41,8 @@ def run_config(args, actors: int, scratch: Path):
         "data.synthetic_dir": str(args.data_dir), **dict(kv.split("=", 1) for kv in args.set)})
 
 
-def one_run(args, actors: int, address: str, scratch: Path) -> float:
+def one_run(args, actors: int, address: str, scratch: Path) -> tuple[float, float]:
+    """images/s after the warm-up, and the share of the worker's step spent waiting for its batch."""
     from alexnet_pp.layout import Layout
     from cluster.driver import run_job
 
@@ -52,7 +53,7 @@ def one_run(args, actors: int, address: str, scratch: Path) -> float:
         shutil.rmtree(scratch / cfg.name, ignore_errors=True)
     if not summary.ok:
         raise RuntimeError(f"the run with {actors} actor(s) failed: {summary.error}")
-    return summary.images_per_sec
+    return summary.images_per_sec, summary.data_wait_share
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -91,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                              "include_dashboard": False})
     rates: dict[int, list[float]] = {n: [] for n in counts}
+    waits: dict[int, list[float]] = {n: [] for n in counts}
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the training worker's node
         if max(counts) > 0:
@@ -100,9 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for rep in range(args.repeats):
             order = counts if rep % 2 == 0 else counts[::-1]
             for n in order:
-                rate = one_run(args, n, cluster.address, scratch)
+                rate, wait = one_run(args, n, cluster.address, scratch)
                 rates[n].append(rate)
-                print(f"run {rep + 1}/{args.repeats}: {n} actor(s): {rate:8.1f} images/s", flush=True)
+                waits[n].append(wait)
+                print(f"run {rep + 1}/{args.repeats}: {n} actor(s): {rate:8.1f} images/s, data wait "
+                      f"{100 * wait:4.1f}% of the step", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -113,17 +117,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     title="Training images/s with augmentation actors on a CPU-only node")
     base = statistics.median(rates[counts[0]]) if rates[counts[0]] else None
     rows = []
-    print(f"\n{'actors':>6} {'images/s (median)':>18} {'range':>20} {'× first':>8}")
+    print(f"\n{'actors':>6} {'images/s (median)':>18} {'range':>20} {'× first':>8} {'data wait':>10}")
     for n in counts:
         med = statistics.median(rates[n])
         ratio = med / base if base else None
-        print(f"{n:>6} {med:>18.1f} {min(rates[n]):>9.1f} – {max(rates[n]):<8.1f} {ratio:>8.2f}")
+        wait = statistics.median(waits[n])
+        print(f"{n:>6} {med:>18.1f} {min(rates[n]):>9.1f} – {max(rates[n]):<8.1f} {ratio:>8.2f} {100 * wait:>9.1f}%")
         rows.append(report.add({"actors": n, "images_per_s": med, "min": min(rates[n]), "max": max(rates[n]),
-                                "runs": rates[n], "ratio": ratio}))
+                                "runs": rates[n], "ratio": ratio, "data_wait_share": wait,
+                                "data_wait_runs": waits[n]}))
     report.tables.append(Table(f"(1,1,1), one CPU for the worker, preset {args.preset}; ratio to {counts[0]} actors",
                                rows, [Column("actors", "actors"), Column("images/s (median)", "images_per_s", ".1f"),
                                       Column("min", "min", ".1f"), Column("max", "max", ".1f"),
-                                      Column("ratio", "ratio", ".2f")]))
+                                      Column("ratio", "ratio", ".2f"),
+                                      Column("data wait, share of the step", "data_wait_share", ".1%")]))
     for path in report.write():
         print(f"wrote {path}")
     return 0
