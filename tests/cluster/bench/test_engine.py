@@ -77,6 +77,39 @@ def test_the_bubble_spread_is_the_largest_distance_from_theory_over_the_runs(tmp
     assert "| 2 | 0 | +1.0 -6.0 |" in report.markdown()
 
 
+def test_a_run_that_failed_keeps_its_m_from_counting_as_within_five_points(tmp_path, capsys):
+    rows = [{"M": 2, "stage": 0, "measured": 1 / 3 + 0.01, "theory": 1 / 3}]  # run 2 of 2 crashed
+    spread = bubble_spread(rows, 2, Report("engine", tmp_path, [], environment={}))
+    assert not spread[0]["ok"] and "INCOMPLETE, 1 run(s) failed" in capsys.readouterr().out
+
+
+def test_a_crashed_configuration_is_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch, capsys):
+    import cluster.bench.engine as bench
+
+    def engine_results(cfg, batches):
+        if cfg.parallel.micro_batches == 4:
+            raise RuntimeError("process 0 terminated with signal SIGABRT")
+        return real(cfg, batches)
+
+    real = lambda cfg, batches: [_Result(cfg.parallel.micro_batches) for _ in range(2)]  # noqa: E731
+    monkeypatch.setattr(bench, "engine_results", engine_results)
+    args = bench.build_parser().parse_args(["--preset", "test", "--batch", "16", "--steps", "1", "--warmup", "0",
+                                            "--scratch", str(tmp_path)])
+    report = Report("engine", tmp_path, [], environment={})
+    rows = bench.section_bubble(args, 1, report)
+    assert sorted({r["M"] for r in rows}) == [2, 8]  # M = 4 failed, M = 8 still ran
+    assert [r for r in report.rows if r["section"] == "bubble_failed"][0]["M"] == 4
+    assert "SIGABRT" in capsys.readouterr().out and any("M = 4 failed" in n for n in report.notes)
+
+
+class _Result:
+    """What a rank returns to the bubble comparison: step stats with phases, and its cut."""
+
+    def __init__(self, m: int):
+        self.bounds = (0, 2, 12)
+        self.stats = [{"phases": {"forward": 0.1 * m, "backward": 0.2 * m}, "bubble": 1 / (m + 1), "seconds": 1.0}]
+
+
 def test_the_help_names_the_new_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
