@@ -112,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cluster.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    report = Report("augment", args.out, argv, {"preset": args.preset, "steps": args.steps, "warmup": args.warmup,
+    report = Report("augment", args.out, argv, {"preset": args.preset, "stored_size": args.stored_size,
+                                                 "steps": args.steps, "warmup": args.warmup,
                                                  "repeats": args.repeats, "overrides": args.set},
                     title="Training images/s with augmentation actors on a CPU-only node")
     base = statistics.median(rates[counts[0]]) if rates[counts[0]] else None
