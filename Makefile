@@ -36,9 +36,9 @@ bench-lrn: setup
 	$(BIN)/alexnet-pp bench lrn
 
 # The baseline (torchvision ImageFolder) needs torchvision, which only imports beside torch 2.14.1:
-# --baseline sets up a second venv, .venv-tv, once, and runs the benchmark there.
+# --baseline sets up a second venv, .venv-tv (torch 2.14.1 + torchvision 0.29.1), once, and runs the benchmark there.
 bench-data: setup
-	bash benchmarks/setup_tv_venv.sh && .venv-tv/bin/python -m benchmarks.data_bench
+	$(BIN)/alexnet-pp bench data --baseline
 
 bench-engine: setup
 	$(BIN)/alexnet-pp bench engine

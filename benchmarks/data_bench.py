@@ -2,7 +2,7 @@
 augmentation behind webdataset's reader, torchvision ImageFolder + DataLoader, and, where CUDA is
 there, the GPU paths; plus the tar readers alone and the decode cost of each stored format.
 
-    python -m benchmarks.data_bench [--workers 2] [--images 2000] [--batch 64] [--readers-only] [--raw]
+    alexnet-pp bench data [--baseline] [--workers 2] [--images 2000] [--batch 64] [--readers-only] [--raw]
 
 All read the same JPEGs (the embedded dataset at 256 px, written as shards and, byte for byte,
 as a class-folder tree) with the same transforms: random 224 crop, horizontal flip, PCA lighting
@@ -19,8 +19,9 @@ noise (std 0.1), normalisation to float32; same batch size and worker count. Pip
   (device="cuda", data.decode gpu), the card named.
 
 The baseline needs torchvision, which does not import beside the project's torch 2.13 CPU build:
-create the separate venv with `benchmarks/setup_tv_venv.sh` and run this module with
-`.venv-tv/bin/python`. In the main venv the benchmark runs without the baseline and says so.
+`--baseline` sets up a separate venv for it once (`--tv-venv`, default .venv-tv: torch 2.14.1 +
+torchvision 0.29.1, about 5.5 GB), runs the benchmark there and writes the report here. Without it
+the benchmark runs without the baseline (unless torchvision imports here) and says so.
 
 Readers: every training sample's members read from the same shards (no decoding) by the
 project's reader (tarstream.iter_samples, what the loader runs) and by `webdataset.WebDataset`'s
@@ -37,9 +38,12 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,6 +59,48 @@ from alexnet_pp.data.shards import read_classes, read_manifest
 # What the loader gained with the uint8/GPU paths, the crop kernel and stored formats is imported
 # where it is used, so that `PYTHONPATH=<an older checkout> python benchmarks/data_bench.py --only
 # shards,torchvision` measures that checkout's loader the same way (before/after comparisons).
+
+
+REPO = Path(__file__).resolve().parents[1]
+# torchvision does not import beside the project's torch 2.13 CPU build; this matching pair does
+TV_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1")
+TV_EXTRAS = ("numpy", "pillow", "simplejpeg", "webdataset==1.0.2", "pyyaml")
+IN_TV_VENV = "ALEXNET_PP_IN_TV_VENV"  # set for the benchmark's re-run inside the baseline's venv
+
+
+def ensure_tv_venv(venv: Path, run: Callable[..., int] = subprocess.call) -> Path:
+    """The baseline's venv, set up once (a stamp file marks it done and is checked by importing):
+    torch and torchvision that import together, the data path's packages, and this checkout on its
+    path (a .pth file). Returns its python."""
+    py = venv / "bin" / "python"
+    stamp = venv / ".tv-installed"
+    if stamp.exists() and run([str(py), "-c", "import torchvision, simplejpeg, alexnet_pp.data"]) == 0:
+        return py
+    print(f"setting up the torchvision baseline's venv in {venv} (once)", flush=True)
+    steps = [] if py.exists() else [[sys.executable, "-m", "venv", str(venv)]]
+    steps += [[str(py), "-m", "pip", "install", "-q", *TV_PACKAGES], [str(py), "-m", "pip", "install", "-q", *TV_EXTRAS]]
+    for cmd in steps:
+        if run(cmd):
+            raise RuntimeError(f"setting up {venv} failed: {' '.join(cmd)}")
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "alexnet_pp_repo.pth").write_text(f"{REPO}\n")
+    if run([str(py), "-c", "import torch, torchvision, alexnet_pp.data"]):
+        raise RuntimeError(f"{venv}: torch and torchvision do not import together after the setup")
+    stamp.touch()
+    return py
+
+
+def run_in_tv_venv(argv: list[str], venv: Path, run: Callable[..., int] = subprocess.call) -> dict:
+    """This benchmark again inside the baseline's venv; its results come back here to be written."""
+    py = ensure_tv_venv(venv, run)
+    with tempfile.TemporaryDirectory(prefix="alexnet-pp-data-bench-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        env = dict(os.environ, **{IN_TV_VENV: "1"})
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+        if run([str(py), "-m", "benchmarks.data_bench", "--result-json", str(result_file), *argv], env=env, cwd=REPO):
+            raise RuntimeError(f"the data benchmark failed inside {venv}")
+        return json.loads(result_file.read_text())
 
 
 def make_data(root: Path, images: int, size: int, classes: int, raw: bool = False) -> tuple[Path, Path, Path]:
@@ -281,8 +327,14 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, run: Callable[..., int] = subprocess.call) -> dict:
+    """The results (settings and `rows`: pipelines, tar readers, stored formats); `alexnet-pp bench
+    data` writes them as data.json, .csv and .md."""
+    p = argparse.ArgumentParser(prog="alexnet-pp bench data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", action="store_true",
+                   help="set up the torchvision baseline's venv if needed (once, ~5.5 GB) and run the benchmark there")
+    p.add_argument("--tv-venv", default=str(REPO / ".venv-tv"), help="the baseline's venv (default .venv-tv)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines (default 2)")
     p.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--classes", type=int, default=10)
@@ -291,7 +343,6 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per pipeline; the best counts (default 3)")
     p.add_argument("--data", default="data/bench", help="where the benchmark images go (default data/bench)")
-    p.add_argument("--out", default="runs/bench/data_bench.json", help="results file")
     p.add_argument("--no-baseline", action="store_true", help="skip the torchvision baseline")
     p.add_argument("--reader-passes", type=int, default=5, help="timed passes per tar reader (default 5)")
     p.add_argument("--readers-only", action="store_true", help="only the tar reader comparison")
@@ -299,7 +350,10 @@ def main(argv=None) -> int:
                    "(writes a second shard set, ~200 KB per image)")
     p.add_argument("--only", default="", help="comma-separated pipelines to time (default all): "
                    "shards,uint8,webdataset,torchvision,raw,gpu_uint8,gpu_decode")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    if args.baseline and not os.environ.get(IN_TV_VENV):
+        return run_in_tv_venv([a for a in argv if a != "--baseline"], Path(args.tv_venv).absolute(), run)
 
     torch.set_num_threads(1)  # the main process only receives batches; workers do the work
     reuse_freed_memory()  # as every trainer does (alexnet_pp/host.py); workers of both sides inherit it
@@ -326,12 +380,10 @@ def main(argv=None) -> int:
     for name, label in (("tarstream", "alexnet_pp tarstream"), ("webdataset", "webdataset.WebDataset")):
         print(f"{label:<34}{rd['samples_per_s'][name]:>10.0f}   passes: {rd['passes_samples_per_s'][name]}")
     print(f"ratio tarstream / webdataset: {rd['ratio']:.2f}×")
-    out = Path(args.out)
+    result["rows"] = [{"kind": "tar reader (no decoding)", "name": n, "samples_per_s": round(v, 1)}
+                      for n, v in rd["samples_per_s"].items()]
     if args.readers_only:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"saved {out}")
-        return 0
+        return result
 
     result["decoders"] = dec = bench_decoders(shards)
     print(f"decode 256px JPEG: simplejpeg {dec['simplejpeg_us']} µs, pillow {dec['pillow_us']} µs "
@@ -355,7 +407,7 @@ def main(argv=None) -> int:
             import torchvision  # noqa: F401
         except Exception as e:  # the main venv: torchvision does not import beside torch 2.13 CPU
             baseline_note = (f"skipped: torchvision not importable here ({type(e).__name__}); "
-                             "run benchmarks/setup_tv_venv.sh and use .venv-tv/bin/python")
+                             "alexnet-pp bench data --baseline sets up a venv where it is")
     a = (args.workers, args.batch, args.crop)
     pipelines = {
         "shards": ("alexnet_pp shards", lambda e: bench_shards(shards, *a, args.size, e)),
@@ -419,11 +471,23 @@ def main(argv=None) -> int:
     if gpu_note:
         result["gpu_note"] = gpu_note
         print(gpu_note)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"saved {out}")
-    return 0
+    result["rows"] += [{"kind": "stored format (data ingest --format)", "name": n, "bytes_per_image": r["bytes"],
+                        "decode_us_per_image": r["decode_us"]} for n, r in fm.items()]
+    result["rows"] += [{"kind": f"pipeline ({args.workers} workers)", "name": pipelines[n][0], "images_per_s": round(v, 1),
+                        "images_per_s_per_worker": round(v / procs, 1), "cpu_us_per_image": round(cpu_us[n], 1),
+                        "x_imagefolder": round(v / base, 2) if base else None,
+                        "x_imagefolder_by_cpu_time": round(cpu_us["torchvision"] / cpu_us[n], 2) if base else None}
+                       for n, v in rows.items()]
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _ap = argparse.ArgumentParser(add_help=False)
+    _ap.add_argument("--result-json", help=argparse.SUPPRESS)  # the re-run inside the baseline's venv
+    _known, _rest = _ap.parse_known_args()
+    if _known.result_json:
+        Path(_known.result_json).write_text(json.dumps(main(_rest), default=str))
+        sys.exit(0)
+    from cluster.bench.cli import main_bench
+
+    sys.exit(main_bench(["data", *_rest]))

@@ -55,7 +55,7 @@ def main_bench(argv: Optional[Sequence[str]] = None) -> int:
 def _run_foreign(name: str, module: Any, argv: list[str]) -> int:
     """A benchmark written outside this package: its `main(argv)` returns an exit code or its results
     (a dict); results are written in the common format under --out."""
-    from cluster.bench.report import Report, add_out_arg, rows_from_result
+    from cluster.bench.report import Column, Report, Table, add_out_arg, rows_from_result
 
     ap = argparse.ArgumentParser(add_help=False)
     add_out_arg(ap, name)
@@ -65,6 +65,10 @@ def _run_foreign(name: str, module: Any, argv: list[str]) -> int:
         return int(result or 0)
     rows, settings = rows_from_result(result)
     report = Report(name, known.out, argv, settings, rows=rows)
+    for kind in dict.fromkeys(r.get("kind") for r in rows):  # a table per kind of row, in order
+        group = [r for r in rows if r.get("kind") == kind]
+        keys = [k for k in dict.fromkeys(k for r in group for k in r) if k != "kind"]
+        report.tables.append(Table(kind or name, group, [Column(k.replace("_", " "), k) for k in keys]))
     for path in report.write():
         print(f"wrote {path}")
     return 0

@@ -262,8 +262,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _short(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… (whole in the JSON)"
 
 
 def _csv_value(v: Any) -> Any:
@@ -289,13 +290,16 @@ def add_out_arg(ap, benchmark: str) -> None:
 def rows_from_result(result: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and settings from a benchmark's returned dict: a list of dicts is rows; a mapping whose
     values are all mappings (`{"layouts": {"2,2,1": {...}}}`) gives a row per entry; other values
-    are settings."""
+    are settings. With a `rows` list, everything else is settings."""
     if isinstance(result, list):
         return [dict(r) for r in result], {}
     rows: list[dict[str, Any]] = []
     settings: dict[str, Any] = {}
+    explicit = isinstance((result or {}).get("rows"), list)
     for key, value in (result or {}).items():
-        if key == "rows" and isinstance(value, list):
+        if explicit and key != "rows":
+            settings[key] = value
+        elif key == "rows" and isinstance(value, list):
             rows += [dict(r) for r in value]
         elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             singular = key[:-1] if key.endswith("s") else key
