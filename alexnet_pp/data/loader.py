@@ -159,7 +159,13 @@ class ShardLoader:
                 if pool is not None:
                     pool.reclaim()
         finally:
-            del batches  # stops the workers before their slots are counted free
+            # Stop the workers here and now, before their slots are counted free. On an error, the
+            # exception's traceback keeps the iterator alive; left to its finaliser, it would run in
+            # the next forked worker (CPython collects garbage after fork) and deadlock on a queue lock.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches
             if pool is not None:
                 slots.release(pool)
         if self.stream.spec.train:

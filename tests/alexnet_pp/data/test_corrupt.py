@@ -120,6 +120,19 @@ def test_unopenable_shard_is_an_error_naming_it_unless_skipped(tmp_path, workers
     assert ld.skip_counts().get("shard", 0) >= 1
 
 
+def test_a_loader_that_failed_has_stopped_its_workers_while_the_error_is_still_held(tmp_path):
+    """The error's traceback keeps the worker iterator alive; its workers must be stopped anyway, or
+    its finaliser runs in the next forked worker and deadlocks there (a hang seen in this suite)."""
+    import multiprocessing
+
+    _manifest_shards(tmp_path)
+    (tmp_path / "train-000002.tar").write_bytes(b"\0garbage" * 7)
+    with pytest.raises(ShardOpenError) as error:
+        list(build_train_loader(shard_cfg(tmp_path, workers=2, batch=4)))
+    assert error.traceback  # still held here
+    assert not multiprocessing.active_children()
+
+
 def test_all_samples_bad_raises_instead_of_hanging(tmp_path):
     make_shards(tmp_path, "train", [3, 3], size=40, corrupt={f"train-s{s}-{i}": "garbage_jpg"
                                                              for s in range(2) for i in range(3)})
