@@ -73,7 +73,10 @@ class _Deferred(nn.Module):
     @staticmethod
     def _add(param: torch.Tensor, grad: torch.Tensor) -> None:
         if param.grad is None:
-            param.grad = grad
+            # in the parameter's own layout, as autograd's accumulation gives it: a convolution over
+            # channels-last inputs returns a channels-last weight gradient, and DeepSpeed reads
+            # gradients through flat views of contiguous buffers
+            param.grad = grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
         else:
             param.grad.add_(grad)
 

@@ -107,6 +107,24 @@ def test_a_conv_weight_pass_matches_autograd_with_stride_and_padding():
     torch.testing.assert_close(wrapped.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_a_conv_weight_pass_over_channels_last_inputs_gives_the_gradient_in_the_weights_layout():
+    """Over NHWC activations torch's convolution backward returns an NHWC weight gradient; the W pass
+    hands it over in the weight's own layout, as autograd does (DeepSpeed reads flat views of it)."""
+    from alexnet_pp.deferred_grads import DeferredConv2d
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    wrapped = DeferredConv2d(nn.Conv2d(4, 6, 3, padding=1))
+    wrapped.weight.data.copy_(conv.weight.data)
+    wrapped.bias.data.copy_(conv.bias.data)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    wrapped(x).square().sum().backward()
+    wrapped.flush()
+    assert wrapped.weight.grad.stride() == wrapped.weight.stride() == conv.weight.grad.stride()
+    torch.testing.assert_close(wrapped.weight.grad.flatten(), conv.weight.grad.flatten(), rtol=1e-5, atol=1e-5)
+
+
 def test_discard_forgets_kept_rows():
     deferred = DeferredGrads([nn.Sequential(nn.Linear(8, 4))])
     x = torch.randn(2, 8)

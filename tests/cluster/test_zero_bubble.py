@@ -84,8 +84,10 @@ def test_theory_is_the_papers_at_equal_f_b_w_and_the_simulator_agrees():
 @pytest.mark.e2e
 @pytest.mark.parametrize("pp,tp,dp,m", [(2, 1, 1, 4), (3, 1, 1, 4), (2, 2, 1, 2), (2, 1, 2, 2)], ids=str)
 def test_zb_h1_matches_single_process_with_dropout_on(tmp_path, pp, tp, dp, m):
+    # with replicas, also on channels-last activations (W's convolution backward reads NHWC inputs)
+    nhwc = {"parallel.channels_last": "true"} if dp > 1 else {}
     cfg = layout_cfg(tmp_path, pp, tp, dp, m, **{"checkpoint.resume": "false", "parallel.schedule": "zb-h1",
-                                                "train.grad_clip": "0.05"})
+                                                "train.grad_clip": "0.05", **nhwc})
     assert cfg.model.dropout == 0.5
     batches = make_batches(STEPS, cfg.train.batch_size)
     ref_losses, ref_state = reference(cfg, batches)
