@@ -145,13 +145,15 @@ def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: in
     layers, this rank's tower of each."""
     from deepspeed.pipe import LayerSpec  # deepspeed picks its accelerator at import: inside the worker
 
-    if tp == 1:
-        plan, bounds = stage_plan(bounds, 1)
-        memory = [MemoryFormat(channels_last, i + 1 in bounds) for i in range(len(plan))]
-        return [LayerSpec(StageLayer, cfg, u, seed, i == 0, memory[i]) for i, u in enumerate(plan)], bounds
-    memory = [MemoryFormat(channels_last, i + 1 in bounds) for i in range(len(LAYER_NAMES))]
-    return [LayerSpec(TowerShard, cfg, name, tower, group, seed, i == 0, memory[i])
-            for i, name in enumerate(LAYER_NAMES)], bounds
+    plan, bounds = stage_plan(bounds, 1) if tp == 1 else (LAYER_NAMES, bounds)
+
+    def spec(i: int, unit) -> LayerSpec:
+        memory = MemoryFormat(channels_last, stage_end=i + 1 in bounds)
+        if tp == 1:
+            return LayerSpec(StageLayer, cfg, unit, seed, i == 0, memory)
+        return LayerSpec(TowerShard, cfg, unit, tower, group, seed, i == 0, memory)
+
+    return [spec(i, unit) for i, unit in enumerate(plan)], bounds
 
 
 def mark_norm_ownership(module: nn.Module, tp: int, tower: int) -> None:

@@ -225,9 +225,10 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
         try:
             results = engine_results(cfg, batches)
         except Exception as e:  # noqa: BLE001 - a crashed configuration is a result; the runs go on
-            print(f"{m:>3} FAILED: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", flush=True)
-            report.add({"section": "bubble_failed", "M": m, "run": run, "error": f"{type(e).__name__}: {e}"[:2000]})
-            report.notes.append(f"comparison 2, run {run + 1}, M = {m} failed: {type(e).__name__}: {e}"[:400])
+            error = f"{type(e).__name__}: {e}"
+            print(f"{m:>3} FAILED: {error.splitlines()[0][:300]}", flush=True)
+            report.add({"section": "bubble_failed", "M": m, "run": run, "error": error[:2000]})
+            report.notes.append(f"comparison 2, run {run + 1}, M = {m} failed: {error}"[:400])
             continue
         cut = cut_text(results[0].bounds)
         for row in bubble_rows([r.stats[args.warmup:] for r in results], m):
@@ -253,11 +254,12 @@ def bubble_spread(rows: list[dict], runs: int, report: Optional[Report] = None) 
         diffs = [100 * (r["measured"] - r["theory"]) for r in rows if r["M"] == m and r["stage"] == stage]
         worst = max(abs(d) for d in diffs)
         ok = worst <= 5 and len(diffs) == runs  # a run that failed is not a run within 5 points
-        missing = f", {runs - len(diffs)} run(s) failed" if len(diffs) < runs else ""
+        status = ("ok" if ok else "OVER 5" if worst > 5
+                  else f"INCOMPLETE, {runs - len(diffs)} run(s) failed")
         print(f"M {m} stage {stage}: {' '.join(f'{d:+5.1f}' for d in diffs)}   median {median(diffs):+5.1f}  "
-              f"largest |diff| {worst:4.1f}  {'ok' if ok else 'OVER 5' if worst > 5 else 'INCOMPLETE'}{missing}")
+              f"largest |diff| {worst:4.1f}  {status}")
         out.append({"section": "bubble_spread", "M": m, "stage": stage, "diff_pp": diffs, "runs": runs,
-                    "median_diff_pp": median(diffs), "largest_abs_diff_pp": worst, "ok": ok})
+                    "median_diff_pp": median(diffs), "largest_abs_diff_pp": worst, "ok": ok, "status": status})
     if report is not None:
         report.rows += out
         report.tables.append(Table(f"2. Over {runs} runs: measured − theory, percentage points "
@@ -265,8 +267,7 @@ def bubble_spread(rows: list[dict], runs: int, report: Optional[Report] = None) 
             Column("M", "M"), Column("stage", "stage"),
             Column("per run", lambda r: " ".join(f"{d:+.1f}" for d in r["diff_pp"])),
             Column("median", "median_diff_pp", "+.1f"), Column("largest |diff|", "largest_abs_diff_pp", ".1f"),
-            Column("within 5", lambda r: "ok" if r["ok"] else "OVER 5" if r["largest_abs_diff_pp"] > 5
-                   else f"{len(r['diff_pp'])} of {r['runs']} runs")]))
+            Column("within 5", "status")]))
     return out
 
 

@@ -151,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\n# 3. DeepSpeed engine (1,1,1) on the device vs the plain step (same precision and layout, "
               f"and the best plain: {best_key})")
         for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
-            variant = prec + ("/channels_last" if cl else "")
+            layout = "/channels_last" if cl else ""
+            variant, plain_key = prec + layout, f"{prec}/oursLRN{layout}"
             ecfg = load_config("paper", overrides={**overrides, "parallel.precision": prec,
                                                    "parallel.channels_last": str(cl).lower(),
                                                    "parallel.gpus_per_worker": "1"})
@@ -162,7 +163,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report["engine"][variant] = {"error": str(e)[:4000]}
                 continue
             t = statistics.median(times[args.warmup:])
-            plain_key = f"{prec}/oursLRN" + ("/channels_last" if cl else "")
             plain_t = med[plain_key]
             d = rel_diff(losses[:3], report["plain"][plain_key]["losses"][:3])
             print(f"{variant}: engine {args.batch / t:9.0f} img/s  plain {args.batch / plain_t:9.0f} img/s  ratio "
