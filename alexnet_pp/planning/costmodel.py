@@ -4,12 +4,16 @@ Per stage: its units' F, B, W at the layout's micro-batch (T = 2: each tower ran
 layer's work, fc8 whole, plus the tower all-gathers and gradient all-reduces of the cross-tower
 layers); per cut: the activation and gradient transfers; then the schedule is simulated
 (simulate.py) and each stage ends with its gradient all-reduce over the D replicas and its
-optimizer step. Bytes come from the network's shapes and parameter counts (model.py, pipeline.py).
+optimizer step. Ranks that must meet — the two towers at each cross-tower collective, the replicas
+at the all-reduce — also wait for the slowest of them, by the profile's measured jitter (sync_wait).
+Bytes come from the network's shapes and parameter counts (model.py, pipeline.py).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -216,6 +220,44 @@ def unit_costs(cfg: ModelConfig, profile: DeviceProfile, micro_batch: int, tp: i
     return out
 
 
+def expected_max_normal(k: int) -> float:
+    """E[max of k independent standard normals]: 0 for one, 0.564 for two, 1.029 for four."""
+    if k <= 1:
+        return 0.0
+    nd = statistics.NormalDist()
+    xs = [-8 + 16 * i / 4000 for i in range(4001)]
+    return sum(x * k * nd.pdf(x) * nd.cdf(x) ** (k - 1) for x in xs) * 16 / 4000
+
+
+def sync_wait(profile: DeviceProfile, compute_seconds: float, ranks: int) -> float:
+    """Seconds `ranks` workers lose, on average, meeting at a collective after `compute_seconds` of
+    compute each since they last met: the slowest arrives σ·E[max of `ranks` normals] after the mean,
+    σ = sqrt(jitter · compute_seconds) (DeviceProfile.jitter). Pipeline sends are not charged: a
+    stage that waits on its neighbour is idle in the simulated schedule already."""
+    if ranks <= 1 or compute_seconds <= 0 or profile.jitter <= 0:
+        return 0.0
+    return expected_max_normal(ranks) * math.sqrt(profile.jitter * compute_seconds)
+
+
+def tower_sync_seconds(profile: DeviceProfile, units, costs: list["StageCost"], idx: range) -> tuple[float, float]:
+    """T = 2, one stage, per micro-batch: (forward, backward) seconds the two towers wait for each
+    other at the stage's cross-tower collectives (sync_wait), each after the compute since the last."""
+    fwd = bwd = 0.0
+    since = 0.0
+    for i in idx:  # forward: the all-gather of a cross-tower layer's input, before the layer
+        if units[i].layer in CROSS_TOWER:
+            fwd += sync_wait(profile, since, 2)
+            since = 0.0
+        since += costs[i].forward
+    since = 0.0
+    for i in reversed(idx):  # backward: a sharded layer's input-gradient all-reduce, after the layer
+        since += costs[i].backward_input + costs[i].backward_weight
+        if units[i].layer in SHARDED:
+            bwd += sync_wait(profile, since, 2)
+            since = 0.0
+    return fwd, bwd
+
+
 def tower_comm_seconds(cfg: ModelConfig, profile: DeviceProfile, micro_batch: int) -> dict[str, tuple[float, float]]:
     """T = 2, per cross-tower layer: (forward all-gather of its input, backward all-reduce of the
     input gradient) seconds. The two towers of a stage are neighbouring ranks (cluster/topology.py)."""
@@ -289,6 +331,9 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         idx = range(bounds[s], bounds[s + 1])
         tf = sum(tower.get(units[i].layer, (0.0, 0.0))[0] for i in idx)
         tb = sum(tower.get(units[i].layer, (0.0, 0.0))[1] for i in idx)
+        if tp == 2:
+            wf, wb = tower_sync_seconds(profile, units, costs, idx)
+            tf, tb = tf + wf, tb + wb
         stage_costs.append(StageCost(sum(costs[i].forward for i in idx) + tf,
                                      sum(costs[i].backward_input for i in idx) + tb,
                                      sum(costs[i].backward_weight for i in idx)))
@@ -314,6 +359,8 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         ar = link.allreduce_seconds(eb * p, D)
         if overlap_allreduce and D > 1:
             ar = _exposed_allreduce(timeline, s, [costs[i] for i in idx], [eb * params[i] for i in idx], link, D)
+        # the replicas meet once a step, after the stage's compute of all M micro-batches
+        ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
         opt = p * (profile.optimizer_seconds_per_param + profile.reduce_copy_seconds_per_param)
         tails.append(ar + opt)
         in_flight = timeline.peak_in_flight(s)

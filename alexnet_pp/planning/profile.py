@@ -9,6 +9,11 @@ per kind: forward (F), input gradient (B) and weight gradient (W), each measured
 micro-batch sizes n and fitted as a + b·n (a: work that does not grow with the micro-batch, such
 as reading fc6's weights or launching kernels; b: per image). The first unit (conv1) computes no
 input gradient in training, so its whole backward counts as W: nothing downstream waits for it.
+
+`jitter` is how much a worker's compute time varies from one repetition to the next, as variance per
+second of compute: a stretch of t seconds varies by sqrt(jitter · t) (independent pieces add their
+variances). Ranks that meet at a collective wait for the slowest of them, so the cost model charges
+each such meeting the expected maximum of that spread (costmodel.sync_wait).
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class DeviceProfile:
     # back, whatever D: local memory traffic the engine times as part of its optimizer phase
     reduce_copy_seconds_per_param: float = 0.0
     threads: int = 0  # torch threads per worker when measured (0: not a CPU measurement)
+    jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)
     created: str = ""
@@ -180,10 +186,15 @@ def time_units(cfg: ModelConfig, micro_batch: int, device: str = "cpu", reps: in
 
 def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str = "cpu", reps: int = 3,
                     seed: int = 0, stat: str = "median") -> list[list[tuple[float, float, float]]]:
-    """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit, the median (or min) of
-    `reps` after a warm-up — the median by default, since a run's steps meet the same noise. F: the
-    forward; B: the input gradient alone (torch.autograd.grad on the input); W: the rest of the
-    training backward (input and weight gradients into .grad) beyond B. The first unit has no B.
+    """Per micro-batch size, (F, B, W) seconds of each T = 1 pipeline unit (see unit_samples)."""
+    return summarize_units(unit_samples(cfg, micro_batches, device, reps, seed), micro_batches, stat)
+
+
+def unit_samples(cfg: ModelConfig, micro_batches: Sequence[int], device: str = "cpu", reps: int = 3,
+                 seed: int = 0) -> dict[tuple[int, int, int], list[float]]:
+    """Seconds of each (micro-batch size, unit, k) over `reps` repetitions after a warm-up; k: 0 the
+    forward, 1 the input gradient alone (torch.autograd.grad on the input), 2 the whole training
+    backward (input and weight gradients into .grad). The first unit has no input gradient.
     Every repetition runs every size and unit in turn, so a burst of load from other processes
     slows one repetition of each, not every repetition of one size."""
     from alexnet_pp.model import AlexNet
@@ -230,15 +241,38 @@ def time_unit_sizes(cfg: ModelConfig, micro_batches: Sequence[int], device: str 
                     continue  # warm-up
                 for k, t in enumerate((f, b, full)):
                     samples[n, i, k].append(t)
+    return samples
+
+
+def summarize_units(samples: dict[tuple[int, int, int], list[float]], micro_batches: Sequence[int],
+                    stat: str = "median") -> list[list[tuple[float, float, float]]]:
+    """Per size, (F, B, W) of each unit: the median (or min) of its samples — the median by default,
+    since a run's steps meet the same noise. W is the training backward beyond B."""
+    units = len({i for _, i, _ in samples})
     pick = min if stat == "min" else statistics.median
     out = []
     for n in micro_batches:
         row = []
-        for i in range(len(units)):
+        for i in range(units):
             f, b, full = (pick(samples[n, i, k]) for k in range(3))
             row.append((f, 0.0, full) if i == 0 else (f, b, max(full - b, 0.0)))
         out.append(row)
     return out
+
+
+def measure_jitter(samples: dict[tuple[int, int, int], list[float]], micro_batches: Sequence[int]) -> float:
+    """Variance per second of compute: per size, each repetition's training compute (every unit's
+    forward and backward) is one sample; the sizes' variances pooled over their mean seconds."""
+    var = mean = 0.0
+    for n in micro_batches:
+        units = sorted({i for m, i, _ in samples if m == n})
+        totals = [sum(samples[n, i, 0][r] + samples[n, i, 2][r] for i in units)
+                  for r in range(len(samples[n, units[0], 0]))]
+        if len(totals) < 2:
+            return 0.0
+        var += statistics.variance(totals)
+        mean += statistics.fmean(totals)
+    return var / mean if mean else 0.0
 
 
 def _repeat(fn, reps: int, device: str, stat: str) -> float:
@@ -429,12 +463,13 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
     configure_host(threads, keep_freed_memory=True)
     others = start_co_runners(model_cfg, co_runners, threads, min(micro_batches)) if co_runners else []
     try:
-        per_size = time_unit_sizes(model_cfg, micro_batches, device, reps, seed, stat)
+        samples = unit_samples(model_cfg, micro_batches, device, reps, seed)
         opt = time_optimizer(model_cfg, device, reps, stat)
         copies = time_gradient_copies(model_cfg, device, reps, stat)
     finally:
         stop_co_runners(others)
         torch.set_num_threads(prev_threads)
+    per_size = summarize_units(samples, micro_batches, stat)
     units = [UnitTimes(nm, *[[per_size[j][i][k] for j in range(len(micro_batches))] for k in range(3)])
              for i, nm in enumerate(unit_names(1))]
     sharing = (f"while {co_runners} other process(es) trained the same network, as fellow workers on this "
@@ -444,6 +479,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         f"unit times: the {stat} of {reps} runs on {device} with {threads or torch.get_num_threads()} thread(s) per "
         f"worker, {sharing}",
         "micro-batch scaling: a + b·n least squares over the measured sizes " + ", ".join(map(str, micro_batches)),
+        f"jitter: the variance of the {reps} repetitions' compute, pooled over the sizes",
     ]
     if measured_links:
         assumptions.append(f"links measured between two processes of this machine on {backend}")
@@ -454,7 +490,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         optimizer_seconds_per_param=opt, reduce_copy_seconds_per_param=copies, p2p=p2p, allreduce=ar,
         memory_bytes=_memory_bytes(device),
         threads=threads if not str(device).startswith("cuda") else 0, model=_model_key(model_cfg),
-        assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        jitter=measure_jitter(samples, micro_batches), assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 
 

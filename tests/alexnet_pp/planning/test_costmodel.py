@@ -10,6 +10,7 @@ from alexnet_pp.pipeline import unit_names, unit_param_counts
 from alexnet_pp.planning.costmodel import (
     Candidate,
     cut_elements,
+    expected_max_normal,
     layer_io_elements,
     predict,
     saved_bytes_per_image,
@@ -21,6 +22,7 @@ from alexnet_pp.planning.profile import (
     Link,
     UnitTimes,
     assumed_gpu_profile,
+    measure_jitter,
     measure_links,
     start_co_runners,
     stop_co_runners,
@@ -87,6 +89,50 @@ def test_with_two_towers_each_worker_does_half_of_each_layer_and_all_of_fc8(tiny
     slow = predict(tiny, make_profile(allreduce=Link(1e30, 1 * MS)), Candidate(1, 2, 1, 1, 2))
     assert slow.step_seconds == pytest.approx(0.039 + 0.004 + 0.006)
     assert slow.stages[0].phases["tower_comm"] == pytest.approx(0.010)
+
+
+def test_the_expected_maximum_of_normals_matches_the_tabulated_order_statistics():
+    assert [round(expected_max_normal(k), 4) for k in (1, 2, 3, 4, 8)] == [0.0, 0.5642, 0.8463, 1.0294, 1.4236]
+
+
+def test_replicas_wait_for_the_slowest_once_a_step_by_the_profiles_jitter(tiny, make_profile):
+    """1×1×2, M = 2, micro-batch 2: 12 units of F = B = W = 2 ms, so 144 ms of compute a step; the two
+    replicas then meet at the all-reduce, the slower 0.564 σ late on average, σ = sqrt(jitter · 144 ms)."""
+    jitter = 1e-3
+    layout = Candidate(1, 1, 2, 2, 8)
+    steady = predict(tiny, make_profile(), layout)
+    noisy_profile = make_profile()
+    noisy_profile.jitter = jitter
+    noisy = predict(tiny, noisy_profile, layout)
+    wait = 0.5642 * (jitter * 0.144) ** 0.5
+    assert steady.step_seconds == pytest.approx(0.144)
+    assert noisy.step_seconds == pytest.approx(0.144 + wait, rel=1e-4)
+    assert noisy.stages[0].phases["allreduce"] == pytest.approx(wait, rel=1e-4)
+    four = predict(tiny, noisy_profile, Candidate(1, 1, 4, 1, 8))  # 72 ms of compute, four replicas
+    assert four.step_seconds == pytest.approx(0.072 + 1.0294 * (jitter * 0.072) ** 0.5, rel=1e-4)
+
+
+def test_two_towers_wait_for_each_other_at_each_collective_after_the_compute_since_the_last(tiny, make_profile):
+    """1×2×1, micro-batch 2, per unit F = B = W as in the two-tower test above (ms: conv1 1, conv2 1,
+    conv3 2, conv4 2, conv5 1, fc6 2, fc7 2, fc8 2). Forward, the towers meet before conv3, fc6, fc7
+    and fc8, after 2, 5, 2 and 2 ms of forward; backward after fc7, fc6 and conv3 (the layers whose
+    input gradient is all-reduced), after 8, 4 and 10 ms of backward."""
+    jitter = 1e-3
+    profile = make_profile()
+    profile.jitter = jitter
+    pred = predict(tiny, profile, Candidate(1, 2, 1, 1, 2))
+    wait = sum(0.5642 * (jitter * t * MS) ** 0.5 for t in (2, 5, 2, 2, 8, 4, 10))
+    assert pred.step_seconds == pytest.approx(0.039 + wait, rel=1e-4)
+    assert pred.stages[0].phases["tower_comm"] == pytest.approx(wait, rel=1e-4)
+
+
+def test_jitter_is_the_variance_of_a_repetitions_compute_per_second_of_it():
+    """One size, two units, three repetitions: forward + training backward of both units add up to
+    3, 4 and 8 s; their variance 7 s² over their mean 5 s."""
+    samples = {(2, 0, 0): [1, 2, 3], (2, 0, 1): [0, 0, 0], (2, 0, 2): [1, 1, 1],
+               (2, 1, 0): [0, 0, 0], (2, 1, 1): [0.5, 0.5, 0.5], (2, 1, 2): [1, 1, 4]}
+    assert measure_jitter(samples, [2]) == pytest.approx(7 / 5)
+    assert measure_jitter({k: v[:1] for k, v in samples.items()}, [2]) == 0.0  # one repetition: no spread
 
 
 def test_bytes_between_stages_towers_and_replicas_come_from_the_shapes_and_parameters(tiny, make_profile):
@@ -156,6 +202,12 @@ def test_a_profile_survives_a_json_round_trip(tmp_path, make_profile):
     p.inter_node, p.workers_per_node = Link(1e9, 1e-5), 4
     p.save(tmp_path / "p.json")
     assert DeviceProfile.load(tmp_path / "p.json") == p
+
+
+def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
+    data = make_profile().to_dict()
+    del data["jitter"]
+    assert DeviceProfile.from_dict(data).jitter == 0.0
 
 
 def test_a_profile_measured_for_another_network_is_refused(make_profile):
