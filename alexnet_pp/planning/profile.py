@@ -320,17 +320,19 @@ def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5, s
     return _repeat(copies, reps, device, stat) / sum(g.numel() for g in grads)
 
 
-def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes: list[int], reps: int) -> None:
+def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes: list[int], reps: int,
+                  stat: str = "median") -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+    pick = min if stat == "min" else statistics.median
     p2p, ar = [], []
     for nbytes in sizes:
         t = torch.zeros(max(1, nbytes // 4), device=device)
-        best_rt = best_ar = math.inf
+        rts, ars = [], []
         for _ in range(reps + 1):
             dist.barrier()
             sync()
@@ -342,24 +344,25 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
                 dist.recv(t, 0)
                 dist.send(t, 0)
             sync()
-            best_rt = min(best_rt, time.perf_counter() - t0)
+            rts.append(time.perf_counter() - t0)
             dist.barrier()
             sync()
             t0 = time.perf_counter()
             dist.all_reduce(t)
             sync()
-            best_ar = min(best_ar, time.perf_counter() - t0)
-        p2p.append(best_rt / 2)
-        ar.append(best_ar)
+            ars.append(time.perf_counter() - t0)
+        p2p.append(pick(rts[1:]) / 2)  # the first of each size warms the connection up
+        ar.append(pick(ars[1:]))
     if rank == 0:
         Path(out_file).write_text(json.dumps({"sizes": sizes, "p2p": p2p, "allreduce": ar}))
     dist.destroy_process_group()
 
 
 def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 8 << 20, 32 << 20),
-                  reps: int = 5, timeout_s: float = 300.0) -> tuple[Link, Link]:
+                  reps: int = 5, timeout_s: float = 300.0, stat: str = "median") -> tuple[Link, Link]:
     """(p2p, all-reduce) links between two processes of this machine on `backend`: one-way time of
-    a ping-pong and a two-rank all-reduce at several sizes, as latency + bytes / bandwidth (the
+    a ping-pong and a two-rank all-reduce at several sizes, the median (or min) of `reps` after one
+    that warms the connection, as latency + bytes / bandwidth (the
     all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks). The processes are
     plain subprocesses, so a caller's unguarded main script is not run again (as spawn would)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -367,8 +370,8 @@ def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
         code = ("import sys; from alexnet_pp.planning.profile import _links_worker; "
                 "_links_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], "
-                "[int(x) for x in sys.argv[5].split(',')], int(sys.argv[6]))")
-        args = [init, out, backend, ",".join(map(str, sizes)), str(reps)]
+                "[int(x) for x in sys.argv[5].split(',')], int(sys.argv[6]), sys.argv[7])")
+        args = [init, out, backend, ",".join(map(str, sizes)), str(reps), stat]
         procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), *args], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in (0, 1)]
         errors = []
