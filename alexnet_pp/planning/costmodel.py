@@ -15,14 +15,14 @@ import functools
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from alexnet_pp.config import ModelConfig, RunConfig
 from alexnet_pp.model import CROSS_TOWER
 from alexnet_pp.shapes import LAYER_NAMES, layer_output_shapes
-from alexnet_pp.pipeline import SPLITTABLE, partition, pipeline_units, unit_names, unit_param_counts
+from alexnet_pp.pipeline import SPLITTABLE, Unit, partition, pipeline_units, unit_names, unit_param_counts
 from alexnet_pp.planning.profile import DeviceProfile, Link
 from alexnet_pp.planning.simulate import StageCost, Timeline, simulate
 
@@ -220,8 +220,10 @@ def unit_costs(cfg: ModelConfig, profile: DeviceProfile, micro_batch: int, tp: i
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def expected_max_normal(k: int) -> float:
-    """E[max of k independent standard normals]: 0 for one, 0.564 for two, 1.029 for four."""
+    """E[max of k independent standard normals]: 0 for one, 0.564 for two, 1.029 for four. Cached:
+    the integral takes milliseconds, and a prediction asks for it at every meeting of ranks."""
     if k <= 1:
         return 0.0
     nd = statistics.NormalDist()
@@ -239,7 +241,8 @@ def sync_wait(profile: DeviceProfile, compute_seconds: float, ranks: int) -> flo
     return expected_max_normal(ranks) * math.sqrt(profile.jitter * compute_seconds)
 
 
-def tower_sync_seconds(profile: DeviceProfile, units, costs: list["StageCost"], idx: range) -> tuple[float, float]:
+def tower_sync_seconds(profile: DeviceProfile, units: Sequence[Unit], costs: list[StageCost],
+                       idx: range) -> tuple[float, float]:
     """T = 2, one stage, per micro-batch: (forward, backward) seconds the two towers wait for each
     other at the stage's cross-tower collectives (sync_wait), each after the compute since the last."""
     fwd = bwd = 0.0
@@ -251,7 +254,7 @@ def tower_sync_seconds(profile: DeviceProfile, units, costs: list["StageCost"], 
         since += costs[i].forward
     since = 0.0
     for i in reversed(idx):  # backward: a sharded layer's input-gradient all-reduce, after the layer
-        since += costs[i].backward_input + costs[i].backward_weight
+        since += costs[i].backward
         if units[i].layer in SHARDED:
             bwd += sync_wait(profile, since, 2)
             since = 0.0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -249,7 +248,7 @@ def summarize_units(samples: dict[tuple[int, int, int], list[float]], micro_batc
     """Per size, (F, B, W) of each unit: the median (or min) of its samples — the median by default,
     since a run's steps meet the same noise. W is the training backward beyond B."""
     units = len({i for _, i, _ in samples})
-    pick = min if stat == "min" else statistics.median
+    pick = _statistic(stat)
     out = []
     for n in micro_batches:
         row = []
@@ -275,6 +274,11 @@ def measure_jitter(samples: dict[tuple[int, int, int], list[float]], micro_batch
     return var / mean if mean else 0.0
 
 
+def _statistic(stat: str):
+    """How repetitions become one figure: `min` their best, else (the default) their median."""
+    return min if stat == "min" else statistics.median
+
+
 def _repeat(fn, reps: int, device: str, stat: str) -> float:
     """The median (or min) seconds of `reps` calls after one warm-up call."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -285,7 +289,7 @@ def _repeat(fn, reps: int, device: str, stat: str) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return (min if stat == "min" else statistics.median)(times[1:])
+    return _statistic(stat)(times[1:])
 
 
 def time_optimizer(cfg: ModelConfig, device: str = "cpu", reps: int = 5, stat: str = "median") -> float:
@@ -328,7 +332,7 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
-    pick = min if stat == "min" else statistics.median
+    pick = _statistic(stat)
     p2p, ar = [], []
     for nbytes in sizes:
         t = torch.zeros(max(1, nbytes // 4), device=device)
