@@ -124,6 +124,9 @@ class ParallelConfig:
     # FC weight gradients once per step (fp32 without ZeRO; alexnet_pp/deferred_grads.py). Off by default:
     # it shortens the stage holding fc6/fc7, which pays only where that stage is the slowest.
     defer_weight_grads: bool = False
+    # float32 without ZeRO: gradients accumulate in one flat buffer the replicas average in place
+    # (cluster/replica_grads.py); false: DeepSpeed's own reduce, which flattens and copies back every step
+    flat_grads: bool = True
     # pipeline schedule: DeepSpeed's 1F1B, or ZB-H1 (cluster/zero_bubble.py: every weight gradient its own
     # W pass, filling 1F1B's cool-down; float32 without ZeRO or activation checkpointing)
     schedule: Literal["1f1b", "zb-h1"] = "1f1b"

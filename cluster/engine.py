@@ -33,6 +33,7 @@ from cluster.checkpoint import EngineCheckpoints
 from cluster.faults import CheckpointWriteGuard, InstructionWatchdog, NonFiniteWatch, StopRun, timed_out, where
 from cluster.feeds import ShardData, TrainData, eval_micro_batches, no_data, train_micro_batches
 from cluster.jit_builds import pin_extension_builds
+from cluster.replica_grads import FlatReplicaGrads
 from cluster.stage_layers import GroupRef, eval_stats, mark_norm_ownership, pipeline_loss, rank_layers
 from cluster.stage_cut import live_costs, settle_cut
 from cluster.timing import InstructionTimer, peak_memory_bytes, reset_peak_memory, step_stats
@@ -189,6 +190,11 @@ class PipelineWorker:
         )
         if zero_bubble:
             ZeroBubbleEngine.adopt(self.engine, self.deferred)
+        # float32: the replicas average the gradients where they lie, without DeepSpeed's copies
+        self.replica_grads = None
+        if cfg.parallel.flat_grads and FlatReplicaGrads.applies(self.engine):
+            dp_group = self.engine.mpu.get_data_parallel_group()
+            self.replica_grads = FlatReplicaGrads.adopt(self.engine, dp_group, dist.get_world_size(dp_group))
         # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
         self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
                                       if self.deferred and not zero_bubble else None)
