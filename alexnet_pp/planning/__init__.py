@@ -10,7 +10,8 @@ The model, in the order a prediction is built:
    (W) seconds, measured on the machine at two or more micro-batch sizes (the median of several
    runs; on a CPU whose cores the run's workers share, beside co-runners training the network) and
    fitted as a + b·n — a prediction outside the measured sizes is marked as extrapolated; the
-   optimizer's seconds per parameter, and DeepSpeed's gradient copies around the all-reduce;
+   optimizer's seconds per parameter, and the engine's sweeps over the gradients around the
+   all-reduce (zeroing and scaling the flat buffer; DeepSpeed's own flatten and copy back);
    α-β links (latency + bytes / bandwidth) for point-to-point and for collectives, measured
    between two processes on the run's backend (the median of several); the compute's jitter (the
    variance of a repetition's compute per second of it); device memory. For

@@ -75,7 +75,7 @@ class StagePrediction:
     units: list[str]
     params: int  # per worker of this stage
     # seconds per step: forward, backward, send, recv, idle; allreduce (the collective over replicas);
-    # optimizer (the step and DeepSpeed's gradient copies around the all-reduce, as the engine times it)
+    # optimizer (the step and the gradient sweeps around the all-reduce, as the engine times it)
     phases: dict[str, float]
     bubble: float
     in_flight: int  # peak micro-batches whose activations the stage holds
@@ -308,12 +308,21 @@ def _replica_link(profile: DeviceProfile, layout: Candidate, stage: int) -> Link
 
 # --- the prediction -------------------------------------------------------------------------------
 
+def _reduce_local_seconds_per_param(profile: DeviceProfile, replicas: int, flat_grads: bool) -> float:
+    """The engine's memory sweeps around the replicas' all-reduce: zeroing the flat gradient buffer and,
+    with replicas, scaling it (parallel.flat_grads); else DeepSpeed's flatten, scale and copy back."""
+    if not flat_grads:
+        return profile.reduce_copy_seconds_per_param
+    return profile.grad_zero_seconds_per_param + (profile.grad_scale_seconds_per_param if replicas > 1 else 0.0)
+
+
 def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap_allreduce: bool = False,
-            max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None) -> Prediction:
+            max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None,
+            flat_grads: bool = True) -> Prediction:
     """Predict one optimizer step of `layout`. `overlap_allreduce`: each unit's gradients are
     all-reduced as soon as the last micro-batch's backward has produced them, one bucket per unit,
     the buckets queued on the link (as torch DDP does); off, the all-reduce follows the last
-    backward, as DeepSpeed's pipeline engine runs it."""
+    backward, as DeepSpeed's pipeline engine runs it. `flat_grads`: the engine's parallel.flat_grads."""
     layout.check(cfg)
     n, tp, M, D = layout.micro_batch, layout.tp, layout.micro_batches, layout.dp
     costs = unit_costs(cfg, profile, n, tp)
@@ -364,7 +373,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
             ar = _exposed_allreduce(timeline, s, [costs[i] for i in idx], [eb * params[i] for i in idx], link, D)
         # the replicas meet once a step, after the stage's compute of all M micro-batches
         ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
-        opt = p * (profile.optimizer_seconds_per_param + profile.reduce_copy_seconds_per_param)
+        opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))
         tails.append(ar + opt)
         in_flight = timeline.peak_in_flight(s)
         per_image = sum(saved[i] for i in idx) + (eb * _input_elements(io, units, bounds[s], tp) if s else 0)

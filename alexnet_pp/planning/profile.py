@@ -98,6 +98,10 @@ class DeviceProfile:
     # DeepSpeed's ReduceGrads flattens every gradient into one buffer, scales it by 1/D and copies it
     # back, whatever D: local memory traffic the engine times as part of its optimizer phase
     reduce_copy_seconds_per_param: float = 0.0
+    # what the engine does instead with parallel.flat_grads (cluster/replica_grads.py): zero the
+    # gradient buffer each step; scale it by 1/D after the all-reduce when D > 1
+    grad_zero_seconds_per_param: float = 0.0
+    grad_scale_seconds_per_param: float = 0.0
     threads: int = 0  # torch threads per worker when measured (0: not a CPU measurement)
     jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
@@ -324,6 +328,17 @@ def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5, s
     return _repeat(copies, reps, device, stat) / sum(g.numel() for g in grads)
 
 
+def time_flat_gradients(cfg: ModelConfig, device: str = "cpu", reps: int = 5, stat: str = "median") -> tuple[float, float]:
+    """Seconds per parameter of zeroing the flat gradient buffer and of scaling it by 1/D, the two
+    sweeps over it that flat gradients leave to the engine besides the all-reduce."""
+    from alexnet_pp.model import AlexNet
+
+    n = sum(p.numel() for p in AlexNet(cfg).parameters())
+    flat = torch.randn(n, device=device)
+    return (_repeat(flat.zero_, reps, device, stat) / n,
+            _repeat(lambda: flat.mul_(0.5), reps, device, stat) / n)
+
+
 def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes: list[int], reps: int,
                   stat: str = "median") -> None:
     import torch.distributed as dist
@@ -473,6 +488,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         samples = unit_samples(model_cfg, micro_batches, device, reps, seed)
         opt = time_optimizer(model_cfg, device, reps, stat)
         copies = time_gradient_copies(model_cfg, device, reps, stat)
+        zero, scale = time_flat_gradients(model_cfg, device, reps, stat)
     finally:
         stop_co_runners(others)
         torch.set_num_threads(prev_threads)
@@ -494,7 +510,8 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         assumptions.append("links not measured: assumed 2 GB/s and 50 µs per message (a loopback TCP guess)")
     return DeviceProfile(
         name=name or f"measured-{device}", device=device, micro_batches=list(micro_batches), units=units,
-        optimizer_seconds_per_param=opt, reduce_copy_seconds_per_param=copies, p2p=p2p, allreduce=ar,
+        optimizer_seconds_per_param=opt, reduce_copy_seconds_per_param=copies,
+        grad_zero_seconds_per_param=zero, grad_scale_seconds_per_param=scale, p2p=p2p, allreduce=ar,
         memory_bytes=_memory_bytes(device),
         threads=threads if not str(device).startswith("cuda") else 0, model=_model_key(model_cfg),
         jitter=measure_jitter(samples, micro_batches), assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -324,7 +324,8 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
                      "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
-        pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand)
+        pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand,
+                       flat_grads=sweep.base.parallel.flat_grads)
     except (ValueError, ConfigError) as e:
         return {"prediction_error_text": str(e)}
     traffic = {"bytes_stages": pred.bytes_per_step["stages"], "bytes_towers": pred.bytes_per_step["towers"],

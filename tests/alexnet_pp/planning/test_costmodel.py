@@ -78,6 +78,23 @@ def test_the_optimizer_step_follows_each_stages_last_backward(tiny, make_profile
     assert pred.stages[1].phases["optimizer"] == pytest.approx(p1 * rate)
 
 
+def test_the_engines_gradient_sweeps_join_the_optimizer_phase_as_the_engine_runs_them(tiny, make_profile):
+    """Flat gradients: the buffer zeroed every step, scaled by 1/D only with replicas; DeepSpeed's own
+    reduce (flat_grads off): its flatten, scale and copy back at any D."""
+    opt, zero, scale, copy = 1e-8, 2e-9, 3e-9, 7e-9
+    profile = make_profile(optimizer=opt)
+    profile.grad_zero_seconds_per_param, profile.grad_scale_seconds_per_param = zero, scale
+    profile.reduce_copy_seconds_per_param = copy
+    p = sum(worker_param_counts(tiny, 1))
+
+    def phase(dp, flat):
+        return predict(tiny, profile, Candidate(1, 1, dp, 1, 8), flat_grads=flat).stages[0].phases["optimizer"]
+
+    assert phase(1, True) == pytest.approx(p * (opt + zero))
+    assert phase(2, True) == pytest.approx(p * (opt + zero + scale))
+    assert phase(1, False) == phase(2, False) == pytest.approx(p * (opt + copy))
+
+
 def test_with_two_towers_each_worker_does_half_of_each_layer_and_all_of_fc8(tiny, make_profile):
     """Per image and kind: conv1, conv2, conv5 half of 1 ms; conv3, conv4, fc6, fc7 one tower half
     (1 ms); fc8 whole (1 ms): 6.5 ms, × 3 kinds × 2 images = 39 ms."""
