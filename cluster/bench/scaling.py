@@ -2,7 +2,7 @@
 training job path beside the baselines and the cost model's prediction, on the same hardware.
 
     alexnet-pp bench scaling [--workers 1,2,4] [--preset demo] [--micro-batches 4] [--data tensors|shards]
-                             [--launcher ray|spawn] [--steps 10] [--warmup 2] [--out DIR]
+                             [--launcher ray|spawn] [--steps 10] [--warmup 2] [--repeats 1] [--out DIR]
 
 For each worker count W, in one run:
 
@@ -25,6 +25,12 @@ prediction (costmodel.predict with W's profile) and its error; the ratios to the
 and DeepSpeed's partition. Rows for GPU counts this machine lacks (--gpu-workers, assumed H100
 profiles, the paper network) are predictions and labelled so.
 
+`--repeats N` runs the whole sweep N times in rounds, each calibrating afresh and every second one in
+the opposite order; each configuration's row then holds the median images/s of its runs (and the
+median prediction, each run predicted from its own round's calibration) with every run's figures:
+on a machine whose speed drifts from minute to minute, one run of a configuration is one draw.
+A resumed sweep may be given more rounds than it had.
+
 A configuration that fails becomes a row with its error and the sweep goes on. Every finished
 configuration is appended to OUT/scaling.rows.jsonl at once, so the same command run again resumes
 after the last one (`--fresh` starts over). Outputs under OUT: scaling.json / .csv / .md, the PNG
@@ -41,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -73,15 +80,25 @@ class Spec:
     tp: int = 1
     dp: int = 1
     m: int = 1
+    round: int = 0  # which of --repeats rounds (0: the first)
 
     @property
     def id(self) -> str:
+        return self.base_id + (f"#{self.round + 1}" if self.round else "")
+
+    @property
+    def base_id(self) -> str:
+        """The configuration, whichever round measured it."""
         if self.kind in ("calibration", "plain", "ddp"):
             return f"{self.kind}:W{self.workers}"
         return f"{self.kind}:{self.pp}x{self.tp}x{self.dp}:M{self.m}"
 
     @property
     def label(self) -> str:
+        return self.base_label + (f" (run {self.round + 1})" if self.round else "")
+
+    @property
+    def base_label(self) -> str:
         if self.kind == "calibration":
             return f"calibrate W={self.workers}"
         if self.kind == "plain":
@@ -122,10 +139,27 @@ def layouts_for(workers: int, batch: int, micro_batches: Sequence[int]) -> list[
 
 
 def plan(workers: Sequence[int], batch: int, micro_batches: Sequence[int], baselines: Sequence[str],
-         layouts: Optional[Sequence[tuple[int, int, int, int]]] = None, predict: bool = True) -> list[Spec]:
+         layouts: Optional[Sequence[tuple[int, int, int, int]]] = None, predict: bool = True,
+         repeats: int = 1) -> list[Spec]:
     """The sweep in the order it runs: per worker count, calibration, baselines, then the layouts
     (each pipeline followed by DeepSpeed's partition of it). With explicit `layouts`, calibration
-    and baselines run for the counts that are also in `workers`."""
+    and baselines run for the counts that are also in `workers`. `repeats` > 1: that many rounds,
+    each calibrating afresh; every second round runs each worker count's configurations in the
+    opposite order, so no configuration always follows the same one."""
+    one = _one_round(workers, batch, micro_batches, baselines, layouts, predict)
+    specs: list[Spec] = []
+    for r in range(repeats):
+        for w in sorted({s.workers for s in one}):
+            block = [s for s in one if s.workers == w]
+            if r % 2:
+                cal = [s for s in block if s.kind == "calibration"]
+                block = cal + [s for s in reversed(block) if s.kind != "calibration"]
+            specs += [dataclasses.replace(s, round=r) for s in block]
+    return specs
+
+
+def _one_round(workers: Sequence[int], batch: int, micro_batches: Sequence[int], baselines: Sequence[str],
+               layouts: Optional[Sequence[tuple[int, int, int, int]]], predict: bool) -> list[Spec]:
     counts = sorted({p * t * d for p, t, d, _ in layouts}) if layouts else sorted(set(workers))
     specs: list[Spec] = []
     for w in counts:
@@ -283,18 +317,19 @@ class Sweep:
                 assumptions=[x for x in profile.assumptions if not x.startswith("links")]
                 + [f"links measured once in this sweep between two processes of this machine on "
                    f"{'nccl' if self.device == 'cuda' else 'gloo'}"])
-        path = self.profile_path(spec.workers)
+        path = self.profile_path(spec.workers, spec.round)
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)
         return {"micro_batch_sizes": sizes, "co_runners": co, "profile": str(path.relative_to(self.out))}
 
-    def profile_path(self, workers: int) -> Path:
-        return self.out / "profiles" / f"w{workers}.json"
+    def profile_path(self, workers: int, round: int = 0) -> Path:
+        return self.out / "profiles" / (f"w{workers}.json" if not round else f"w{workers}-run{round + 1}.json")
 
-    def profile(self, workers: int):
+    def profile(self, workers: int, round: int = 0):
+        """The calibration of `round` for `workers`: a row is predicted from its own round's."""
         from alexnet_pp.planning.profile import DeviceProfile
 
-        path = self.profile_path(workers)
+        path = self.profile_path(workers, round)
         return DeviceProfile.load(path) if path.is_file() else None
 
 
@@ -320,7 +355,7 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
 
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
-    profile = sweep.profile(row["workers"])
+    profile = sweep.profile(row["workers"], row.get("round", 0))
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
                      "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
@@ -351,8 +386,46 @@ def ddp_replica_bytes(model: ModelConfig, workers: int) -> int:
     return 2 * (workers - 1) * 4 * params
 
 
+def with_predictions(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measured layout's row with its prediction from its round's calibration."""
+    return [{**r, **predict_row(sweep, r)} if r["kind"] in ("engine", "ds-default") else r for r in rows]
+
+
+def combine_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration from its rounds (--repeats): images/s and predicted images/s are
+    the medians over the rounds that ran, the error is the medians', and every run's figures stay
+    (`images_per_s_runs`, `predicted_images_per_s_runs`, `prediction_error_runs`); the rest of the
+    row (phases, bubble, memory, step times) is the run whose images/s is the median (the lower of
+    the two middle ones for an even count). A configuration no round ran is its first failure."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get("base_id", r["id"]), []).append(r)
+    out = []
+    for base, runs in groups.items():
+        if len(runs) == 1 and not runs[0].get("round"):
+            out.append(runs[0])
+            continue
+        ok = sorted((r for r in runs if r.get("status") == "ok" and r.get("images_per_s")),
+                    key=lambda r: r["images_per_s"])
+        first = dict(ok[(len(ok) - 1) // 2] if ok else runs[0])
+        first.update(id=base, label=first.get("base_label", first["label"]), runs=len(ok), runs_failed=len(runs) - len(ok))
+        first.pop("round", None)
+        if ok:
+            ips = [r["images_per_s"] for r in ok]
+            first.update(images_per_s=statistics.median(ips), images_per_s_runs=ips)
+            pred = [r["predicted_images_per_s"] for r in ok if r.get("predicted_images_per_s")]
+            if len(pred) == len(ok):
+                first.update(predicted_images_per_s=statistics.median(pred), predicted_images_per_s_runs=pred,
+                             prediction_error=statistics.median(ips) / statistics.median(pred) - 1,
+                             prediction_error_runs=[r["prediction_error"] for r in ok])
+        if first["kind"] == "calibration":
+            first["profiles"] = [r["profile"] for r in runs if r.get("profile")]
+        out.append(first)
+    return out
+
+
 def derive(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with predictions, efficiencies and the ratios to the baselines filled in."""
+    """Rows (predicted, one per configuration) with efficiencies and the ratios to the baselines filled in."""
     ok = [r for r in rows if r.get("status") == "ok"]
     by_kind: dict[tuple[str, int], dict[str, Any]] = {(r["kind"], r["workers"]): r for r in ok if r["kind"] in ("plain", "ddp")}
     ds = {(r["pp"], r["tp"], r["dp"], r["micro_batches"]): r for r in ok if r["kind"] == "ds-default"}
@@ -361,8 +434,6 @@ def derive(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         r = dict(r)
-        if r["kind"] in ("engine", "ds-default"):
-            r.update(predict_row(sweep, r))
         if r.get("status") != "ok" or not r.get("images_per_s"):
             out.append(r)
             continue
@@ -502,6 +573,24 @@ def _ratio(key: str) -> Callable[[dict[str, Any]], Optional[str]]:
     return cell
 
 
+def _with_runs(key: str) -> Callable[[dict[str, Any]], Optional[str]]:
+    """The figure; over several rounds, the median and the range of the runs."""
+    def cell(r: dict[str, Any]) -> Optional[str]:
+        if r.get(key) is None:
+            return None
+        runs = r.get(f"{key}_runs") or []
+        return f"{r[key]:.1f}" + (f" ({min(runs):.0f}–{max(runs):.0f})" if len(runs) > 1 else "")
+    return cell
+
+
+def _error(r: dict[str, Any]) -> Optional[str]:
+    if "prediction_error" not in r:
+        return None
+    runs = r.get("prediction_error_runs") or []
+    spread = f" ({100 * min(runs):+.0f}…{100 * max(runs):+.0f}%)" if len(runs) > 1 else ""
+    return f"{100 * r['prediction_error']:+.0f}%{spread}"
+
+
 def _bytes(r: dict[str, Any]) -> Optional[str]:
     if r.get("bytes_stages") is None:
         return None
@@ -526,8 +615,9 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             Column("layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"),
             Column("M", "micro_batches"), Column("mb", "micro_batch"), Column("W", "workers"),
             Column("partition", "partition"),
-            Column("img/s measured", "images_per_s", ".1f"), Column("img/s predicted", "predicted_images_per_s", ".1f"),
-            Column("error", lambda r: f"{100 * r['prediction_error']:+.0f}%" if "prediction_error" in r else None),
+            Column("img/s measured", _with_runs("images_per_s")),
+            Column("img/s predicted", _with_runs("predicted_images_per_s")),
+            Column("error", _error),
             Column("efficiency", "efficiency", ".2f"),
             Column("step p50 / p95 ms", lambda r: f"{_ms(r['step_p50_s']):.0f} / {_ms(r['step_p95_s']):.0f}"),
             Column("bubble per stage (simulated) vs theory", _bubble),
@@ -538,7 +628,11 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             Column("peak MiB (max rank)", lambda r: _mib(r.get("peak_memory_max_bytes")), ".0f"),
             Column("MB/step stages / towers / replicas", _bytes), Column("load", "load_1min", ".1f"),
             Column("status", lambda r: r.get("status") if r.get("status") != "ok" else "")],
-        intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}, "
+        intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}"
+               + (f", in each of {a.repeats} rounds (each calibrated afresh, every second one in the opposite order); "
+                  "img/s measured and predicted are the medians over the rounds, the run's range in brackets, and "
+                  "error is the medians' (each run's against its own round's prediction in brackets); the other "
+                  "columns are the median run's" if a.repeats > 1 else "") + ", "
                f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
@@ -574,7 +668,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
                "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
                "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
-               "DeepSpeed's gradient copies; the all-reduce over replicas is its own predicted phase, in the JSON); it does "
+               "the engine's sweeps over the gradients around the all-reduce; the all-reduce over replicas is its own "
+               "predicted phase, in the JSON); it does "
                "not model data_wait.")))
     report.tables.append(Table("PREDICTED, not measured: GPU counts this machine lacks", gpu, [
         Column("profile", "profile"), Column("GPUs", "workers"), Column("batch", "batch"),
@@ -627,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config setting for every run, e.g. model.width=0.5 (repeatable)")
     ap.add_argument("--batch", type=int, help="global batch per optimizer step (default: the preset's)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default 10)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of the whole sweep, each calibrating afresh, every second one in the opposite "
+                         "order; rows give the median images/s over the rounds and every run's (default 1)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps before them (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     ap.add_argument("--data", choices=("tensors", "shards"), default="tensors",
@@ -665,7 +763,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
     sweep = None
     try:
         sweep = Sweep(args, argv)
-        sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict)
+        sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict,
+                           args.repeats)
         if args.fresh and sweep.rows_path.exists():
             sweep.rows_path.unlink()
         done = load_rows(sweep.rows_path, sweep.settings())
@@ -686,7 +785,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
     try:
         for spec in todo:
             say.start(spec)
-            row = {"id": spec.id, "kind": spec.kind, "label": spec.label, "workers": spec.workers, "pp": spec.pp,
+            row = {"id": spec.id, "base_id": spec.base_id, "round": spec.round, "kind": spec.kind, "label": spec.label,
+                   "base_label": spec.base_label, "workers": spec.workers, "pp": spec.pp,
                    "tp": spec.tp, "dp": spec.dp, "micro_batches": spec.m, "batch": sweep.batch,
                    "micro_batch": sweep.batch // (spec.dp * spec.m), "launcher": args.launcher, "data": args.data,
                    "load_1min": (load_average() or [None])[0]}
@@ -703,12 +803,12 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
             row["wall_s"] = time.perf_counter() - t0
             done[spec.id] = row
             append_row(sweep.rows_path, row, sweep.settings())
-            say.finish(spec, derive(sweep, [row])[0] if row["kind"] in ("engine", "ds-default") else row)
+            say.finish(spec, with_predictions(sweep, [row])[0])
     except KeyboardInterrupt:
         complete = False
         say.line("interrupted: run the same command again to resume after the last finished configuration")
     try:
-        rows = derive(sweep, [done[s.id] for s in sweep.specs if s.id in done])
+        rows = derive(sweep, combine_runs(with_predictions(sweep, [done[s.id] for s in sweep.specs if s.id in done])))
         if args.gpu_workers:
             rows += gpu_predictions(args.gpu_workers, args.gpu_batch_per_worker, min_micro_batch=8)
         report = build_report(sweep, rows, env, complete)

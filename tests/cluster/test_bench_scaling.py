@@ -102,6 +102,67 @@ def test_a_failing_configuration_is_recorded_and_an_interrupted_sweep_resumes(tm
     assert "measured with other settings; pass --fresh" in capsys.readouterr().err
 
 
+def test_rounds_repeat_the_sweep_and_every_second_one_runs_each_worker_count_backwards():
+    ids = [s.id for s in plan([1, 2], 64, [4], ("plain",), repeats=2)]
+    assert ids == ["calibration:W1", "plain:W1", "engine:1x1x1:M1",
+                   "calibration:W2", "plain:W2", "engine:1x1x2:M1", "engine:2x1x1:M4", "engine:1x2x1:M1",
+                   "calibration:W1#2", "engine:1x1x1:M1#2", "plain:W1#2",
+                   "calibration:W2#2", "engine:1x2x1:M1#2", "engine:2x1x1:M4#2", "engine:1x1x2:M1#2", "plain:W2#2"]
+
+
+def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path):
+    """Three rounds whose machine runs at 1, 3 and 2 times a base speed and whose calibrations time
+    the units 4, 2 and 1 times a GPU's: each row's images/s and prediction are the medians, its error
+    the medians' and each run's against its own round's prediction; one more round resumes the sweep."""
+    import dataclasses
+
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+
+    speed = {0: 1.0, 1: 3.0, 2: 2.0, 3: 1.5}
+    slower = {0: 4.0, 1: 2.0, 2: 1.0, 3: 1.0}  # unit times of each round's calibration
+
+    def run(sweep, spec):
+        if spec.kind == "calibration":
+            gpu = assumed_gpu_profile("h100-nvlink", sweep.model)
+            k = slower[spec.round]
+            units = [dataclasses.replace(u, forward=[k * x for x in u.forward],
+                                         backward_input=[k * x for x in u.backward_input],
+                                         backward_weight=[k * x for x in u.backward_weight]) for u in gpu.units]
+            path = sweep.profile_path(spec.workers, spec.round)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dataclasses.replace(gpu, units=units, name=f"round{spec.round}").save(path)
+            return {"micro_batch_sizes": [8], "co_runners": 0, "profile": str(path.relative_to(sweep.out))}
+        ips = 100.0 * speed[spec.round]
+        return {"images_per_s": ips, "step_p50_s": 16 / ips, "step_p95_s": 20 / ips, "steps_timed": 2,
+                "peak_memory_bytes": {"0": spec.round}, "partition": "measured",
+                "phases_s": {"0": {"forward": spec.round, "backward": 0.0}}}
+
+    out = tmp_path / "out"
+    argv = ["--preset", "test", "--workers", "1", "--baselines", "", "--gpu-workers", "", "--batch", "8",
+            "--repeats", "3", "--out", str(out)]
+    assert scaling.main(argv, runner=run) == 0
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert [r["id"] for r in rows] == ["calibration:W1", "engine:1x1x1:M1"]
+    one = rows[1]
+    assert one["images_per_s_runs"] == [100.0, 200.0, 300.0] and one["images_per_s"] == 200.0
+    pred = sorted(one["predicted_images_per_s_runs"])
+    assert pred[0] < pred[1] < pred[2]  # the rounds' calibrations: 4, 2, 1 times the unit times
+    assert one["predicted_images_per_s"] == pred[1]
+    assert one["prediction_error"] == pytest.approx(200.0 / pred[1] - 1)
+    by_speed = dict(zip(one["images_per_s_runs"], one["prediction_error_runs"]))  # run r against round r's profile
+    assert by_speed == pytest.approx({100.0: 100.0 / pred[0] - 1, 300.0: 300.0 / pred[1] - 1, 200.0: 200.0 / pred[2] - 1})
+    assert one["phases_s"]["0"]["forward"] == 2 and one["runs"] == 3  # the median run's phases: round 3's
+    assert rows[0]["profiles"] == ["profiles/w1.json", "profiles/w1-run2.json", "profiles/w1-run3.json"]
+    md = (out / "scaling.md").read_text()
+    assert "| 200.0 (100–300) |" in md and "in each of 3 rounds" in md
+    # a fourth round resumes the same sweep: only its two configurations run
+    calls: list[str] = []
+    assert scaling.main([*argv[:-4], "--repeats", "4", "--out", str(out)],
+                        runner=lambda sw, spec: calls.append(spec.id) or run(sw, spec)) == 0
+    assert calls == ["calibration:W1#4", "engine:1x1x1:M1#4"]
+    assert json.loads((out / "scaling.json").read_text())["rows"][1]["images_per_s_runs"] == [100.0, 150.0, 200.0, 300.0]
+
+
 COLUMNS = ["id", "kind", "status", "workers", "pp", "tp", "dp", "micro_batches", "micro_batch", "images_per_s",
            "efficiency", "step_p50_s", "step_p95_s", "bubble_theory", "bubble_measured.0", "bubble_measured.1",
            "phases_s.0.forward", "phases_s.1.backward", "phases_s.0.send", "phases_s.1.recv", "phases_s.0.idle",
