@@ -94,6 +94,6 @@ class FlatReplicaGrads:
 
     def reduce(self, bucket_size: Any = None) -> None:  # DeepSpeed's allreduce_gradients(bucket_size=...)
         self.gather()
-        if self.replicas > 1:
+        if self.replicas > 1 and self.flat.numel():
             dist.all_reduce(self.flat, group=self.group)
             self.flat.mul_(1.0 / self.replicas)
