@@ -65,7 +65,10 @@ class _Deferred(nn.Module):
             return
         x = rows[0][0] if len(rows) == 1 else torch.cat([x for x, _ in rows])
         g = rows[0][1] if len(rows) == 1 else torch.cat([g for _, g in rows])
-        self._accumulate(x, g)
+        # a W pass runs outside autograd's backward, where grad mode is on: the convolution's aten
+        # backward would otherwise record a graph through the weight into the gradient it adds to .grad
+        with torch.no_grad():
+            self._accumulate(x, g)
 
     def _accumulate(self, x: torch.Tensor, g: torch.Tensor) -> None:
         raise NotImplementedError

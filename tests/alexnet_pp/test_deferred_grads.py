@@ -107,6 +107,24 @@ def test_a_conv_weight_pass_matches_autograd_with_stride_and_padding():
     torch.testing.assert_close(wrapped.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_pass_adds_plain_tensors_into_gradients_it_did_not_make():
+    """W runs where grad mode is on (a pipeline instruction, not autograd's backward): the gradients
+    it adds carry no graph, so adding twice into a .grad that is a view of a flat buffer works."""
+    from alexnet_pp.deferred_grads import DeferredConv2d
+
+    torch.manual_seed(0)
+    wrapped = DeferredConv2d(nn.Conv2d(3, 4, 3))
+    flat = torch.zeros(sum(p.numel() for p in wrapped.parameters()))
+    wrapped.weight.grad = flat[:wrapped.weight.numel()].view_as(wrapped.weight)
+    wrapped.bias.grad = flat[wrapped.weight.numel():]
+    for _ in range(2):
+        wrapped(torch.randn(2, 3, 8, 8, requires_grad=True)).sum().backward()
+        assert torch.is_grad_enabled()
+        wrapped.flush()
+    assert not flat.requires_grad and flat.grad_fn is None and flat.abs().sum() > 0
+    assert wrapped.weight.grad.data_ptr() == flat.data_ptr()
+
+
 def test_a_conv_weight_pass_over_channels_last_inputs_gives_the_gradient_in_the_weights_layout():
     """Over NHWC activations torch's convolution backward returns an NHWC weight gradient; the W pass
     hands it over in the weight's own layout, as autograd does (DeepSpeed reads flat views of it)."""
