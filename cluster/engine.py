@@ -191,10 +191,9 @@ class PipelineWorker:
         if zero_bubble:
             ZeroBubbleEngine.adopt(self.engine, self.deferred)
         # float32: the replicas average the gradients where they lie, without DeepSpeed's copies
-        self.replica_grads = None
         if cfg.parallel.flat_grads and FlatReplicaGrads.applies(self.engine):
             dp_group = self.engine.mpu.get_data_parallel_group()
-            self.replica_grads = FlatReplicaGrads.adopt(self.engine, dp_group, dist.get_world_size(dp_group))
+            FlatReplicaGrads.adopt(self.engine, dp_group, dist.get_world_size(dp_group))
         # weight gradients are backward work: flushed just before DeepSpeed reduces and clips them
         self.timer = InstructionTimer(self.engine, before={"ReduceGrads": (self.deferred.flush, "backward")}
                                       if self.deferred and not zero_bubble else None)

@@ -331,9 +331,9 @@ def time_gradient_copies(cfg: ModelConfig, device: str = "cpu", reps: int = 5, s
 def time_flat_gradients(cfg: ModelConfig, device: str = "cpu", reps: int = 5, stat: str = "median") -> tuple[float, float]:
     """Seconds per parameter of zeroing the flat gradient buffer and of scaling it by 1/D, the two
     sweeps over it that flat gradients leave to the engine besides the all-reduce."""
-    from alexnet_pp.model import AlexNet
+    from alexnet_pp.shapes import layer_param_counts
 
-    n = sum(p.numel() for p in AlexNet(cfg).parameters())
+    n = sum(layer_param_counts(cfg))  # the count alone: no network to build
     flat = torch.randn(n, device=device)
     return (_repeat(flat.zero_, reps, device, stat) / n,
             _repeat(lambda: flat.mul_(0.5), reps, device, stat) / n)
