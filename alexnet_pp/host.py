@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
-import torch
+def cores() -> int:
+    """CPU cores this process may run on (its affinity, which a container or taskset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 _applied = False
@@ -35,6 +42,8 @@ def reuse_freed_memory() -> bool:
 
 
 def configure_host(threads: int, keep_freed_memory: bool) -> None:
+    import torch  # here: the data pipeline's processes use this module without torch
+
     if threads > 0:
         torch.set_num_threads(threads)
     if keep_freed_memory:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..host import cores
 from . import synthetic
 from .formats import FORMATS, encode_image
 from .shards import Encoded, manifest_complete, write_classes, write_split
@@ -34,13 +35,6 @@ class DatasetInfo:
     val_shards: list[str] = field(default_factory=list)
     classes: Optional[list[str]] = None  # names in index order, when a classes.json is present
     synthetic: bool = False
-
-
-def cpu_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def encode_synthetic(index: int, *, seed: int, split: str, classes: int, size: int, quality: int,
@@ -83,7 +77,7 @@ def write_synthetic(
         raise ValueError(f"image format {fmt!r} not one of {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    workers = workers or cpu_workers()
+    workers = workers or cores()
     reports = {}
     with _lock(out):
         write_classes(out, synthetic.class_names(classes))

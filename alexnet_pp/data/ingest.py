@@ -119,7 +119,7 @@ def ingest(
     progress: bool = True,
     fmt: str = "jpeg",
 ) -> IngestReport:
-    from .dataset import cpu_workers
+    from ..host import cores
 
     if fmt not in FORMATS:
         raise ValueError(f"image format {fmt!r} not one of {', '.join(FORMATS)}")
@@ -157,6 +157,6 @@ def ingest(
                   "classes": len(classes), "plan_sha256": hashlib.sha256(plan.encode()).hexdigest()}
         log.info("%s: %d images in %d classes from %s", name, len(files), len(classes), root)
         reports[name] = write_split(out, name, len(files), FileEncoder(plan_path, root, size, quality, fmt), params,
-                                    max_count=max_count, max_bytes=max_bytes, workers=workers or cpu_workers(),
+                                    max_count=max_count, max_bytes=max_bytes, workers=workers or cores(),
                                     progress=progress)
     return IngestReport(classes, reports)
