@@ -15,7 +15,7 @@ import functools
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -316,6 +316,20 @@ def _reduce_local_seconds_per_param(profile: DeviceProfile, replicas: int, flat_
     return profile.grad_zero_seconds_per_param + (profile.grad_scale_seconds_per_param if replicas > 1 else 0.0)
 
 
+def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable[[int], float]]:
+    """How fast each computing stage runs, relative to the profile's unit times, while k of the
+    layout's stages compute at once — on a CPU whose cores its workers share. Each stage is T·D
+    ranks computing in step, each with the profile's threads; while they need more cores than
+    there are, the cores are shared evenly among them (the OS's time slicing). The unit times were
+    measured with `co_runners` others training beside, so with that sharing already in them."""
+    if not profile.cores:
+        return None
+    threads = max(profile.threads, 1)
+    ranks = layout.tp * layout.dp
+    calibrated = min(1.0, profile.cores / (threads * (profile.co_runners + 1)))
+    return lambda k: min(1.0, profile.cores / (threads * ranks * k)) / calibrated
+
+
 def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap_allreduce: bool = False,
             max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None,
             flat_grads: bool = True) -> Prediction:
@@ -360,7 +374,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n), link.seconds(act)))
         cut_bytes.append(2 * act + LABEL_BYTES * n)
 
-    timeline = simulate(layout.schedule, stage_costs, M, p2p)
+    timeline = simulate(layout.schedule, stage_costs, M, p2p, rate=compute_rate(profile, layout))
 
     stage_preds = []
     tails = []

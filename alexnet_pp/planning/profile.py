@@ -103,6 +103,10 @@ class DeviceProfile:
     grad_zero_seconds_per_param: float = 0.0
     grad_scale_seconds_per_param: float = 0.0
     threads: int = 0  # torch threads per worker when measured (0: not a CPU measurement)
+    # a CPU's workers share its cores: while more of them compute than the cores can hold, each runs
+    # slower (costmodel.compute_rate); 0: every worker computes on a device of its own
+    cores: int = 0
+    co_runners: int = 0  # other processes training the network while the units were timed
     jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)
@@ -471,7 +475,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
     `co_runners`: other processes training the network meanwhile — on a CPU whose cores the run's
     workers share, k workers per machine means k − 1 co-runners (the profile then holds for runs of
     k workers a machine)."""
-    from alexnet_pp.host import configure_host
+    from alexnet_pp.host import configure_host, cores
 
     if len(micro_batches) < 1:
         raise ValueError("measure at one or more micro-batch sizes (two or more to fit a + b·n)")
@@ -504,6 +508,9 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         "micro-batch scaling: a + b·n least squares over the measured sizes " + ", ".join(map(str, micro_batches)),
         f"jitter: the variance of the {reps} repetitions' compute, pooled over the sizes",
     ]
+    if not str(device).startswith("cuda"):
+        assumptions.append(f"the workers share this machine's {cores()} cores: while more of them compute than "
+                           "the cores hold, each runs slower in proportion (costmodel.compute_rate)")
     if measured_links:
         assumptions.append(f"links measured between two processes of this machine on {backend}")
     else:
@@ -514,6 +521,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         grad_zero_seconds_per_param=zero, grad_scale_seconds_per_param=scale, p2p=p2p, allreduce=ar,
         memory_bytes=_memory_bytes(device),
         threads=threads if not str(device).startswith("cuda") else 0, model=_model_key(model_cfg),
+        cores=0 if str(device).startswith("cuda") else cores(), co_runners=co_runners,
         jitter=measure_jitter(samples, micro_batches), assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 

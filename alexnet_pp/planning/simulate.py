@@ -20,13 +20,17 @@ Two communication models:
   producer's end plus the transfer time. `zb-h1` and `gpipe` use it; `1f1b` can, for the textbook
   schedule.
 
+Stages that share a CPU's cores slow each other down: with `rate`, every computing stage runs at
+rate(k) of its full speed while k stages compute (a stage blocked on a transfer does not count),
+so all stages are simulated on one clock and a compute's end moves whenever k changes.
+
 The optimizer step and the gradient all-reduce after the last backward are a per-stage `tail`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 SCHEDULES = ("1f1b", "zb-h1", "gpipe")
 COMPUTE = ("F", "B", "W", "BW")
@@ -194,6 +198,7 @@ def compute_order(schedule: str, stages: int, micro_batches: int, stage: int) ->
 # --- simulation ---------------------------------------------------------------------------------
 
 P2P = Union[float, Sequence[Union[float, tuple[float, float]]]]
+Rate = Callable[[int], float]  # k stages computing at once → the speed of each (1: full speed)
 
 
 def _per_cut(p2p_seconds: P2P, cuts: int) -> list[tuple[float, float]]:
@@ -211,10 +216,12 @@ def _cost(c: StageCost, kind: str) -> float:
 
 
 def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int, p2p_seconds: P2P = 0.0,
-             tail_seconds: Optional[Sequence[float]] = None, comm: Optional[str] = None) -> Timeline:
+             tail_seconds: Optional[Sequence[float]] = None, comm: Optional[str] = None,
+             rate: Optional[Rate] = None) -> Timeline:
     """Simulate one optimizer step. `p2p_seconds`: one transfer time for every cut and direction,
     or per cut a time or an (activation, gradient) pair. `comm`: blocking | async (default blocking
-    for 1f1b, async otherwise)."""
+    for 1f1b, async otherwise). `rate`: the speed of each computing stage while k stages compute at
+    once (stages sharing cores); None: every stage computes at full speed on its own device."""
     costs = [c if isinstance(c, StageCost) else StageCost(*c) for c in stage_costs]
     stages = len(costs)
     if stages < 1 or micro_batches < 1:
@@ -224,28 +231,37 @@ def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int
     if comm == "blocking":
         if schedule != "1f1b":
             raise ValueError("blocking transfers are modelled for DeepSpeed's 1f1b stream only")
-        timeline = _simulate_blocking(costs, micro_batches, cuts)
+        orders = [deepspeed_1f1b_order(stages, micro_batches, s) for s in range(stages)]
     elif comm == "async":
         orders = [compute_order(schedule, stages, micro_batches, s) for s in range(stages)]
-        timeline = _simulate_async(orders, costs, micro_batches, cuts)
     else:
         raise ValueError(f"comm={comm!r}: use blocking or async")
-    timeline.schedule = schedule
+    timeline = Timeline(schedule, comm, micro_batches, _run(orders, costs, cuts, comm, rate))
     timeline.tail = list(tail_seconds) if tail_seconds is not None else [0.0] * stages
     if len(timeline.tail) != stages:
         raise ValueError(f"{len(timeline.tail)} tail times for {stages} stages")
     return timeline
 
 
-def _simulate_async(orders: list[list[tuple[str, int]]], costs: list[StageCost], m: int,
-                    cuts: list[tuple[float, float]]) -> Timeline:
-    stages = len(orders)
-    done: dict[tuple[str, int, int], float] = {}
-    clock = [0.0] * stages
-    pos = [0] * stages
-    events: list[list[Event]] = [[] for _ in range(stages)]
+_MATCH = {"sendA": ("recvA", 1), "recvA": ("sendA", -1), "sendG": ("recvG", -1), "recvG": ("sendG", 1)}
 
-    def ready(s: int, kind: str, mb: int) -> Optional[float]:
+
+def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list[tuple[float, float]],
+         comm: str, rate: Optional[Rate]) -> list[list[Event]]:
+    """Every stage's operations on one clock. At each instant: start what can start (a compute whose
+    input is there; with blocking transfers, a send and its receive once both ranks reach them), then
+    advance to the next end — of a compute, a transfer or, async, an input's arrival. Computes
+    progress at rate(k) while k stages compute, so their ends move when k changes."""
+    stages = len(orders)
+    pos = [0] * stages
+    free_since = [0.0] * stages  # when the stage finished its last operation
+    running: list[Optional[list]] = [None] * stages  # [kind, micro-batch, start, end]
+    done: dict[tuple[str, int, int], float] = {}
+    events: list[list[Event]] = [[] for _ in range(stages)]
+    now, speed = 0.0, 1.0
+
+    def arrival(s: int, kind: str, mb: int) -> Optional[float]:
+        """Async: when the input of (kind, mb) is on stage s; None while its producer has not run."""
         if kind == "F":
             if s == 0:
                 return 0.0
@@ -258,63 +274,62 @@ def _simulate_async(orders: list[list[tuple[str, int]]], costs: list[StageCost],
             return None if t is None else t + cuts[s][1]
         return done.get(("B", s, mb))  # W
 
+    def next_op(s: int) -> Optional[tuple[str, int]]:
+        return orders[s][pos[s]] if pos[s] < len(orders[s]) and running[s] is None else None
+
     remaining = sum(len(o) for o in orders)
     while remaining:
-        progressed = False
-        for s in range(stages):
-            while pos[s] < len(orders[s]):
-                kind, mb = orders[s][pos[s]]
-                t = ready(s, kind, mb)
-                if t is None:
-                    break
-                start = max(clock[s], t)
-                end = start + _cost(costs[s], kind)
-                events[s].append(Event(start, end, kind, mb))
-                done[(kind, s, mb)] = clock[s] = end
-                pos[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError("schedule deadlocks: an operation waits for one that never runs")
-    return Timeline("", "async", m, events)
-
-
-_MATCH = {"sendA": ("recvA", 1), "recvA": ("sendA", -1), "sendG": ("recvG", -1), "recvG": ("sendG", 1)}
-
-
-def _simulate_blocking(costs: list[StageCost], m: int, cuts: list[tuple[float, float]]) -> Timeline:
-    stages = len(costs)
-    orders = [deepspeed_1f1b_order(stages, m, s) for s in range(stages)]
-    clock = [0.0] * stages
-    pos = [0] * stages
-    events: list[list[Event]] = [[] for _ in range(stages)]
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for s in range(stages):
-            while pos[s] < len(orders[s]):
-                kind, mb = orders[s][pos[s]]
+        arrivals = []
+        started = True
+        while started:
+            started = False
+            for s in range(stages):
+                op = next_op(s)
+                if op is None:
+                    continue
+                kind, mb = op
                 if kind in COMPUTE:
-                    end = clock[s] + _cost(costs[s], kind)
-                    events[s].append(Event(clock[s], end, kind, mb))
-                    clock[s] = end
-                    pos[s] += 1
-                    remaining -= 1
-                    progressed = True
+                    if comm == "async":
+                        t = arrival(s, kind, mb)
+                        if t is None:
+                            continue
+                        if t > now:
+                            arrivals.append(t)
+                            continue
+                    running[s] = [kind, mb, now, now + _cost(costs[s], kind) / speed]
+                    started = True
                     continue
                 other_kind, step = _MATCH[kind]
                 peer = s + step
-                if pos[peer] >= len(orders[peer]) or orders[peer][pos[peer]] != (other_kind, mb):
-                    break  # the peer has not reached the matching instruction yet
+                if next_op(peer) != (other_kind, mb):
+                    continue  # the peer has not reached the matching instruction yet
                 cut = min(s, peer)
-                transfer = cuts[cut][0] if kind in ("sendA", "recvA") else cuts[cut][1]
-                end = max(clock[s], clock[peer]) + transfer
-                for rank, k in ((s, kind), (peer, other_kind)):
-                    events[rank].append(Event(clock[rank], end, "send" if k.startswith("send") else "recv", mb))
-                    clock[rank] = end
-                    pos[rank] += 1
-                remaining -= 2
-                progressed = True
-        if not progressed:
-            raise RuntimeError("schedule deadlocks: a transfer waits for a peer that never reaches it")
-    return Timeline("", "blocking", m, events)
+                end = now + (cuts[cut][0] if kind in ("sendA", "recvA") else cuts[cut][1])
+                running[s], running[peer] = [kind, mb, now, end], [other_kind, mb, now, end]
+                started = True
+        computing = [s for s in range(stages) if running[s] is not None and running[s][0] in COMPUTE]
+        new_speed = rate(len(computing)) if rate is not None and computing else 1.0
+        if new_speed != speed:  # the computes in progress finish their remaining work at the new speed
+            for s in computing:
+                r = running[s]
+                r[3] = now + (r[3] - now) * speed / new_speed
+            speed = new_speed
+        ends = [r[3] for r in running if r is not None] + arrivals
+        if not ends:
+            raise RuntimeError("schedule deadlocks: an operation waits for one that never runs")
+        now = min(ends)
+        for s in range(stages):
+            r = running[s]
+            if r is None or r[3] > now:
+                continue
+            kind, mb, start, end = r
+            if kind in COMPUTE:
+                events[s].append(Event(start, end, kind, mb))
+                done[(kind, s, mb)] = end
+            else:  # a blocked transfer shows from when the rank reached the instruction
+                events[s].append(Event(free_since[s], end, "send" if kind.startswith("send") else "recv", mb))
+            free_since[s] = end
+            running[s] = None
+            pos[s] += 1
+            remaining -= 1
+    return events

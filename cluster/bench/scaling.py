@@ -58,8 +58,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from alexnet_pp.config import PRESETS, ModelConfig, RunConfig, load_config
 from alexnet_pp.errors import ConfigError
+from alexnet_pp.host import cores
 from alexnet_pp.pipeline import unit_names
-from cluster.bench.report import Column, Report, Table, cores, environment, load_average
+from cluster.bench.report import Column, Report, Table, environment, load_average
 
 KINDS = ("calibration", "plain", "ddp", "engine", "ds-default")
 BASELINES = ("plain", "ddp", "ds-default")
@@ -637,7 +638,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
-               "for W workers. Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
+               "for W workers (on a CPU, W − 1 co-runners training beside it; the simulated ranks share the cores while "
+               "more compute than there are). Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
                "vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
                "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
                f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))

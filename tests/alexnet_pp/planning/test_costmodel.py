@@ -60,6 +60,35 @@ def test_two_equal_stages_step_in_m_plus_one_forward_backward_times(tiny, make_p
     assert s0.bubble == pytest.approx(1 / 5)
 
 
+def test_stages_sharing_one_core_take_the_sum_of_their_work(tiny, make_profile):
+    """Both stages of the test above on one core: the core is never idle (one of them can always
+    compute), so the step is all the work, 2 stages × 4 micro-batches × 36 ms."""
+    import dataclasses
+
+    one_core = dataclasses.replace(make_profile(), cores=1, threads=1)
+    pred = predict(tiny, one_core, Candidate(2, 1, 1, 4, 8, partition="6"))
+    assert pred.step_seconds == pytest.approx(0.288)
+    assert pred.stages[0].phases["forward"] > 4 * 12 * MS  # stretched while stage 1 computes too
+
+
+def test_unit_times_measured_beside_co_runners_speed_up_when_fewer_ranks_compute(tiny, make_profile):
+    """Units timed with 3 co-runners on 2 cores ran at half speed. A stage computing alone in a 4-rank
+    pipeline then runs at twice that; 4 replicas always compute together, so they stay as measured."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import compute_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=3)
+    rate = compute_rate(shared, Candidate(4, 1, 1, 4, 16))
+    assert [rate(k) for k in (1, 2, 3, 4)] == pytest.approx([2, 2, 4 / 3, 1])
+    assert compute_rate(shared, Candidate(2, 1, 2, 4, 16))(2) == 1  # 2 stages × 2 replicas on 2 cores
+    assert compute_rate(make_profile(), Candidate(4, 1, 1, 4, 16)) is None  # a device per worker
+    replicas = Candidate(1, 1, 4, 1, 16)
+    assert predict(tiny, shared, replicas).step_seconds == pytest.approx(predict(tiny, make_profile(), replicas).step_seconds)
+    pipeline = Candidate(4, 1, 1, 4, 16)
+    assert predict(tiny, shared, pipeline).step_seconds < 0.8 * predict(tiny, make_profile(), pipeline).step_seconds
+
+
 def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
     """1 ms per message: an activation goes as two messages (activations and labels), 2 ms, a
     gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0

@@ -41,6 +41,22 @@ def test_deepspeed_sends_the_next_activation_only_after_the_gradient_arrives():
     assert textbook.makespan == 10
 
 
+def test_stages_sharing_one_core_slow_down_only_while_both_compute():
+    """Two stages on one core's worth of two (speed 1/2 each while both compute, else 1), worked
+    by hand: F1 on stage 0 and F0 on stage 1 share 1…3; BW0 of stage 0 runs at half speed beside
+    stage 1's F1 and BW1 (5…9), and stage 1's BW1 speeds up when it computes alone from 9."""
+    half = lambda k: 1.0 if k == 1 else 0.5  # noqa: E731
+    for comm in ("async", "blocking"):
+        t = simulate("1f1b", [EQUAL, EQUAL], 2, comm=comm, rate=half)
+        assert compute(t, 0) == [(0, 1, "F", 0), (1, 3, "F", 1), (5, 9, "BW", 0), (10, 12, "BW", 1)]
+        assert compute(t, 1) == [(1, 3, "F", 0), (3, 5, "BW", 0), (5, 7, "F", 1), (7, 10, "BW", 1)]
+        assert t.makespan == 12
+    blocking = simulate("1f1b", [EQUAL, EQUAL], 2, rate=half)
+    assert events(blocking, 0)[3] == (3, 5, "recv", 0)  # waiting for the gradient does not slow stage 1
+    same = simulate("1f1b", [EQUAL, StageCost(1, 3)], 4, p2p_seconds=0.5, rate=lambda k: 1.0)
+    assert same.stages == simulate("1f1b", [EQUAL, StageCost(1, 3)], 4, p2p_seconds=0.5).stages
+
+
 def test_two_stages_four_micro_batches_interleave_one_forward_one_backward():
     t = simulate("1f1b", [EQUAL, EQUAL], 4)
     assert compute(t, 0) == [(0, 1, "F", 0), (1, 2, "F", 1), (4, 6, "BW", 0), (6, 7, "F", 2), (7, 9, "BW", 1),
