@@ -7,8 +7,9 @@ training job path beside the baselines and the cost model's prediction, on the s
 For each worker count W, in one run:
 
 1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile) at
-   the micro-batch sizes W's layouts use, with W − 1 co-runners training the network meanwhile when
-   the W workers share a CPU (on GPUs none); the links between two processes are measured once;
+   the micro-batch sizes W's layouts use, with the run's other workers (as many as the cores hold
+   beside the timed one) training the network meanwhile when the W workers share a CPU (on GPUs
+   none); the links between two processes are measured once;
 2. baselines: the plain single-process trainer with min(W × threads, cores) torch threads, and
    PyTorch DistributedDataParallel of the same network over W processes (W ≥ 2; data parallel
    only), both on the same in-memory batches (cluster/bench/baselines.py);
@@ -305,7 +306,7 @@ class Sweep:
 
         sizes = sorted({self.batch // (s.dp * s.m) for s in self.specs if s.workers == spec.workers
                         and s.kind in ("engine", "ds-default")})
-        co = spec.workers - 1 if self.device == "cpu" else 0  # workers sharing the CPU's cores and memory bus
+        co = co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
         multi_gpu = self.device == "cuda" and _gpu_count() >= 2
         measured_links = self.device == "cpu" or multi_gpu
         p2p, allreduce = self.links() if measured_links else (None, None)
@@ -332,6 +333,14 @@ class Sweep:
 
         path = self.profile_path(workers, round)
         return DeviceProfile.load(path) if path.is_file() else None
+
+
+def co_runners(workers: int, threads: int) -> int:
+    """Processes to train beside the calibration: the run's other workers, as many as the cores hold
+    with the timed one. Past that the OS time-slices them, and units timed under time slicing came
+    out 39% apart between two calibrations minutes apart (W = 4 on 2 cores); the cost model shares
+    the cores among the ranks that compute at once instead (costmodel.compute_rate)."""
+    return min(workers, max(1, cores() // max(threads, 1))) - 1
 
 
 def exclusive_idle(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -638,8 +647,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
-               "for W workers (on a CPU, W − 1 co-runners training beside it; the simulated ranks share the cores while "
-               "more compute than there are). Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
+               "for W workers (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
+               "simulated ranks share the cores while more compute than there are). Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
                "vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
                "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
                f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))

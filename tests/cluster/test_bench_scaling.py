@@ -28,6 +28,14 @@ def test_every_layout_of_a_worker_count():
     assert (2, 1, 2, 4) not in layouts_for(4, 4, [4])  # batch 4 does not split into D·M = 8 micro-batches
 
 
+def test_the_calibration_trains_beside_as_many_workers_as_the_cores_hold(monkeypatch):
+    monkeypatch.setattr(scaling, "cores", lambda: 2)
+    assert [scaling.co_runners(w, 1) for w in (1, 2, 4)] == [0, 1, 1]
+    assert scaling.co_runners(4, 2) == 0  # two threads a worker: one worker fills both cores
+    monkeypatch.setattr(scaling, "cores", lambda: 16)
+    assert scaling.co_runners(4, 1) == 3
+
+
 def test_idle_is_the_time_in_no_timed_instruction():
     phases = {"0": {"forward": 1.0, "backward": 2.0, "send": 0.5, "recv": 1.5, "idle": 2.5, "optimizer": 0.2}}
     assert scaling.exclusive_idle(phases)["0"] == {**phases["0"], "idle": 0.5}
