@@ -337,9 +337,9 @@ class Sweep:
 
 def co_runners(workers: int, threads: int) -> int:
     """Processes to train beside the calibration: the run's other workers, as many as the cores hold
-    with the timed one. Past that the OS time-slices them, and units timed under time slicing came
-    out 39% apart between two calibrations minutes apart (W = 4 on 2 cores); the cost model shares
-    the cores among the ranks that compute at once instead (costmodel.compute_rate)."""
+    with the timed one. Past that the OS time-slices them, and a unit's few milliseconds measure where
+    the slices fell; the cost model shares the cores among the ranks that compute at once instead
+    (costmodel.compute_rate), from units timed on a full but not oversubscribed machine."""
     return min(workers, max(1, cores() // max(threads, 1))) - 1
 
 
