@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import os
 
+
 def cores() -> int:
     """CPU cores this process may run on (its affinity, which a container or taskset narrows)."""
     try:

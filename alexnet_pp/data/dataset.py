@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import functools
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -479,7 +479,9 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
 
     if len(micro_batches) < 1:
         raise ValueError("measure at one or more micro-batch sizes (two or more to fit a + b·n)")
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    gpu = str(device).startswith("cuda")
+    shared_cores = 0 if gpu else cores()  # a CPU's workers share its cores; GPU workers have a device each
+    backend = "nccl" if gpu else "gloo"
     measured_links = links == "measure" and (backend == "gloo" or torch.cuda.device_count() >= 2)
     if measured_links:  # first: a failure here should not cost the unit timings
         p2p, ar = measure_links(backend)
@@ -508,8 +510,8 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         "micro-batch scaling: a + b·n least squares over the measured sizes " + ", ".join(map(str, micro_batches)),
         f"jitter: the variance of the {reps} repetitions' compute, pooled over the sizes",
     ]
-    if not str(device).startswith("cuda"):
-        assumptions.append(f"the workers share this machine's {cores()} cores: while more of them compute than "
+    if shared_cores:
+        assumptions.append(f"the workers share this machine's {shared_cores} cores: while more of them compute than "
                            "the cores hold, each runs slower in proportion (costmodel.compute_rate)")
     if measured_links:
         assumptions.append(f"links measured between two processes of this machine on {backend}")
@@ -520,8 +522,7 @@ def measure_profile(model_cfg: ModelConfig, micro_batches: Sequence[int] = (16, 
         optimizer_seconds_per_param=opt, reduce_copy_seconds_per_param=copies,
         grad_zero_seconds_per_param=zero, grad_scale_seconds_per_param=scale, p2p=p2p, allreduce=ar,
         memory_bytes=_memory_bytes(device),
-        threads=threads if not str(device).startswith("cuda") else 0, model=_model_key(model_cfg),
-        cores=0 if str(device).startswith("cuda") else cores(), co_runners=co_runners,
+        threads=0 if gpu else threads, model=_model_key(model_cfg), cores=shared_cores, co_runners=co_runners,
         jitter=measure_jitter(samples, micro_batches), assumptions=assumptions, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 

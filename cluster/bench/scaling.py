@@ -648,8 +648,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
                "for W workers (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
-               "simulated ranks share the cores while more compute than there are). Bubble: each stage's idle share of the schedule, measured (simulated by the cost model) "
-               "vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
+               "simulated ranks share the cores while more compute than there are). Bubble: each stage's idle share "
+               "of the schedule, measured (simulated by the cost model) vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
                "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
                f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))
     report.tables.append(Table("Baselines (same run, same batches)", base, [
