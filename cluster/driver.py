@@ -91,16 +91,7 @@ def _connect(cfg: RunConfig, layout: Layout, address: Optional[str]) -> bool:
     need_cpus = math.ceil(layout.world_size * p.cpus_per_worker
                           + layout.tp * layout.dp * d.augment_actors * d.augment_cpus)
     need_gpus = math.ceil(layout.world_size * p.gpus_per_worker)
-    env = {"PYTHONPATH": os.pathsep.join(x for x in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if x)}
-    with _loopback_only():
-        ray.init(
-            address="local",  # never attach to some other cluster found on this machine
-            num_cpus=max(need_cpus, os.cpu_count() or 1),  # logical CPUs: a worker slot each
-            include_dashboard=True,  # the state API behind it: Ray Train polls it (and warns without it)
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-        )
+    start_local_ray(need_cpus)
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
     if need_gpus > have_gpus:  # this machine will not grow: fail now rather than wait for placement
         ray.shutdown()
@@ -108,6 +99,23 @@ def _connect(cfg: RunConfig, layout: Layout, address: Optional[str]) -> bool:
                            f"this machine has {have_gpus:g}. Lower parallel.gpus_per_worker or pp × tp × dp, "
                            "or pass --address of a cluster with GPUs")
     return True
+
+
+def start_local_ray(cpus: int) -> None:
+    """Start a Ray of this machine only, on 127.0.0.1, with at least `cpus` logical CPUs: what a job
+    without --address runs on (jobs started after it in this process join it and leave it running)."""
+    import ray
+
+    env = {"PYTHONPATH": os.pathsep.join(x for x in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if x)}
+    with _loopback_only():
+        ray.init(
+            address="local",  # never attach to some other cluster found on this machine
+            num_cpus=max(cpus, os.cpu_count() or 1),  # logical CPUs: a worker slot each
+            include_dashboard=True,  # the state API behind it: Ray Train polls it (and warns without it)
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+        )
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The job entry point end to end: local Ray runs of the command line, restarts, errors.
 
-The e2e tests start real local Ray instances (each on 127.0.0.1 only, with its own token file, stopped
-by the PIDs of its own processes) and DeepSpeed pipelines on tiny settings. `ray job submit` against a
+The e2e tests run DeepSpeed pipelines on tiny settings on real local Ray instances (127.0.0.1 only,
+with the module's own token file): the first run of the command line starts and stops its own, as a
+user's does; the other runs share one the module starts the same way (a Ray start costs seconds). `ray job submit` against a
 real cluster is tested with the several-node cluster (test_multinode.py). Run them alone with
 `python -m pytest tests/cluster/test_job.py -m e2e`.
 """
@@ -75,6 +76,18 @@ def data_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def local_ray(auth_env):
+    """One local Ray for the module's later runs: a job finds it initialized, joins it and leaves it up."""
+    import ray
+
+    from cluster.driver import start_local_ray
+
+    start_local_ray(6)  # the largest run: (2, 2) = 4 workers; (3, 1) = 3 and an augmentation actor
+    yield
+    ray.shutdown()
+
+
 def subprocess_env(auth_env: dict, **extra: str) -> dict:
     env = os.environ.copy()
     env.pop("RAY_ADDRESS", None)
@@ -85,28 +98,7 @@ def subprocess_env(auth_env: dict, **extra: str) -> dict:
     return env
 
 
-# --- 1. a worker exception reaches the driver, named --------------------------------------------
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_worker_exception_names_rank_stage_tower(auth_env, data_dir, tmp_path):
-    from cluster.driver import run_job
-
-    cfg = tiny_cfg(tmp_path / "runs", data_dir, "--parallel.tp", "2", "--parallel.max_failures", "0",
-                   "--callbacks", "tests.cluster.job_callbacks:FailOnRank1")
-    t0 = time.monotonic()
-    result = run_job(cfg)
-    elapsed = time.monotonic() - t0
-    assert not result.ok
-    assert "rank 1 (stage 0, tower 1, replica 0)" in result.error, result.error
-    assert "failure injected by FailOnRank1" in result.error
-    assert result.restarts == 0
-    assert elapsed < 200, elapsed  # no hang: the peer blocked in a collective is torn down
-    assert json.loads((cfg.run_dir / "summary.json").read_text())["ok"] is False
-
-
-# --- 2. invalid layouts fail before anything starts ----------------------------------------------
+# --- 1. invalid layouts fail before anything starts ----------------------------------------------
 
 
 def test_invalid_layout_fails_before_workers(tmp_path):
@@ -173,12 +165,13 @@ def test_absolutize_leaves_remote_sources_alone(tmp_path, monkeypatch):
     assert out.data.val == cfg.data.val and cfg.out_dir == "runs"
 
 
-# --- 3. the public command line: every layout gives one process's losses, dropout on -------------
+# --- 2. the public command line: every layout gives one process's losses, dropout on -------------
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(auth_env, data_dir, tmp_path):
+def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(auth_env, data_dir, tmp_path,
+                                                                             request):
     """`alexnet-pp train --preset test --train.max_steps 6 --model.dropout 0.5` on the embedded shards:
     one process, (P, T) = (2, 2) with M = 2, and P = 3 with M = 4 fed by an augmentation actor train on
     the same images with the same dropout masks, so their per-step losses agree."""
@@ -194,10 +187,12 @@ def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(
     for name, extra in runs.items():
         assert main([*base, "--name", name, *extra]) == 0, name
         losses[name] = RunSummary.read(tmp_path / name / "summary.json").losses
-    assert len(losses["single"]) == 6
-    import ray
+        if name == "single":
+            import ray
 
-    assert not ray.is_initialized()  # the local Ray each run started is gone again
+            assert not ray.is_initialized()  # the local Ray the run started is gone again
+            request.getfixturevalue("local_ray")  # the later runs share one
+    assert len(losses["single"]) == 6
     summary = RunSummary.read(tmp_path / "pp2-tp2" / "summary.json")  # what the driver wrote, one type
     assert summary.ok and summary.steps == 6 and summary.loss_steps == [1, 2, 3, 4, 5, 6] and summary.restarts == 0
     assert summary.evals[-1]["step"] == 6 and set(summary.bubble_per_stage) == {"0", "1"}
@@ -205,12 +200,33 @@ def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(
         assert_close(losses[name], losses["single"], rtol=1e-4, atol=0)
 
 
+# --- 3. a worker exception reaches the driver, named --------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_worker_exception_names_rank_stage_tower(local_ray, data_dir, tmp_path):
+    from cluster.driver import run_job
+
+    cfg = tiny_cfg(tmp_path / "runs", data_dir, "--parallel.tp", "2", "--parallel.max_failures", "0",
+                   "--callbacks", "tests.cluster.job_callbacks:FailOnRank1")
+    t0 = time.monotonic()
+    result = run_job(cfg)
+    elapsed = time.monotonic() - t0
+    assert not result.ok
+    assert "rank 1 (stage 0, tower 1, replica 0)" in result.error, result.error
+    assert "failure injected by FailOnRank1" in result.error
+    assert result.restarts == 0
+    assert elapsed < 200, elapsed  # no hang: the peer blocked in a collective is torn down
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["ok"] is False
+
+
 # --- 4. the README's walk-through: train, resume on another layout, export, eval, predict ---------
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_train_resume_on_another_layout_export_eval_and_predict(auth_env, data_dir, tmp_path, capsys):
+def test_train_resume_on_another_layout_export_eval_and_predict(local_ray, data_dir, tmp_path, capsys):
     from alexnet_pp.data.shards import read_classes
     from alexnet_pp.summary import RunSummary
     from cluster.cli import main
