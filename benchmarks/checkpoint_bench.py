@@ -25,7 +25,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.multiprocessing as mp
 
 from alexnet_pp.config import load_config
 from alexnet_pp.layout import Layout
@@ -83,13 +82,13 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, layout: Layout,
 
 
 def distributed(cfg, layout: Layout, reps: int, scratch: Path) -> dict:
-    from cluster.spawn import free_port
+    from cluster.spawn import free_port, start_ranks
 
     directory = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
     out = directory / "times.json"
     try:
-        mp.spawn(_rank_main, args=(layout.world_size, free_port(), cfg.to_dict(), layout, str(directory / "c"), reps,
-                                   str(out)), nprocs=layout.world_size)
+        start_ranks(_rank_main, (layout.world_size, free_port(), cfg.to_dict(), layout, str(directory / "c"), reps,
+                                 str(out)), layout.world_size, join=True)
         return json.loads(out.read_text())
     finally:
         shutil.rmtree(directory, ignore_errors=True)

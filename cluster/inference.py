@@ -23,7 +23,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 from alexnet_pp.config import ModelConfig, RunConfig, from_dict, load_config, parse_override_args
@@ -35,7 +34,7 @@ from alexnet_pp.data import transforms as T
 from alexnet_pp.data.ingest import load_image
 from alexnet_pp.data.shards import read_classes
 from alexnet_pp.steps import EvalAccumulator, crop_averaged_probs
-from cluster.spawn import free_port
+from cluster.spawn import free_port, start_ranks
 
 
 def find_checkpoint(source: str | Path) -> Path:
@@ -129,7 +128,7 @@ def evaluate(source: str | Path, cfg: RunConfig, device: str = "cpu", workers: i
     if workers <= 1:
         return _evaluate_part(model, cfg, device, 0, 1)
     with tempfile.TemporaryDirectory(prefix="alexnet-pp-eval-") as tmp:
-        mp.spawn(_eval_worker, args=(workers, free_port(), str(source), cfg.to_dict(), device, tmp), nprocs=workers)
+        start_ranks(_eval_worker, (workers, free_port(), str(source), cfg.to_dict(), device, tmp), workers, join=True)
         return pickle.loads((Path(tmp) / "result.pkl").read_bytes())
 
 

@@ -55,18 +55,36 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, layout: Layout,
         dist.destroy_process_group()
 
 
+# Ranks fork from a server that has imported torch once, where a spawned rank spent seconds of CPU
+# importing it again: tests and benchmarks start hundreds. Not DeepSpeed: it fixes its accelerator at
+# import, from DS_ACCELERATOR, which each rank sets for itself.
+PRELOAD = ["torch"]
+
+
+def start_ranks(fn: Callable[..., None], args: tuple, nprocs: int, join: bool = False):
+    """`nprocs` processes of `fn(rank, *args)` with this process's environment of now, as
+    torch.multiprocessing.spawn starts them: with join, once all have ended (a rank's exception raised
+    here); else their process context."""
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    return mp.start_processes(_in_environment, args=(dict(os.environ), fn, *args), nprocs=nprocs, join=join,
+                              start_method="forkserver")
+
+
+def _in_environment(rank: int, env: dict, fn: Callable[..., None], *args: Any) -> None:
+    """A forked rank has the fork server's environment, from when it started: take the parent's."""
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
 def run_local(cfg: RunConfig, data_factory: Optional[Callable[[int], Any]] = None, keep_parameters: bool = False,
               threads: int = 1, layout: Optional[Layout] = None) -> list:
     """Run all pp × tp × dp ranks as processes on this machine; returns each rank's RankResult."""
     layout = layout or Layout.from_config(cfg)
     world = layout.world_size
     with tempfile.TemporaryDirectory(prefix="alexnet-pp-spawn-") as tmp:
-        ctx = mp.spawn(
-            _rank_main,
-            args=(world, free_port(), cfg.to_dict(), layout, data_factory, tmp, keep_parameters, threads),
-            nprocs=world,
-            join=False,
-        )
+        ctx = start_ranks(_rank_main, (world, free_port(), cfg.to_dict(), layout, data_factory, tmp,
+                                       keep_parameters, threads), world)
         while not ctx.join():
             pass
         results, failures = [], []

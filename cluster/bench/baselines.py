@@ -6,7 +6,7 @@
   process per worker, each stepping on its rows of the global batch — data parallel only, what most
   users would pick instead of a pipeline.
 
-Each runs in fresh processes (torch.multiprocessing spawn), so its peak memory is its own. Steps
+Each runs in fresh processes (cluster.spawn.start_ranks), so its peak memory is its own. Steps
 after `warmup` are timed on every rank; a step's time is the slowest rank's.
 """
 
@@ -92,12 +92,10 @@ def _train(rank: int, world: int, job: BaselineJob) -> dict:
 def run(job: BaselineJob, world: int) -> dict[str, Any]:
     """`world` = 1: the plain trainer; more: DDP over `world` processes. Images/s over the timed steps,
     step p50 / p95 and every rank's peak memory."""
-    import torch.multiprocessing as mp
-
-    from cluster.spawn import free_port
+    from cluster.spawn import free_port, start_ranks
 
     with tempfile.TemporaryDirectory(prefix="alexnet-pp-baseline-") as tmp:
-        ctx = mp.spawn(_rank_main, args=(world, free_port(), job, tmp), nprocs=world, join=False)
+        ctx = start_ranks(_rank_main, (world, free_port(), job, tmp), world)
         while not ctx.join():
             pass
         payloads = []
