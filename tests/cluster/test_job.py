@@ -2,9 +2,9 @@
 
 The e2e tests run DeepSpeed pipelines on tiny settings on real local Ray instances (127.0.0.1 only,
 with the module's own token file): the first run of the command line starts and stops its own, as a
-user's does; the other runs share one the module starts the same way (a Ray start costs seconds). `ray job submit` against a
-real cluster is tested with the several-node cluster (test_multinode.py). Run them alone with
-`python -m pytest tests/cluster/test_job.py -m e2e`.
+user's does; the other runs share one the module starts the same way (a Ray start costs seconds).
+`ray job submit` against a real cluster is tested with the several-node cluster (test_multinode.py).
+Run them alone with `python -m pytest tests/cluster/test_job.py -m e2e`.
 """
 
 from __future__ import annotations
