@@ -155,7 +155,7 @@ class PipelineWorker:
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        from cluster.zero_bubble import ZeroBubbleEngine  # imports deepspeed: inside the worker
+        from cluster.zero_bubble import ZeroBubbleEngine, defers_weight_grads  # imports deepspeed: inside the worker
 
         cfg, c, layout = self.cfg, self.coord, self.layout
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
@@ -182,8 +182,11 @@ class PipelineWorker:
         zero_bubble = cfg.parallel.schedule == "zb-h1"
         # FC weight gradients once per step; DeepSpeed's bf16 and ZeRO optimizers read gradients per micro-batch.
         # zb-h1: every conv and linear weight gradient in its micro-batch's W pass (cluster/zero_bubble.py)
-        self.deferred = DeferredGrads(list(self.module.forward_funcs), convolutions=True) if zero_bubble else \
-            DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
+        if zero_bubble:  # a stage that never delays a W (the first) defers nothing: whole backward passes
+            defers = defers_weight_grads(layout.pp, layout.micro_batches, c.stage)
+            self.deferred = DeferredGrads(list(self.module.forward_funcs) if defers else [], convolutions=True)
+        else:
+            self.deferred = DeferredGrads(list(self.module.forward_funcs)) if self.deferred_active() else None
         self.optimizer = build_optimizer(self.module.parameters(), cfg.train)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, config=deepspeed_config(cfg, layout)

@@ -17,6 +17,9 @@ Built from DeepSpeed's own mechanism, subclassed rather than copied:
 - `ZeroBubbleEngine` is a `PipelineEngine` whose `_train_schedule` is that schedule and whose
   instruction map runs the two new instructions. `ZeroBubbleEngine.adopt(engine, deferred)` turns
   the engine `deepspeed.initialize` returned into one (DeepSpeed picks the engine class itself).
+- The first stage never delays a W (`zb_h1_order` gives it BW, B and W as one): it runs DeepSpeed's
+  whole backward pass, as 1F1B does, and keeps nothing for later, so its peak memory, the largest of
+  1F1B's stages, stays 1F1B's. The other stages defer (`defers_weight_grads`).
 - B is DeepSpeed's own backward pass over layers whose weight gradients are deferred
   (alexnet_pp/deferred_grads.py, every convolution and linear map): it computes input gradients
   only and keeps each layer's input and output gradient under the micro-batch's buffer; W turns
@@ -52,12 +55,18 @@ class WaitSends(ds.PipeInstruction):
 
 
 def live_buffers(order: list[tuple[str, int]]) -> int:
-    """Most micro-batches a stage holds at once in `order`: from its F until its W."""
+    """Most micro-batches a stage holds at once in `order`: from its F until its W (or BW)."""
     held = peak = 0
     for kind, _ in order:
-        held += 1 if kind == "F" else -1 if kind == "W" else 0
+        held += 1 if kind == "F" else -1 if kind in ("W", "BW") else 0
         peak = max(peak, held)
     return peak
+
+
+def defers_weight_grads(stages: int, micro_batches: int, stage: int) -> bool:
+    """Whether a stage runs W passes apart from their B, and so keeps layer inputs and output
+    gradients for them; a stage that never delays a W (the first) runs whole backward passes."""
+    return any(kind == "W" for kind, _ in zb_h1_order(stages, micro_batches, stage))
 
 
 class ZeroBubbleH1Schedule(ds.PipeSchedule):
@@ -67,6 +76,7 @@ class ZeroBubbleH1Schedule(ds.PipeSchedule):
     def __init__(self, micro_batches: int, stages: int, stage_id: int):
         super().__init__(micro_batches, stages, stage_id)
         self.order = zb_h1_order(stages, micro_batches, stage_id)
+        self.defers = defers_weight_grads(stages, micro_batches, stage_id)
         # a micro-batch keeps its buffer from its F to its W; the live ones are consecutive
         # micro-batches, so buffers cycle without two live micro-batches sharing one
         self._buffers = max(2, live_buffers(self.order))
@@ -87,12 +97,14 @@ class ZeroBubbleH1Schedule(ds.PipeSchedule):
                 cmds.append(ds.ForwardPass(buf))
                 if not last:
                     cmds.append(ds.SendActivation(buf))
-            elif kind == "B":
+            elif kind in ("B", "BW"):
                 if not last:
                     cmds.append(ds.RecvGrad(buf))
                 cmds.append(ds.BackwardPass(buf))
                 if not first:
                     cmds.append(ds.SendGrad(buf))
+                if kind == "BW" and self.defers:  # the backward kept W's rows: W at once
+                    cmds.append(BackwardWeightPass(buf))
             else:
                 cmds.append(BackwardWeightPass(buf))
             yield cmds

@@ -162,7 +162,9 @@ def zb_h1_order(stages: int, micro_batches: int, stage: int) -> list[tuple[str, 
     """ZB-H1 (Qi et al. 2024), as torch.distributed.pipelining builds it for one stage per rank:
     1F1B's warm-up and order of F and B, and each stage s runs its first s steady-state steps
     without W, so the deferred weight gradients fill the cool-down's idle slots; every stage then
-    holds at most P micro-batches' state, the peak of 1F1B's first stage."""
+    holds at most P micro-batches' state, the peak of 1F1B's first stage. A W that directly follows
+    its own micro-batch's B runs with it as one backward pass (BW), as in 1F1B: the first stage never
+    delays a W, so it keeps no layer inputs and output gradients for later."""
     warm = min(stages - stage - 1, micro_batches)
     ops: list[tuple[str, int]] = [("F", m) for m in range(warm)]
     fwd, bwd, wgt = warm, 0, 0
@@ -177,7 +179,13 @@ def zb_h1_order(stages: int, micro_batches: int, stage: int) -> list[tuple[str, 
             ops.append(("W", wgt))
             wgt += 1
     ops += [("W", m) for m in range(wgt, micro_batches)]
-    return ops
+    fused: list[tuple[str, int]] = []
+    for kind, m in ops:
+        if kind == "W" and fused and fused[-1] == ("B", m):
+            fused[-1] = ("BW", m)
+        else:
+            fused.append((kind, m))
+    return fused
 
 
 def gpipe_order(stages: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:

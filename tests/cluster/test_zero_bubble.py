@@ -8,7 +8,7 @@ from deepspeed.runtime.pipe import schedule as ds
 
 from alexnet_pp.planning.simulate import compute_order, simulate, zb_h1_order
 from cluster.spawn import run_local
-from cluster.zero_bubble import BackwardWeightPass, ZeroBubbleH1Schedule, theoretical_bubble
+from cluster.zero_bubble import BackwardWeightPass, ZeroBubbleH1Schedule, defers_weight_grads, theoretical_bubble
 
 from .test_engine import STEPS, data_factory, gathered_state, layout_cfg, make_batches, reference
 
@@ -32,20 +32,32 @@ def compute_ops(cmds, buffers, m):
     return ops
 
 
+def instructions(order, defers):
+    """The compute instructions of a planner's order: BW is one BackwardPass (B and W together), or a
+    BackwardPass and its BackwardWeightPass on a stage that defers weight gradients."""
+    out = []
+    for kind, i in order:
+        out += [("B", i), ("W", i)] if kind == "BW" and defers else [("B", i)] if kind == "BW" else [(kind, i)]
+    return out
+
+
 @pytest.mark.parametrize("p,m", SHAPES)
 def test_each_stage_runs_the_planners_zb_h1_order_with_1f1bs_forwards_and_backwards(p, m):
     for s in range(p):
         sched = ZeroBubbleH1Schedule(micro_batches=m, stages=p, stage_id=s)
         ops = compute_ops(stream(p, m, s), sched.num_pipe_buffers(), m)
-        assert ops == zb_h1_order(p, m, s)  # what alexnet-pp plan simulates for zb-h1
+        defers = defers_weight_grads(p, m, s)
+        assert ops == instructions(zb_h1_order(p, m, s), defers)  # what alexnet-pp plan simulates for zb-h1
         one_f_one_b = [("B" if k == "BW" else k, i) for k, i in compute_order("1f1b", p, m, s)]
         assert [op for op in ops if op[0] != "W"] == one_f_one_b  # DeepSpeed's TrainSchedule order
-        for i in range(m):  # one F, B and W each, W after B
-            assert ops.count(("F", i)) == ops.count(("B", i)) == ops.count(("W", i)) == 1
-            assert ops.index(("F", i)) < ops.index(("B", i)) < ops.index(("W", i))
-        live = 0  # micro-batches between their F and W never exceed the buffers
+        # the first stage never delays a W: whole backward passes, as in 1F1B; every later one defers them
+        assert defers == (s > 0 and m > 1)
+        for i in range(m):  # one F and B each, and on a deferring stage one W after its B
+            assert ops.count(("F", i)) == ops.count(("B", i)) == 1 and ops.count(("W", i)) == int(defers)
+            assert ops.index(("F", i)) < ops.index(("B", i)) < (ops.index(("W", i)) if defers else m * 3)
+        live = 0  # micro-batches between their F and W (or whole backward) never exceed the buffers
         for kind, _ in ops:
-            live += {"F": 1, "W": -1}.get(kind, 0)
+            live += {"F": 1, "W" if defers else "B": -1}.get(kind, 0)
             assert live <= sched.num_pipe_buffers()
         assert sched.num_pipe_buffers() <= max(2, p)  # at most P micro-batches' state, as 1F1B's first stage
 
@@ -55,8 +67,10 @@ def test_gradients_are_reduced_after_the_last_weight_pass_and_transfers_pair_up(
     streams = [stream(p, m, s) for s in range(p)]
     for s, cmds in enumerate(streams):
         names = [type(c).__name__ for c in cmds]
-        last_w = max(i for i, n in enumerate(names) if n == "BackwardWeightPass")
-        assert names[last_w + 1:] == ["WaitSends", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
+        last_w = max(i for i, n in enumerate(names) if n in ("BackwardPass", "BackwardWeightPass"))
+        tail = names[last_w + 1:]  # after a whole backward pass (BW), its gradient is sent first
+        assert tail[tail[0] == "SendGrad":] == ["WaitSends", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
+        assert names.count("BackwardWeightPass") == (m if defers_weight_grads(p, m, s) else 0)
         assert names.count("LoadMicroBatch") == (m if s in (0, p - 1) else 0)
         for i, c in enumerate(cmds):  # a received input is used right after, a result is sent right after
             if isinstance(c, (ds.RecvActivation, ds.RecvGrad)):
@@ -99,16 +113,17 @@ def test_zb_h1_matches_single_process_with_dropout_on(tmp_path, pp, tp, dp, m):
     for key in ref_state:
         torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
     for res in results:  # W is its own phase, in the ZB-H1 order, before the gradients are reduced
+        stage = res.coord["stage"]
+        defers = defers_weight_grads(pp, m, stage)
         phases = res.stats[-1]["phases"]
-        assert phases["backward_weight"] > 0 and phases["backward"] > 0
+        assert phases["backward"] > 0 and (phases.get("backward_weight", 0) > 0) == defers == (stage > 0)
         assert res.stats[-1]["theoretical_bubble"] == pytest.approx(theoretical_bubble("zb-h1", pp, m))
         names = [e["name"] for e in res.timeline]
-        assert names.count("BackwardWeightPass") == m and names.count("BackwardPass") == m
-        assert max(i for i, n in enumerate(names) if n == "BackwardWeightPass") < names.index("ReduceGrads")
-        stage = res.coord["stage"]
+        assert names.count("BackwardWeightPass") == (m if defers else 0) and names.count("BackwardPass") == m
+        assert max(i for i, n in enumerate(names) if n.startswith("Backward")) < names.index("ReduceGrads")
         ops = [("F" if n == "ForwardPass" else "B" if n == "BackwardPass" else "W", None) for n in names
                if n in ("ForwardPass", "BackwardPass", "BackwardWeightPass")]
-        assert [k for k, _ in ops] == [k for k, _ in zb_h1_order(pp, m, stage)]
+        assert [k for k, _ in ops] == [k for k, _ in instructions(zb_h1_order(pp, m, stage), defers)]
         assert res.peak_memory > 0
 
 

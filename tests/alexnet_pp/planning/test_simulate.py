@@ -107,11 +107,11 @@ def test_equal_stages_idle_for_the_textbook_bubble(stages, micro_batches):
 
 
 def test_zb_h1_two_stages_four_micro_batches_fill_the_cool_down_with_weight_gradients():
-    """F = B = W = 1: stage 1 runs its first backward without W, stage 0 defers nothing."""
+    """F = B = W = 1: stage 1 runs its first backward without W, stage 0 defers nothing (its B and W
+    run as one backward pass, BW)."""
     t = simulate("zb-h1", [StageCost(1, 1, 1)] * 2, 4)
-    assert compute(t, 0) == [(0, 1, "F", 0), (1, 2, "F", 1), (3, 4, "B", 0), (4, 5, "W", 0), (5, 6, "F", 2),
-                             (6, 7, "B", 1), (7, 8, "W", 1), (8, 9, "F", 3), (9, 10, "B", 2), (10, 11, "W", 2),
-                             (11, 12, "B", 3), (12, 13, "W", 3)]
+    assert compute(t, 0) == [(0, 1, "F", 0), (1, 2, "F", 1), (3, 5, "BW", 0), (5, 6, "F", 2), (6, 8, "BW", 1),
+                             (8, 9, "F", 3), (9, 11, "BW", 2), (11, 13, "BW", 3)]
     assert compute(t, 1) == [(1, 2, "F", 0), (2, 3, "B", 0), (3, 4, "F", 1), (4, 5, "B", 1), (5, 6, "W", 0),
                              (6, 7, "F", 2), (7, 8, "B", 2), (8, 9, "W", 1), (9, 10, "F", 3), (10, 11, "B", 3),
                              (11, 12, "W", 2), (12, 13, "W", 3)]
@@ -159,8 +159,11 @@ def test_one_stage_runs_its_micro_batches_back_to_back():
 
 
 def test_zb_h1_order_is_1f1b_with_weight_gradients_deferred_by_the_stage_index():
-    assert zb_h1_order(3, 4, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("W", 0), ("F", 3), ("B", 1), ("W", 1),
-                                    ("B", 2), ("W", 2), ("B", 3), ("W", 3)]
+    # the first stage never delays a W: each runs with its B as one backward pass, as in 1F1B
+    assert zb_h1_order(3, 4, 0) == [("F", 0), ("F", 1), ("F", 2), ("BW", 0), ("F", 3), ("BW", 1), ("BW", 2),
+                                    ("BW", 3)]
+    assert zb_h1_order(3, 4, 1) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("W", 0), ("F", 3), ("B", 2),
+                                    ("W", 1), ("B", 3), ("W", 2), ("W", 3)]
     assert zb_h1_order(3, 4, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("W", 0), ("F", 3),
                                     ("B", 3), ("W", 1), ("W", 2), ("W", 3)]
 
