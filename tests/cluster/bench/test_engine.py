@@ -52,16 +52,19 @@ def test_the_ratios_compare_zb_h1_with_1f1b_rank_by_rank():
     r = schedule_ratio(one_f, zb, run=0)
     assert r["bubble_ratio"] == pytest.approx(0.25) and r["speedup"] == pytest.approx(1.2)
     assert r["memory_ratio"] == pytest.approx(1.05) and r["both_given_the_cut"] is False
+    assert r["largest_memory_ratio"] == pytest.approx(0.9)  # 180 against 200: the largest ranks' peaks
 
 
 def test_the_comparison_summary_takes_memory_from_runs_given_the_cut(capsys):
     rows = [{"P": 2, "M": 4, "schedule": s, "mean_bubble": b, "img_s": i} for s, b, i in
             (("1f1b", 0.2, 10.0), ("zb-h1", 0.1, 11.0), ("1f1b", 0.22, 9.0), ("zb-h1", 0.12, 10.0))]
-    ratios = [{"P": 2, "M": 4, "bubble_ratio": 0.5, "speedup": 1.1, "memory_ratio": 0.8, "both_given_the_cut": False},
-              {"P": 2, "M": 4, "bubble_ratio": 0.55, "speedup": 1.11, "memory_ratio": 1.02, "both_given_the_cut": True}]
+    ratios = [{"P": 2, "M": 4, "bubble_ratio": 0.5, "speedup": 1.1, "memory_ratio": 0.8, "largest_memory_ratio": 0.7,
+               "both_given_the_cut": False},
+              {"P": 2, "M": 4, "bubble_ratio": 0.55, "speedup": 1.11, "memory_ratio": 1.02,
+               "largest_memory_ratio": 0.98, "both_given_the_cut": True}]
     summary = schedule_summary(rows, ratios, [(2, 4)])
     out = capsys.readouterr().out
-    assert "peak memory 1.020 [1.020 – 1.020]" in out
+    assert "peak memory per rank 1.020 [1.020 – 1.020], largest rank's 0.980 [0.980 – 0.980]" in out
     assert "1f1b bubble 0.210 [0.200 – 0.220]" in out and "images/s 1.105 [1.100 – 1.110]" in out
     assert summary[0]["zb-h1"]["img_s"] == {"median": 10.5, "min": 10.0, "max": 11.0}
 
