@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.bench.engine import bubble_spread, main, schedule_ratio, schedule_row, schedule_summary
+from cluster.bench.engine import bubble_rows, bubble_spread, main, schedule_ratio, schedule_row, schedule_summary
 from cluster.bench.report import Report
 from cluster.bench.timelines import plot_timelines
 
@@ -67,6 +67,16 @@ def test_the_comparison_summary_takes_memory_from_runs_given_the_cut(capsys):
     assert "peak memory per rank 1.020 [1.020 – 1.020], largest rank's 0.980 [0.980 – 0.980]" in out
     assert "1f1b bubble 0.210 [0.200 – 0.220]" in out and "images/s 1.105 [1.100 – 1.110]" in out
     assert summary[0]["zb-h1"]["img_s"] == {"median": 10.5, "min": 10.0, "max": 11.0}
+
+
+def test_a_stages_idle_share_splits_into_load_imbalance_and_fill_and_drain():
+    # M = 2: stage 0 does 0.3 s per micro-batch, stage 1 0.4 s; each busy 80% / 60% of its schedule
+    fast, slow = rank(0, 0, 0.4, 0.1, 0.2, 0, 1, m=2), rank(1, 1, 0.2, 0.2, 0.2, 0, 1, m=2)
+    rows = bubble_rows([fast.stats, slow.stats], 2)
+    assert rows[0]["measured"] == 0.4 and rows[0]["theory"] == pytest.approx(1 / 3)
+    # stage 0's schedule: 2 × 0.3 / (1 − 0.4) = 1 s, of which it waits 2 × (0.4 − 0.3) = 0.2 s for stage 1
+    assert rows[0]["imbalance"] == pytest.approx(0.2) and rows[0]["fill_drain"] == pytest.approx(0.2)
+    assert rows[1]["imbalance"] == 0 and rows[1]["fill_drain"] == pytest.approx(0.2)
 
 
 def test_the_bubble_spread_is_the_largest_distance_from_theory_over_the_runs(tmp_path, capsys):
