@@ -155,7 +155,8 @@ class PipelineWorker:
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        from cluster.zero_bubble import ZeroBubbleEngine, defers_weight_grads  # imports deepspeed: inside the worker
+        # imports deepspeed: inside the worker
+        from cluster.zero_bubble import ZeroBubbleEngine, defers_weight_grads
 
         cfg, c, layout = self.cfg, self.coord, self.layout
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
