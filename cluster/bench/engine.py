@@ -15,7 +15,8 @@ pipeline does not blur the engine's numbers; the paper's network and batch by de
 4. 1F1B against ZB-H1 (`parallel.schedule`), side by side for each P×M of `--schedule-layouts`
    (default P = 2, 3 and M = 4, 8), one thread per worker: the measured bubble per stage (goal:
    ZB-H1's ≤ ⅓ of 1F1B's), images/s (goal: ≥ 1.1× at M = 4) and peak memory per rank (goal:
-   ≤ 1.1×), each schedule next to its ideal for the measured per-stage F, B, W times
+   ≤ 1.1×; also the largest rank's peak against 1F1B's largest, the memory a worker needs), each
+   schedule next to its ideal for the measured per-stage F, B, W times
    (alexnet_pp/planning/simulate.py). `--repeats N` repeats it and ends with median and range;
    `--figure PATH` draws both schedules' measured instruction timelines of one step per P×M
    (cluster/bench/timelines.py).
