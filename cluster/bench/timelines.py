@@ -16,7 +16,8 @@ COLOURS = {
     "forward": "#4c72b0", "backward": "#dd8452", "backward_weight": "#55a868", "send": "#c9c9c9",
     "recv": "#8c8c8c", "data_wait": "#937860", "optimizer": "#c44e52",
 }
-LABELS = {"forward": "F (forward)", "backward": "B (input gradient; whole backward in 1F1B and on ZB-H1's first stage)",
+LABELS = {"forward": "F (forward)",
+          "backward": "B (input gradient; whole backward in 1F1B and on ZB-H1's first stage)",
           "backward_weight": "W (weight gradient)", "send": "send", "recv": "recv", "data_wait": "load",
           "optimizer": "reduce + optimizer"}
 

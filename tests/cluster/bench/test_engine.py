@@ -80,7 +80,7 @@ def test_a_stages_idle_share_splits_into_load_imbalance_and_fill_and_drain():
 
 
 def test_the_bubble_spread_is_the_largest_distance_from_theory_over_the_runs(tmp_path, capsys):
-    rows = [{"M": 2, "stage": s, "measured": 1 / 3 + d, "theory": 1 / 3} for s, d in
+    rows = [{"M": 2, "stage": s, "measured": 1 / 3 + d, "theory": 1 / 3, "fill_drain": 1 / 3} for s, d in
             ((0, 0.01), (1, -0.02), (0, -0.06), (1, 0.03))]
     report = Report("engine", tmp_path, [], environment={})
     spread = bubble_spread(rows, 2, report)
@@ -91,7 +91,7 @@ def test_the_bubble_spread_is_the_largest_distance_from_theory_over_the_runs(tmp
 
 
 def test_a_run_that_failed_keeps_its_m_from_counting_as_within_five_points(tmp_path, capsys):
-    rows = [{"M": 2, "stage": 0, "measured": 1 / 3 + 0.01, "theory": 1 / 3}]  # run 2 of 2 crashed
+    rows = [{"M": 2, "stage": 0, "measured": 1 / 3 + 0.01, "theory": 1 / 3, "fill_drain": 1 / 3}]  # run 2 crashed
     spread = bubble_spread(rows, 2, Report("engine", tmp_path, [], environment={}))
     assert not spread[0]["ok"] and "INCOMPLETE, 1 run(s) failed" in capsys.readouterr().out
 
