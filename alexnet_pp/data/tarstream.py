@@ -49,8 +49,11 @@ class _Source:
     """A readable byte stream for a shard URL, opened with webdataset's `gopen`: a local path,
     `file:`, `pipe:COMMAND`, http(s) (curl with retries), `gs:` (gsutil), `ais:`, `hf:`, … and any
     scheme registered in `webdataset.gopen_schemes` (URLs are rewritten by GOPEN_REWRITE, as there).
-    Pipes come back as gopen's `Pipe`, which turns a non-zero exit status of the command into an
-    error on the read that meets it; that read is reported as `_ReadError`."""
+    Pipes come back as gopen's `Pipe`. Its own read checks the command's exit status after every
+    read and drops the data of the read that meets a failure, so a command that wrote a whole
+    broken shard and exited before the first read lost all of it. So the pipe's output is read
+    directly and its exit status judged where the output ends: every byte the command wrote is
+    read, then a non-zero status is a `_ReadError`."""
 
     def __init__(self, url: str):
         from webdataset.gopen import Pipe, gopen
@@ -71,22 +74,33 @@ class _Source:
     def read(self, n: int) -> bytes:
         if n <= 0:
             return b""
+        f = self.pipe.stream if self.pipe is not None else self.f
         try:
-            data = self.f.read(n)
+            data = f.read(n)
             if len(data) == n or self.seekable:
                 return data
             parts = [data]  # a pipe or socket may return short reads before EOF
             got = len(data)
             while got < n:
-                more = self.f.read(n - got)
+                more = f.read(n - got)
                 if not more:
                     break
                 parts.append(more)
                 got += len(more)
-            return b"".join(parts)
         except (OSError, ValueError) as e:
-            status = self.pipe.status if self.pipe is not None else None
-            raise _ReadError(f"command exited with status {status}" if status else str(e)) from None
+            raise _ReadError(str(e)) from None
+        if got < n and self.pipe is not None:  # the command's output ended
+            self._check_exit()
+        return b"".join(parts)
+
+    def _check_exit(self) -> None:
+        pipe = self.pipe
+        try:
+            pipe.status = pipe.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # output closed, command still running: judged by its data
+            return
+        if pipe.status not in pipe.ignore_status and not pipe.ignore_errors:
+            raise _ReadError(f"command exited with status {pipe.status}")
 
     def skip(self, n: int) -> bool:
         """Skip n bytes; False when the stream ended first (only detectable when reading)."""

@@ -138,16 +138,38 @@ def test_failing_and_breaking_commands(root, tmp_path):
     with pytest.raises(ShardOpenError, match=r"cannot open shard pipe:exit 3.*status 3"):
         list(iter_samples("pipe:exit 3"))
     whole = (root / "train-000003.tar").read_bytes()
-    (tmp_path / "half").write_bytes(whole[: len(whole) // 2])
-    seen = []
+    half = tmp_path / "half"
+    half.write_bytes(whole[: len(whole) // 2])
+    in_half = []
     with pytest.raises(ShardTruncated):
-        for p, _, _ in iter_samples(f"pipe:cat {tmp_path}/half; exit 4"):
+        for p, _, _ in iter_samples(str(half)):
+            in_half.append(p)
+    assert 0 < len(in_half) < 11
+    # a failing command gives every sample it wrote before the break, whenever it exited
+    seen = []
+    with pytest.raises(ShardTruncated, match="status 4"):
+        for p, _, _ in iter_samples(f"pipe:cat {half}; exit 4"):
             seen.append(p)
-    # webdataset's pipe checks the command's status after each read: how many samples came before the
-    # failure depends on when the command exited, never the whole shard
-    assert len(seen) < 11
+    assert seen == in_half
     # stopping early on purpose kills the command: no error, no process left behind
     assert [p for p, _, _ in iter_samples(f"pipe:cat {root}/train-000003.tar; sleep 30", 0, 2)] == [0, 1]
+
+
+def test_a_command_that_exited_before_the_first_read_keeps_its_output(root):
+    """webdataset's Pipe.read checks the exit status after each read and drops that read's data:
+    a command already gone with a failure lost everything it wrote. Its output is read first."""
+    from alexnet_pp.data.tarstream import _ReadError, _Source
+
+    whole = (root / "train-000000.tar").read_bytes()
+    assert len(whole) < 65536  # within a pipe's buffer: cat can finish before anything is read
+    src = _Source(f"pipe:cat {root}/train-000000.tar; exit 5")
+    try:
+        src.pipe.proc.wait(timeout=30)  # the command has written the whole shard and failed
+        assert src.read(len(whole)) == whole
+        with pytest.raises(_ReadError, match="status 5"):  # then its output ends, and its status counts
+            src.read(512)
+    finally:
+        src.close()
 
 
 def test_webdataset_expansion_with_environment(root, monkeypatch):
