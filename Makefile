@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m cluster.jit_builds  # DeepSpeed's CPU comm op, compiled now rather than in the first job's workers
 	@touch $@
 
 # The demo as a distributed job: 2 pipeline stages × 2 towers on a local Ray cluster (4 workers).

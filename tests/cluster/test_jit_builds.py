@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,24 @@ def test_a_users_extension_folder_is_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     pin_extension_builds()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
+
+
+def test_the_op_setup_builds_is_the_one_deepspeeds_init_loads_without_compiling_again():
+    """`make setup` runs `python -m cluster.jit_builds`; a worker's DeepSpeed (build_shm_op, what
+    init_distributed calls on a CPU accelerator) then loads that build: the library is not written
+    again. Both in fresh processes, as setup and a worker are."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env["DS_ACCELERATOR"] = "cpu"
+    setup = subprocess.run([sys.executable, "-m", "cluster.jit_builds"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    folder = Path(setup.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
+    [lib] = folder.glob("*.so")
+    built = lib.stat().st_mtime_ns
+    worker = ("import os; from cluster.jit_builds import pin_extension_builds; pin_extension_builds(); "
+              "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None; "
+              "print('folder', os.environ['TORCH_EXTENSIONS_DIR'])")
+    load = subprocess.run([sys.executable, "-c", worker], env=env, capture_output=True, text=True, timeout=600)
+    assert load.returncode == 0, load.stdout[-3000:] + load.stderr[-3000:]
+    assert "built successfully" in load.stdout and lib.stat().st_mtime_ns == built
+    assert f"folder {folder.parent}" in load.stdout  # the worker looked where setup built
