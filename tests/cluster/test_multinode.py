@@ -140,7 +140,7 @@ def nodes(env):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --- 1. spread over two worker nodes, one of them lost -----------------------------------------------
+# --- 1. spread over two worker nodes, one of them lost ---------------------------------------------
 
 
 def _discovery_targets(sd_port: int, count: int) -> list[dict] | None:
