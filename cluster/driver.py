@@ -41,7 +41,8 @@ from cluster.workers import attempts_path, build_trainer, history_path, read_jso
 
 log = logging.getLogger("cluster.driver")
 # What a working-dir upload must leave out (virtual environments, generated data, run outputs).
-WORKING_DIR_EXCLUDES = [".venv*", "/data", "/runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
+# /docs: the benchmark records (5 MB of the 6 a package held), which no worker reads
+WORKING_DIR_EXCLUDES = [".venv*", "/data", "/runs", "/docs", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
                         "/build", "/dist", ".whl", ".gl"]
 CODE_ROOT = Path(__file__).resolve().parent.parent  # holds the alexnet_pp and cluster packages
 
