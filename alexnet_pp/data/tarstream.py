@@ -117,10 +117,10 @@ class _Source:
             n -= len(chunk)
         return True
 
-    def close(self, at_eof: bool = False) -> Optional[int]:
-        """Close; for a pipe, the command's exit status. A command still running is killed (the
-        reader stopped early on purpose, so that is no error) unless `at_eof`: then its output
-        has ended and it gets a few seconds to exit with its own status."""
+    def close(self) -> Optional[int]:
+        """Close; for a pipe, the command's exit status. A command still running is killed: the
+        reader stopped early on purpose, so that is no error (a read that met the end of the output
+        has already given the command its time to exit, `_check_exit`)."""
         if self.pipe is None:
             try:
                 self.f.close()
@@ -128,11 +128,6 @@ class _Source:
                 pass
             return None
         proc = self.pipe.proc
-        if at_eof:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
         if proc.poll() is None:
             proc.kill()
         try:
@@ -204,7 +199,7 @@ def iter_samples(
             block = src.read(BLOCK)
             if first:
                 if len(block) < BLOCK or not _checksum_ok(block):
-                    rc = src.close(at_eof=len(block) < BLOCK)
+                    rc = src.close()
                     why = "empty or unreadable" if not block else "not a tar file"
                     if rc:
                         why += f" (command exited with status {rc})"
