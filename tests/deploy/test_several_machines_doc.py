@@ -84,7 +84,8 @@ def test_submitted_jobs_are_valid_and_use_the_deploy_discovery_port():
     assert {a for a, _, _ in jobs} == {"http://127.0.0.1:8265", f"http://{HEAD_IP}:8265"}
     for address, excludes, (cfg, layout) in jobs:
         assert layout.world_size == 4 and cfg.metrics.sd_port == 9400
-        assert {".venv*", ".git"} <= set(excludes)
+        # the venv, git, and what the driver's own upload leaves out as bulky: data, runs, docs/
+        assert {".venv*", ".git", "/data", "/runs", "/docs"} <= set(excludes)
         if HEAD_IP in address:  # the cluster: shared paths, metrics on each node's address
             assert cfg.metrics.host == "node"
             assert cfg.out_dir.startswith("/shared/") and cfg.data.synthetic_dir.startswith("/shared/")
