@@ -113,7 +113,7 @@ class ParallelConfig:
     tp: Literal[1, 2] = 1
     dp: int = 1
     micro_batches: int = 1  # per optimizer step and replica (DeepSpeed's gradient_accumulation_steps)
-    partition: str = "measured"  # measured | flops | uniform | parameters | explicit cut points "3,6"
+    partition: str = "measured"  # measured | flops | uniform | parameters | cut points "3,6" or "conv3.0[82:]"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -106,9 +106,12 @@ class Layout:
                               f"use a multiple of {per_replica} or change --pp/--tp")
         return workers // per_replica
 
-    def with_bounds(self, bounds: tuple[int, ...]) -> "Layout":
+    def with_bounds(self, bounds: tuple[int, ...], splits: tuple[int, ...] = ()) -> "Layout":
         """The same layout cut elsewhere (measured costs, or the cuts a checkpoint was written with)."""
-        return replace(self, partition=Partition(tuple(bounds), self.partition.method))
+        return replace(self, partition=Partition(tuple(bounds), self.partition.method, tuple(splits)))
+
+    def with_cut(self, cut: Partition) -> "Layout":
+        return self.with_bounds(cut.bounds, cut.splits)
 
     # --- ranks ------------------------------------------------------------------------------------
 

@@ -125,16 +125,17 @@ class TowerOps:
         return x
 
     def forward(self, part: nn.Module, tower: int, x: torch.Tensor, keys: Optional[torch.Tensor],
-                training: bool) -> torch.Tensor:
+                training: bool, offset: Optional[int] = None) -> torch.Tensor:
         """Tower `tower`'s share of the output: the part, ReLU / LRN / pooling, then (training only)
-        dropout of this tower's neurons, masks from the rows' keys (alexnet_pp/dropout.py)."""
+        dropout of this tower's neurons, masks from the rows' keys (alexnet_pp/dropout.py). `offset`:
+        the part's first neuron in the layer's output when the part is a piece of the tower's."""
         y = part(x)
         for op in self.post:
             y = op(y)
         if self.dropout and training:
             if keys is None:
                 keys = random_keys(y.shape[0], y.device)
-            y = dropout(y, keys, self.index, tower * y.shape[1], self.dropout)
+            y = dropout(y, keys, self.index, tower * y.shape[1] if offset is None else offset, self.dropout)
         return y
 
 

@@ -17,18 +17,21 @@ Partition methods (`parallel.partition`):
   conv3) or `"3,6"` for three stages.
 
 Pipeline units: with T = 1 the layers whose input and output have the same spatial size (conv3,
-conv4, fc6, fc7) are split into their towers' halves, each its own pipeline layer (`TowerHalf`):
+conv4, fc6, fc7) are split into their towers' halves, each its own pipeline layer (`TowerPiece`):
 2 stages need that finer cut, since conv3 alone is ~14% of a step and the best whole-layer cut of
-the paper network leaves the stages 57/43 apart. With T = 2 each rank already holds one tower, and
-layers stay whole.
+the paper network leaves the stages 57/43 apart. Even a tower half is 5–10% of a step, so the
+balancing methods (`measured`, `flops`) then move each cut into a half where that balances the
+stages better: stage s − 1 computes the half's first c output channels (neurons), stage s the rest
+(`Partition.splits`; written `conv3.0[40:]` as a cut point). With T = 2 each rank already holds one
+tower, and layers stay whole.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +39,7 @@ import torch.nn as nn
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.deferred_grads import DeferredGrads
 from alexnet_pp.errors import ConfigError
-from alexnet_pp.model import AlexNet, TowerLayer, TowerOps, build_part, layer_ops
+from alexnet_pp.model import AlexNet, TowerLayer, TowerOps, build_part, layer_ops, part_shape
 from alexnet_pp.shapes import LAYER_NAMES, layer_macs, layer_output_shapes, layer_param_counts
 
 # Layers whose towers' halves can run in different stages: input and output share their spatial size,
@@ -46,14 +49,20 @@ SPLITTABLE = ("conv3", "conv4", "fc6", "fc7")
 
 @dataclass(frozen=True)
 class Unit:
-    """One pipeline layer: a whole layer (`tower` None) or one tower's half of it."""
+    """One pipeline layer: a whole layer (`tower` None), one tower's half of it, or a piece of that half,
+    the output channels (neurons) `channels` = (lo, hi) of the tower's part, hi None for the rest."""
 
     layer: str
     tower: Optional[int] = None
+    channels: Optional[tuple[int, Optional[int]]] = None
 
     @property
     def name(self) -> str:
-        return self.layer if self.tower is None else f"{self.layer}.{self.tower}"
+        base = self.layer if self.tower is None else f"{self.layer}.{self.tower}"
+        if self.channels is None:
+            return base
+        lo, hi = self.channels
+        return f"{base}[{lo or ''}:{'' if hi is None else hi}]"
 
 
 def pipeline_units(tp: int = 1) -> tuple[Unit, ...]:
@@ -67,23 +76,52 @@ def unit_names(tp: int = 1) -> tuple[str, ...]:
     return tuple(u.name for u in pipeline_units(tp))
 
 
-def model_key(layer: str, tower: Optional[int], leaf: str) -> str:
-    """The single model's state_dict key of a parameter (`leaf`: weight or bias)."""
-    return f"fc8.{leaf}" if layer == "fc8" else f"towers.{tower}.{layer}.{leaf}"
+def model_key(layer: str, tower: Optional[int], leaf: str, rows: Optional[tuple[int, int]] = None) -> str:
+    """The single model's state_dict key of a parameter (`leaf`: weight or bias); with `rows`, the key
+    of those rows of it, e.g. "towers.0.conv3[0:40].weight" (alexnet_pp/weights.py joins pieces)."""
+    part = "fc8" if layer == "fc8" else f"towers.{tower}.{layer}"
+    return f"{part}{'' if rows is None else f'[{rows[0]}:{rows[1]}]'}.{leaf}"
 
 
-class TowerHalf(nn.Module):
-    """Tower `tower`'s half of a layer. Half 0 returns [input | tower 0's output]; half 1 reads that
-    and returns the layer's output [tower 0 | tower 1]. The tower's share is the layer's own
-    `TowerOps.forward` (dropout included), so a split layer computes exactly what the whole one does."""
+def part_width(cfg: ModelConfig, layer: str) -> int:
+    """Output channels (neurons) of one tower's part of `layer`."""
+    return part_shape(cfg, layer)[1][1]
 
-    def __init__(self, ops: TowerOps, part: nn.Module, tower: int):
+
+def slice_part(part: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Output channels [lo, hi) of a convolution or linear map, as a module of its own (a copy)."""
+    if isinstance(part, nn.Conv2d):
+        piece = nn.Conv2d(part.in_channels, hi - lo, part.kernel_size, stride=part.stride, padding=part.padding,
+                          device="meta")
+    else:
+        piece = nn.Linear(part.in_features, hi - lo, device="meta")
+    piece = piece.to_empty(device=part.weight.device)
+    with torch.no_grad():
+        piece.weight.copy_(part.weight[lo:hi])
+        piece.bias.copy_(part.bias[lo:hi])
+    return piece
+
+
+class TowerPiece(nn.Module):
+    """Tower `tower`'s half of a layer, or output channels [lo, lo + part's width) of it. A split layer
+    carries [layer input | the outputs computed so far] from piece to piece, in output order (tower 0's
+    channels, then tower 1's); the last piece returns the layer's output [tower 0 | tower 1]. Each
+    piece is the layer's own `TowerOps.forward` (dropout by neuron index included), so a split layer
+    computes what the whole one does: the same values, up to the order of the input gradient's sum."""
+
+    def __init__(self, ops: TowerOps, part: nn.Module, tower: int, lo: int = 0, width: Optional[int] = None):
         super().__init__()
         if ops.name not in SPLITTABLE:
             raise ValueError(f"{ops.name} cannot be split by tower (its output size differs from its input's)")
-        self.ops, self.part, self.tower = ops, part, tower
-        width = part.in_channels if isinstance(part, nn.Conv2d) else part.in_features
-        self.in_width = 2 * width if ops.connect == "own" else width
+        self.ops, self.part, self.tower, self.lo = ops, part, tower, lo
+        conv = isinstance(part, nn.Conv2d)
+        out = part.out_channels if conv else part.out_features
+        width = out if width is None else width
+        self.rows = None if (lo, out) == (0, width) else (lo, lo + out)
+        in_width = part.in_channels if conv else part.in_features
+        self.in_width = 2 * in_width if ops.connect == "own" else in_width
+        self.first, self.last = (tower, lo) == (0, 0), tower == 1 and lo + out == width
+        self.offset = tower * width + lo  # the piece's first neuron in the layer's output (dropout masks)
 
     @property
     def name(self) -> str:
@@ -91,41 +129,58 @@ class TowerHalf(nn.Module):
 
     def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         ops = self.ops
-        if self.tower == 0:
+        if self.first:
             if ops.flatten:
                 x = torch.flatten(x, 1)
-            return torch.cat([x, ops.forward(self.part, 0, ops.input(x, 0), keys, self.training)], dim=1)
-        x, y0 = x[:, : self.in_width], x[:, self.in_width :]
-        return torch.cat([y0, ops.forward(self.part, 1, ops.input(x, 1), keys, self.training)], dim=1)
+            inputs, done = x, x[:, :0]
+        else:
+            inputs, done = x[:, : self.in_width], x[:, self.in_width :]
+        y = ops.forward(self.part, self.tower, ops.input(inputs, self.tower), keys, self.training, self.offset)
+        return torch.cat([done, y] if self.last else [inputs, done, y], dim=1)
 
     def model_parameters(self):
         for leaf, p in self.part.named_parameters():
-            yield model_key(self.name, self.tower, leaf), p
+            yield model_key(self.name, self.tower, leaf, self.rows), p
 
 
-def stage_plan(bounds: tuple[int, ...], tp: int = 1) -> tuple[list[Unit], tuple[int, ...]]:
-    """The modules a cut pipeline runs — whole layers (`tower` None) or tower halves — and the stage
-    bounds over them: a layer's two halves are fused back into the whole layer wherever both land in
-    one stage, since a split costs a concatenation and a slice and is only worth it at a cut."""
+def stage_plan(bounds: tuple[int, ...], tp: int = 1, splits: Sequence[int] = ()) -> tuple[list[Unit], tuple[int, ...]]:
+    """The modules a cut pipeline runs — whole layers (`tower` None), tower halves, pieces of a half —
+    and the stage bounds over them. `splits[s - 1]` = c > 0: stage s − 1 also runs the first c
+    channels of unit `bounds[s]` and stage s the rest. A layer's two halves are fused back into the
+    whole layer wherever both land whole in one stage, since a split costs a concatenation and a slice
+    and is only worth it at a cut."""
     units = pipeline_units(tp)
     if bounds[-1] != len(units):
         raise ValueError(f"bounds {bounds} do not cover the {len(units)} pipeline units")
-    stage_of = [s for s in range(len(bounds) - 1) for _ in range(bounds[s], bounds[s + 1])]
+    splits = tuple(splits) or (0,) * (len(bounds) - 2)
     plan: list[Unit] = []
-    counts = [0] * (len(bounds) - 1)
-    i = 0
-    while i < len(units):
-        u = units[i]
-        whole = u.tower is None or (u.tower == 0 and stage_of[i] == stage_of[i + 1])
-        plan.append(Unit(u.layer) if whole else u)
-        counts[stage_of[i]] += 1
-        i += 2 if whole and u.tower == 0 else 1
+    counts = []
+    for s in range(len(bounds) - 1):
+        held = list(units[bounds[s]:bounds[s + 1]])
+        if s > 0 and splits[s - 1]:
+            held[0] = replace(held[0], channels=(splits[s - 1], None))
+        if s < len(bounds) - 2 and splits[s]:
+            held.append(replace(units[bounds[s + 1]], channels=(0, splits[s])))
+        fused: list[Unit] = []
+        for u in held:
+            prev = fused[-1] if fused else None
+            if (prev is not None and prev.layer == u.layer and (prev.tower, u.tower) == (0, 1)
+                    and prev.channels is None and u.channels is None):
+                fused[-1] = Unit(u.layer)
+            else:
+                fused.append(u)
+        plan += fused
+        counts.append(len(fused))
     return plan, (0, *itertools.accumulate(counts))
 
 
-def unit_module(unit: Unit, ops: TowerOps, parts: list[nn.Module]) -> nn.Module:
-    """A planned unit as a module over the given parts (both towers' for a whole layer, else one)."""
-    return TowerLayer(ops, parts) if unit.tower is None else TowerHalf(ops, parts[0], unit.tower)
+def unit_module(unit: Unit, ops: TowerOps, parts: list[nn.Module], width: Optional[int] = None) -> nn.Module:
+    """A planned unit as a module over the given parts (both towers' for a whole layer, else one: the
+    piece's own part for a piece of a half, `width` the whole half's)."""
+    if unit.tower is None:
+        return TowerLayer(ops, parts)
+    lo = unit.channels[0] if unit.channels else 0
+    return TowerPiece(ops, parts[0], unit.tower, lo, width)
 
 
 def build_unit(cfg: ModelConfig, unit: Unit, seed: int) -> nn.Module:
@@ -135,7 +190,12 @@ def build_unit(cfg: ModelConfig, unit: Unit, seed: int) -> nn.Module:
     if unit.layer == "fc8":
         return TowerLayer(ops, [build_part(cfg, "fc8", None, seed)])
     towers = range(2) if unit.tower is None else (unit.tower,)
-    return unit_module(unit, ops, [build_part(cfg, unit.layer, t, seed) for t in towers])
+    parts = [build_part(cfg, unit.layer, t, seed) for t in towers]
+    width = part_width(cfg, unit.layer)
+    if unit.channels is not None:
+        lo, hi = unit.channels
+        parts = [slice_part(parts[0], lo, width if hi is None else hi)]
+    return unit_module(unit, ops, parts, width)
 
 
 def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
@@ -145,7 +205,8 @@ def pipeline_modules(model: AlexNet, tp: int = 1) -> list[nn.Module]:
 
 
 def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple[list[nn.Module], tuple[int, ...]]:
-    """`stage_plan` as modules sharing `model`'s parameters."""
+    """`stage_plan` as modules sharing `model`'s parameters (cuts between units only: a piece of a
+    half holds rows of a parameter, which cannot share the model's)."""
     plan, bounds = stage_plan(bounds, tp)
     by_name = {layer.name: layer for layer in model.layers()}
     modules = []
@@ -160,17 +221,51 @@ def stage_modules(model: AlexNet, bounds: tuple[int, ...], tp: int = 1) -> tuple
 _POINTWISE_COST = {"conv1": 40, "conv2": 40, "conv5": 9}
 
 
+def split_widths(cfg: ModelConfig, tp: int = 1) -> list[int]:
+    """Per pipeline unit, the output channels a cut may divide it by (a tower half), else 0."""
+    return [part_width(cfg, u.layer) if u.tower is not None else 0 for u in pipeline_units(tp)]
+
+
 @dataclass(frozen=True)
 class Partition:
-    bounds: tuple[int, ...]  # stage s holds layers bounds[s] .. bounds[s+1]-1
+    bounds: tuple[int, ...]  # stage s holds units bounds[s] .. bounds[s+1]-1
     method: str
+    splits: tuple[int, ...] = ()  # per cut s ≥ 1: channels of unit bounds[s] that stage s − 1 runs (0: none)
+
+    def __post_init__(self) -> None:
+        if not any(self.splits):  # an unsplit cut has one form, so equal cuts compare equal
+            object.__setattr__(self, "splits", ())
 
     @property
     def num_stages(self) -> int:
         return len(self.bounds) - 1
 
     def stage_layers(self, stage: int) -> range:
+        """The units stage `stage` starts or runs whole (not the piece of a split unit it ends with)."""
         return range(self.bounds[stage], self.bounds[stage + 1])
+
+    def shares(self, cfg: ModelConfig, tp: int = 1) -> list[list[tuple[int, float]]]:
+        """Per stage, (unit index, the share of that unit's work it runs): 1 but at a split cut."""
+        widths = split_widths(cfg, tp)
+        splits = self.splits or (0,) * (self.num_stages - 1)
+        out = []
+        for s in range(self.num_stages):
+            held = [(i, 1.0) for i in self.stage_layers(s)]
+            if s > 0 and splits[s - 1]:
+                held[0] = (held[0][0], 1 - splits[s - 1] / widths[held[0][0]])
+            if s < self.num_stages - 1 and splits[s]:
+                held.append((self.bounds[s + 1], splits[s] / widths[self.bounds[s + 1]]))
+            out.append(held)
+        return out
+
+    def stage_costs(self, cfg: ModelConfig, weights: Sequence[float], tp: int = 1) -> list[float]:
+        """Each stage's sum of per-unit `weights`, a split unit's in proportion to its channels."""
+        return [sum(weights[i] * share for i, share in held) for held in self.shares(cfg, tp)]
+
+    def cut_points(self, tp: int = 1) -> str:
+        """The `parallel.partition` value that gives this cut, e.g. "3" or "conv3.0[52:]"."""
+        names, splits = unit_names(tp), self.splits or (0,) * (self.num_stages - 1)
+        return ",".join(f"{names[b]}[{c}:]" if c else str(b) for b, c in zip(self.bounds[1:-1], splits))
 
 
 def _per_unit(per_layer: list[float], tp: int) -> list[float]:
@@ -246,64 +341,104 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
     return costs
 
 
-def _cut_point(item: str, names: tuple[str, ...], method: str) -> int:
+def _split_cuts(weights: list[float], bounds: tuple[int, ...], widths: list[int],
+                min_piece: int = 8) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Move each cut into a tower half where that lowers the larger of the two stages beside it (a
+    piece costing its share of the half's channels, at least 1/`min_piece` of them), cut by cut until
+    none moves, from the best whole-unit cut. Returns the bounds and the splits."""
+    n = len(weights)
+    prefix = list(itertools.accumulate(weights, initial=0.0))
+    cuts = [(b, 0) for b in bounds[1:-1]]
+
+    def at(cut: tuple[int, int]) -> float:
+        u, c = cut
+        return prefix[u] + (weights[u] * c / widths[u] if c else 0.0)
+
+    for _ in range(4 * len(cuts)):
+        moved = False
+        for s, cut in enumerate(cuts):
+            left = at(cuts[s - 1] if s else (0, 0))
+            nxt = cuts[s + 1] if s + 1 < len(cuts) else (n, 0)
+            right = at(nxt)
+            first = (cuts[s - 1][0] if s else 0) + 1
+
+            def worst(c: tuple[int, int]) -> float:
+                return max(at(c) - left, right - at(c))
+
+            best, best_cost = cut, worst(cut)
+            for u in range(first, nxt[0]):
+                smallest = max(1, widths[u] // min_piece)
+                for cand in [(u, 0)] + ([(u, c) for c in range(smallest, widths[u] - smallest + 1)] if widths[u] else []):
+                    if worst(cand) < best_cost * (1 - 1e-9):
+                        best, best_cost = cand, worst(cand)
+            moved |= best != cut
+            cuts[s] = best
+        if not moved:
+            break
+    return (0, *[u for u, _ in cuts], n), tuple(c for _, c in cuts)
+
+
+def _cut_point(item: str, names: tuple[str, ...], method: str) -> tuple[int, int]:
+    """A cut point as (unit index, channels of that unit the stage before runs)."""
     item = item.strip()
+    if item.endswith(":]") and "[" in item:  # "conv3.0[52:]": the stage starts at channel 52 of conv3.0
+        name, _, c = item[:-2].partition("[")
+        if name in names and c.isdigit():
+            return names.index(name), int(c)
     if item.isdigit():
-        return int(item)
+        return int(item), 0
     if item in names:
-        return names.index(item)
+        return names.index(item), 0
     if f"{item}.0" in names:  # a split layer's name: the stage starts at its first half
-        return names.index(f"{item}.0")
+        return names.index(f"{item}.0"), 0
     raise ConfigError(
         f"parallel.partition={method!r}: use measured, flops, uniform, parameters, or cut points — unit "
-        f"indices like '5' or '3,6', or the names of the units that start a stage: {', '.join(names[1:])}"
+        f"indices like '5' or '3,6', the names of the units that start a stage ({', '.join(names[1:])}), or a "
+        "tower half's name with the channel the stage starts at, like 'conv3.0[52:]'"
     )
 
 
 def partition(cfg: ModelConfig, num_stages: int, method: str = "flops", costs: list[float] | None = None,
               tp: int = 1) -> Partition:
     """Cut the pipeline units into stages. `measured` balances `costs` (from measure_layer_costs);
-    without them — before any worker has measured — it plans with the FLOP estimate."""
+    without them — before any worker has measured — it plans with the FLOP estimate. The balancing
+    methods (`measured`, `flops`) cut inside a tower half where that balances better."""
     names = unit_names(tp)
     n = len(names)
     if not 1 <= num_stages <= n:
         raise ConfigError(f"parallel.pp={num_stages}: the network has {n} pipeline units with "
                           f"parallel.tp={tp}; use at most {n} stages")
     method = method.strip()
-    if method == "measured":
+    splits: tuple[int, ...] = ()
+    widths = split_widths(cfg, tp)
+    if method in ("measured", "flops"):
         if costs is not None and len(costs) != n:
             raise ValueError(f"{len(costs)} measured costs for {n} pipeline units")
-        bounds = _balanced(list(costs) if costs is not None else layer_costs(cfg, tp), num_stages)
-    elif method == "flops":
-        bounds = _balanced(layer_costs(cfg, tp), num_stages)
+        weights = list(costs) if method == "measured" and costs is not None else layer_costs(cfg, tp)
+        bounds, splits = _split_cuts(weights, _balanced(weights, num_stages), widths)
     elif method == "parameters":
         bounds = _balanced([float(x) for x in unit_param_counts(cfg, tp)], num_stages)
     elif method == "uniform":
         bounds = tuple(round(s * n / num_stages) for s in range(num_stages + 1))
     else:
-        cuts = [_cut_point(x, names, method) for x in method.split(",") if x.strip()]
-        bounds = (0, *cuts, n)
-        if len(cuts) != num_stages - 1:
+        points = [_cut_point(x, names, method) for x in method.split(",") if x.strip()]
+        bounds, splits = (0, *[u for u, _ in points], n), tuple(c for _, c in points)
+        if len(points) != num_stages - 1:
             raise ConfigError(
-                f"parallel.partition={method!r} gives {len(cuts) + 1} stages but parallel.pp={num_stages}; "
+                f"parallel.partition={method!r} gives {len(points) + 1} stages but parallel.pp={num_stages}; "
                 f"give {num_stages - 1} cut point(s)"
             )
         if any(b >= a for a, b in zip(bounds[1:], bounds)) or bounds != tuple(sorted(set(bounds))):
             raise ConfigError(
                 f"parallel.partition={method!r}: cut points must increase strictly between 1 and {n - 1}"
             )
-    return Partition(bounds=tuple(bounds), method=method)
-
-
-def _fused_names(held: list[str]) -> list[str]:
-    """"conv3.0", "conv3.1" → "conv3": both halves in one stage run as the whole layer."""
-    out: list[str] = []
-    for name in held:
-        if name.endswith(".1") and out and out[-1] == name[:-2] + ".0":
-            out[-1] = name[:-2]
-        else:
-            out.append(name)
-    return out
+        for u, c in points:
+            if c and not 0 < c < widths[u]:
+                raise ConfigError(
+                    f"parallel.partition={method!r}: {names[u]} "
+                    + (f"has {widths[u]} output channels; split it at 1 to {widths[u] - 1}" if widths[u] else
+                       "cannot be split by channels; only tower halves can (parallel.tp=1: conv3, conv4, fc6, fc7)"))
+    return Partition(bounds=tuple(bounds), method=method, splits=tuple(splits))
 
 
 def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None, tp: int = 1) -> str:
@@ -311,13 +446,12 @@ def describe(cfg: ModelConfig, part: Partition, costs: list[float] | None = None
     counted) and parameters."""
     basis = "measured time" if costs is not None else "compute"
     costs, params = list(costs) if costs is not None else layer_costs(cfg, tp), unit_param_counts(cfg, tp)
-    names = unit_names(tp)
+    plan, plan_bounds = stage_plan(part.bounds, tp, part.splits)
     total_c, total_p = sum(costs), sum(params)
+    stage_c, stage_p = part.stage_costs(cfg, costs, tp), part.stage_costs(cfg, params, tp)
     lines = [f"pipeline partition ({part.method}), {part.num_stages} stage(s):"]
     for s in range(part.num_stages):
-        layers = list(part.stage_layers(s))
-        c = sum(costs[i] for i in layers)
-        p = sum(params[i] for i in layers)
-        held = ",".join(_fused_names([names[i] for i in layers]))
-        lines.append(f"  stage {s}: {held:<44} {basis} {100 * c / total_c:5.1f}%  parameters {100 * p / total_p:5.1f}%")
+        held = ",".join(u.name for u in plan[plan_bounds[s]:plan_bounds[s + 1]])
+        lines.append(f"  stage {s}: {held:<44} {basis} {100 * stage_c[s] / total_c:5.1f}%  "
+                     f"parameters {100 * stage_p[s] / total_p:5.1f}%")
     return "\n".join(lines)

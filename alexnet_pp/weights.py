@@ -4,7 +4,9 @@ A checkpoint directory holds one safetensors file per part of the network (`towe
 `towers.1.fc6`, …, `fc8`), each with that part's `weight` and `bias` and, when the optimizer state
 was saved, their SGD momentum (`momentum.weight`, `momentum.bias`). Whatever (P, T, D) wrote them,
 any layout reads the parts it holds (cluster/checkpoint.py); a part is written by exactly one rank,
-to a temporary name and renamed, so a file is whole or absent.
+to a temporary name and renamed, so a file is whole or absent. Where a pipeline cut splits a tower's
+part by output channels, each stage writes its rows as a piece (`towers.0.conv3[0:52]`, …
+`towers.0.conv3[52:192]`) and readers join the pieces, so any cut reads any other's rows.
 
 An exported model is one safetensors file: the single-process network's state dict plus metadata
 (the model config, the class names, the step), loaded by `AlexNet.from_pretrained(path)`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -61,28 +64,93 @@ def write_part(directory: str | Path, part: str, tensors: dict[str, torch.Tensor
     return path.stat().st_size
 
 
-def read_parts(directory: str | Path, keys: Iterable[str], momentum: bool) -> dict[str, torch.Tensor]:
-    """The tensors of `keys` (state-dict keys), and with `momentum` their "momentum." entries, read
-    from the parts that hold them. A missing, truncated or corrupt part is a CheckpointError naming it."""
-    wanted: dict[str, list[str]] = {}
-    for key in keys:
-        part, leaf = part_of(key)
-        wanted.setdefault(part, []).append(leaf)
+_PIECE = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
+
+
+def piece_of(part: str) -> tuple[str, Optional[tuple[int, int]]]:
+    """"towers.0.conv3[0:52]" → ("towers.0.conv3", (0, 52)); a whole part → (part, None)."""
+    m = _PIECE.match(part)
+    return (m.group(1), (int(m.group(2)), int(m.group(3)))) if m else (part, None)
+
+
+def _join(pieces: list[tuple[tuple[int, int], torch.Tensor]], what: str) -> torch.Tensor:
+    """Row pieces [(rows, tensor)] of one tensor, joined; CheckpointError when rows are missing or twice."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    end = 0
+    for (lo, hi), t in pieces:
+        if lo != end or t.shape[0] != hi - lo:
+            have = ", ".join(f"{a}:{b}" for (a, b), _ in pieces)
+            raise CheckpointError(f"{what}: its pieces hold rows {have}, not one run of rows from 0")
+        end = hi
+    return torch.cat([t for _, t in pieces]) if len(pieces) > 1 else pieces[0][1]
+
+
+def join_pieces(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict whose tensors may come in row pieces ("towers.0.conv3[0:52].weight", …) with each
+    set of pieces joined into the whole tensor ("towers.0.conv3.weight")."""
     out: dict[str, torch.Tensor] = {}
-    for part, leaves in wanted.items():
-        path = part_path(directory, part)
+    pieces: dict[str, list[tuple[tuple[int, int], torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        part, leaf = part_of(key)
+        base, rows = piece_of(part)
+        if rows is None:
+            out[key] = t
+        else:
+            pieces.setdefault(f"{base}.{leaf}", []).append((rows, t))
+    for key, found in pieces.items():
+        out[key] = _join(found, key)
+    return out
+
+
+def _part_files(directory: Path, part: str) -> list[tuple[Optional[tuple[int, int]], Path]]:
+    """The files holding `part`: the whole part's, else its pieces' (written by a cut that split it)."""
+    whole = part_path(directory, part)
+    if whole.exists():
+        return [(None, whole)]
+    out = []
+    for path in directory.glob("*.safetensors"):
+        base, rows = piece_of(path.name[: -len(".safetensors")])
+        if base == part and rows is not None:
+            out.append((rows, path))
+    if not out:
+        raise CheckpointError(f"{whole}: missing (the checkpoint lacks part {part})")
+    return sorted(out)
+
+
+def _read_part(directory: Path, part: str, leaves: Iterable[str], momentum: bool) -> dict[str, torch.Tensor]:
+    """leaf (and "momentum." + leaf, when saved) → the whole part's tensor, pieces joined."""
+    found: dict[str, list[tuple[tuple[int, int], torch.Tensor]]] = {}
+    for rows, path in _part_files(directory, part):
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = set(f.keys())
                 for leaf in leaves:
-                    out[f"{part}.{leaf}"] = f.get_tensor(leaf)
-                    if momentum and MOMENTUM + leaf in names:
-                        out[f"{MOMENTUM}{part}.{leaf}"] = f.get_tensor(MOMENTUM + leaf)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing (the checkpoint lacks part {part})") from None
+                    for name in (leaf, MOMENTUM + leaf) if momentum and MOMENTUM + leaf in names else (leaf,):
+                        t = f.get_tensor(name)
+                        found.setdefault(name, []).append((rows or (0, t.shape[0]), t))
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or "
                                   "corrupt") from None
+    return {name: _join(pieces, f"{directory / part}.{name}") for name, pieces in found.items()}
+
+
+def read_parts(directory: str | Path, keys: Iterable[str], momentum: bool) -> dict[str, torch.Tensor]:
+    """The tensors of `keys` (state-dict keys, or a piece's: "towers.0.conv3[0:52].weight"), and with
+    `momentum` their "momentum." entries, read from the parts, or the parts' pieces, that hold them. A
+    missing, truncated or corrupt part, or pieces that leave rows out, is a CheckpointError naming it."""
+    directory = Path(directory)
+    wanted: dict[str, list[tuple[str, str, Optional[tuple[int, int]]]]] = {}
+    for key in keys:
+        part, leaf = part_of(key)
+        base, rows = piece_of(part)
+        wanted.setdefault(base, []).append((key, leaf, rows))
+    out: dict[str, torch.Tensor] = {}
+    for base, entries in wanted.items():
+        whole = _read_part(directory, base, {leaf for _, leaf, _ in entries}, momentum)
+        for key, leaf, rows in entries:
+            for name, prefix in ((leaf, ""), (MOMENTUM + leaf, MOMENTUM)):
+                if name in whole:
+                    out[prefix + key] = whole[name] if rows is None else whole[name][rows[0]:rows[1]]
     return out
 
 

@@ -141,6 +141,7 @@ class EngineCheckpoints:
                     **position, "schedule": schedule.state_dict(), "seed": self.seed, "model": self.model_cfg,
                     "precision": self.precision, "optimizer_state": sgd is not None, "layout": list(lay.shape),
                     "micro_batches": lay.micro_batches, "bounds": list(lay.partition.bounds),
+                    "splits": list(lay.partition.splits), "cut": lay.partition.cut_points(lay.tp),
                     "units": list(lay.units)})
                 self.store.prune()
             except OSError as e:

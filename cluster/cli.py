@@ -84,7 +84,9 @@ def cmd_info(args: argparse.Namespace, extra: Sequence[str]) -> int:
         shape = f"{h}×{w}×{c}" if h > 1 else f"{c}"
         print(f"{name:<7}{shape:>24}{params[name]:>14,}{macs[name]:>16,}")
     print(f"{'total':<7}{'':>24}{sum(params.values()):>14,}{sum(macs.values()):>16,}")
-    print(f"\npipeline units with parallel.tp={layout.tp}: {', '.join(layout.units)}")
+    print(f"\npipeline units with parallel.tp={layout.tp}: {', '.join(layout.units)}"
+          + ("; a cut may also split a tower half by output channels, e.g. conv3.0[:82] | conv3.0[82:]"
+             if layout.tp == 1 else ""))
     if layout.pp > 1:  # the counted plan; a run measures its devices first (parallel.partition=measured)
         method = cfg.parallel.partition.strip()
         plan = partition(cfg.model, layout.pp, "flops", tp=layout.tp) if method == "measured" else layout.partition

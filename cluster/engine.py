@@ -26,7 +26,7 @@ from alexnet_pp.deferred_grads import DeferredGrads
 from alexnet_pp.host import configure_host
 from alexnet_pp.layout import Layout
 from alexnet_pp.optim import LRSchedule, build_optimizer
-from alexnet_pp.pipeline import describe, measure_layer_costs, partition
+from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
 from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.callbacks import Callback, Callbacks
 from cluster.checkpoint import EngineCheckpoints
@@ -62,6 +62,8 @@ class RankResult:
     timeline: list[dict[str, Any]] = field(default_factory=list)  # the last step's instructions (timing.InstructionEvent)
     peak_memory: int = 0  # bytes while training: CUDA's peak allocation, else the process's peak resident set
     bounds: tuple[int, ...] = ()  # the stage cut it trained on (pipeline units, alexnet_pp/pipeline.py)
+    splits: tuple[int, ...] = ()  # and the channels of a split unit each cut gives the stage before (Partition)
+    cut: str = ""  # that cut as a parallel.partition value
 
 
 def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
@@ -132,7 +134,7 @@ class PipelineWorker:
         if cfg.parallel.partition.strip() == "measured" and self.layout.pp > 1:
             self.layer_costs = self._measured_costs()
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
-            self.layout = self.layout.with_bounds(cut.bounds)
+            self.layout = self.layout.with_cut(cut)
         self._build_engine()
         if self.layer_costs is not None:
             self._settle_cut()
@@ -162,7 +164,7 @@ class PipelineWorker:
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
-                                    layout.partition.bounds, cfg.parallel.channels_last)
+                                    layout.partition, cfg.parallel.channels_last)
         bounds = list(bounds)
 
         class AlexNetPipe(PipelineModule):
@@ -213,18 +215,17 @@ class PipelineWorker:
                 self.deferred.discard()
             return live
 
-        def rebuild(bounds: tuple[int, ...]) -> None:
+        def rebuild(cut: Partition) -> None:
             self.engine = self.module = self.optimizer = self.deferred = self.timer = None
             gc.collect()
-            self.layout = self.layout.with_bounds(bounds)
+            self.layout = self.layout.with_cut(cut)
             self._build_engine()
 
-        first = layout.partition.bounds
-        _, tried = settle_cut(cfg.model, self.layer_costs, first, layout.tp, measure, rebuild)
+        _, tried = settle_cut(cfg.model, self.layer_costs, layout.partition, layout.tp, measure, rebuild)
         if self.rank == 0:
             log.info("pipeline cut on live stage times (ms per micro-batch): %s; training on %s", "; ".join(
-                f"{list(b)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for b, live in tried.items()),
-                list(self.layout.partition.bounds))
+                f"{c.cut_points(layout.tp)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for c, live in tried.items()),
+                self.layout.partition.cut_points(layout.tp))
 
     def deferred_active(self) -> bool:
         p = self.cfg.parallel
@@ -337,7 +338,9 @@ class PipelineWorker:
 
     def _run(self) -> RankResult:
         self._build()
-        result = RankResult(coord=asdict(self.coord), steps=0, bounds=tuple(self.layout.partition.bounds))
+        cut = self.layout.partition
+        result = RankResult(coord=asdict(self.coord), steps=0, bounds=cut.bounds, splits=cut.splits,
+                            cut=cut.cut_points(self.layout.tp))
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.dropout import batch_keys
-from alexnet_pp.pipeline import partition
+from alexnet_pp.pipeline import Partition, partition
 
 COMPUTE = ("ForwardPass", "BackwardPass", "BackwardWeightPass")
 OPTIMIZER_STEP = ("ReduceTiedGrads", "ReduceGrads", "OptimizerStep")
@@ -50,21 +50,20 @@ class WithoutOptimizerStep:
             yield [c for c in cmds if type(c).__name__ not in OPTIMIZER_STEP]
 
 
-def stage_costs(costs: list[float], bounds: tuple[int, ...]) -> list[float]:
-    return [sum(costs[bounds[s]:bounds[s + 1]]) for s in range(len(bounds) - 1)]
-
-
-def recut(cfg: ModelConfig, costs: list[float], bounds: tuple[int, ...], live: list[float], tp: int,
-          min_gain: float = 0.03) -> tuple[int, ...]:
-    """The cut balancing the unit costs scaled, per stage, to the stages' live costs; `bounds` itself
-    unless the new cut's slowest stage is predicted at least `min_gain` shorter than the live one."""
-    planned = stage_costs(costs, bounds)
-    scaled = [c * live[s] / planned[s] if planned[s] > 0 else c
-              for s in range(len(live)) for c in costs[bounds[s]:bounds[s + 1]]]
-    new = partition(cfg, len(live), "measured", scaled, tp=tp).bounds
-    if new != tuple(bounds) and max(stage_costs(scaled, new)) < (1 - min_gain) * max(live):
+def recut(cfg: ModelConfig, costs: list[float], cut: Partition, live: list[float], tp: int,
+          min_gain: float = 0.03) -> Partition:
+    """The cut balancing the unit costs scaled, per stage, to the stages' live costs (a unit split
+    between two stages by each stage's factor for its share); `cut` itself unless the new cut's
+    slowest stage is predicted at least `min_gain` shorter than the live one."""
+    planned = cut.stage_costs(cfg, costs, tp)
+    scaled = [0.0] * len(costs)
+    for s, held in enumerate(cut.shares(cfg, tp)):
+        for i, share in held:
+            scaled[i] += costs[i] * share * (live[s] / planned[s] if planned[s] > 0 else 1.0)
+    new = partition(cfg, len(live), "measured", scaled, tp=tp)
+    if new != cut and max(new.stage_costs(cfg, scaled, tp)) < (1 - min_gain) * max(live):
         return new
-    return tuple(bounds)
+    return cut
 
 
 def micro_batch_costs(events: Iterable[dict], micro_batches: int) -> list[float]:
@@ -115,14 +114,14 @@ def live_costs(engine, timer, module, cfg: ModelConfig, micro_batch: int, stage:
     return [statistics.median(t for s, t in gathered if s == k) for k in range(stages)]
 
 
-def settle_cut(cfg: ModelConfig, costs: list[float], bounds: tuple[int, ...], tp: int,
-               measure: Callable[[], list[float]], rebuild: Callable[[tuple[int, ...]], None],
-               rounds: int = 2, min_gain: float = 0.03) -> tuple[tuple[int, ...], dict[tuple[int, ...], list[float]]]:
-    """Measure the engine on `bounds`, re-cut and `rebuild` while a new cut promises `min_gain`, at
+def settle_cut(cfg: ModelConfig, costs: list[float], cut: Partition, tp: int,
+               measure: Callable[[], list[float]], rebuild: Callable[[Partition], None],
+               rounds: int = 2, min_gain: float = 0.03) -> tuple[Partition, dict[Partition, list[float]]]:
+    """Measure the engine on `cut`, re-cut and `rebuild` while a new cut promises `min_gain`, at
     most `rounds` times; end on the cut whose slowest live stage was fastest. Returns it and the live
     stage costs of every cut tried."""
-    tried: dict[tuple[int, ...], list[float]] = {}
-    current = tuple(bounds)
+    tried: dict[Partition, list[float]] = {}
+    current = cut
     for _ in range(rounds + 1):
         tried[current] = measure()
         proposal = recut(cfg, costs, current, tried[current], tp, min_gain)
@@ -130,7 +129,7 @@ def settle_cut(cfg: ModelConfig, costs: list[float], bounds: tuple[int, ...], tp
             break
         rebuild(proposal)
         current = proposal
-    best = min(tried, key=lambda b: max(tried[b]))
+    best = min(tried, key=lambda c: max(tried[c]))
     if best != current:
         rebuild(best)
     return best, tried

@@ -1,6 +1,6 @@
 """The plan that turns the network into one rank's pipeline layers.
 
-T = 1: a rank runs whole layers (both towers), or tower halves at a cut. T = 2: a rank holds only its
+T = 1: a rank runs whole layers (both towers), or tower halves, or pieces of a half, at a cut. T = 2: a rank holds only its
 tower's half of each layer; cross-tower layers (conv3, fc6, fc7, fc8) all-gather the towers'
 activations inside the tower group first. Labels and the rows' dropout keys ride along with the
 activations from the first stage to the last, so the loss always sees the labels of the images that
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.model import build_part, layer_ops
-from alexnet_pp.pipeline import TowerHalf, Unit, build_unit, model_key, stage_plan
+from alexnet_pp.pipeline import Partition, TowerPiece, Unit, build_unit, model_key, stage_plan
 from alexnet_pp.shapes import LAYER_NAMES
 from alexnet_pp.steps import EvalAccumulator, average_crops, loss_fn
 
@@ -81,7 +81,7 @@ def _first_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 class StageLayer(nn.Module):
-    """A pipeline unit holding both towers (a whole layer, or one tower half) as a pipeline layer:
+    """A pipeline unit of the T = 1 network (a whole layer, a tower half, a piece of one) as a pipeline layer:
     (x, labels, dropout keys) → (y, labels, dropout keys). Builds only the parts it holds."""
 
     def __init__(self, cfg: ModelConfig, unit: Unit, seed: int, first: bool,
@@ -92,7 +92,7 @@ class StageLayer(nn.Module):
 
     def model_parameters(self):
         """(key in the single model's state_dict, parameter) of what this layer holds."""
-        if isinstance(self.layer, TowerHalf):
+        if isinstance(self.layer, TowerPiece):
             yield from self.layer.model_parameters()
             return
         for t, part in enumerate(self.layer.parts):
@@ -138,14 +138,14 @@ class TowerShard(nn.Module):
 
 
 def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: int,
-                bounds: tuple[int, ...], channels_last: bool = False) -> tuple[list, tuple[int, ...]]:
+                cut: Partition, channels_last: bool = False) -> tuple[list, tuple[int, ...]]:
     """Every pipeline layer of the network as this rank would run it, as DeepSpeed LayerSpecs (the
     engine builds only its own stage's, so a rank allocates only its stage's and tower's parameters),
-    and the stage bounds over them. T = 1: whole layers, tower halves only at a cut. T = 2: whole
-    layers, this rank's tower of each."""
+    and the stage bounds over them. T = 1: whole layers, tower halves or their pieces only at a cut.
+    T = 2: whole layers, this rank's tower of each."""
     from deepspeed.pipe import LayerSpec  # deepspeed picks its accelerator at import: inside the worker
 
-    plan, bounds = stage_plan(bounds, 1) if tp == 1 else (LAYER_NAMES, bounds)
+    plan, bounds = stage_plan(cut.bounds, 1, cut.splits) if tp == 1 else (LAYER_NAMES, cut.bounds)
 
     def spec(i: int, unit) -> LayerSpec:
         memory = MemoryFormat(channels_last, stage_end=i + 1 in bounds)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -22,7 +22,8 @@ import torch
 from alexnet_pp.config import ModelConfig, RunConfig
 from alexnet_pp.model import CROSS_TOWER
 from alexnet_pp.shapes import LAYER_NAMES, layer_output_shapes
-from alexnet_pp.pipeline import SPLITTABLE, Unit, partition, pipeline_units, unit_names, unit_param_counts
+from alexnet_pp.pipeline import (SPLITTABLE, Partition, Unit, partition, pipeline_units, split_widths, stage_plan,
+                                 unit_names, unit_param_counts)
 from alexnet_pp.planning.profile import DeviceProfile, Link
 from alexnet_pp.planning.simulate import StageCost, Timeline, simulate
 
@@ -85,7 +86,7 @@ class StagePrediction:
 @dataclass
 class Prediction:
     layout: Candidate
-    bounds: tuple[int, ...]
+    cut: Partition  # the stage cut predicted (the engine's, for a measured partition)
     step_seconds: float
     images_per_s: float
     stages: list[StagePrediction]
@@ -95,6 +96,10 @@ class Prediction:
     profile: str
     timeline: Timeline = field(repr=False)
     extrapolated: bool = False  # the micro-batch lies outside the sizes the profile was measured at
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        return self.cut.bounds
 
     @property
     def bubble(self) -> float:
@@ -123,7 +128,7 @@ def layer_io_elements(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def cut_elements(cfg: ModelConfig, tp: int) -> list[int]:
     """Elements per image one worker sends after each unit: a whole layer's output; after tower
-    half 0, the layer's input and that half's output (TowerHalf); at T = 2 the worker's tower half."""
+    half 0, the layer's input and that half's output (TowerPiece); at T = 2 the worker's tower half."""
     io = layer_io_elements(cfg)
     out = []
     for u in pipeline_units(tp):
@@ -274,18 +279,31 @@ def tower_comm_seconds(cfg: ModelConfig, profile: DeviceProfile, micro_batch: in
     return out
 
 
-def resolve_bounds(cfg: ModelConfig, layout: Candidate, costs: list[StageCost]) -> tuple[int, ...]:
+def resolve_cut(cfg: ModelConfig, layout: Candidate, costs: list[StageCost]) -> Partition:
     """The cut the engine would make: `measured` balances each unit's F + B + W at the micro-batch,
     as the engine's measure_layer_costs does on rank 0 at start (costs: one worker's, from unit_costs)."""
     method = layout.partition
     if method.strip() != "measured":
-        return partition(cfg, layout.pp, method, tp=layout.tp).bounds
+        return partition(cfg, layout.pp, method, tp=layout.tp)
     if layout.tp == 1:
         weights = [c.forward + c.backward for c in costs]
     else:  # the engine times whole layers (both towers) in one process, fc8 once
         weights = [(1 if u.layer == "fc8" else 2) * (c.forward + c.backward)
                    for u, c in zip(pipeline_units(2), costs)]
-    return partition(cfg, layout.pp, "measured", weights, layout.tp).bounds
+    return partition(cfg, layout.pp, "measured", weights, layout.tp)
+
+
+def sent_elements(cfg: ModelConfig, cut: Partition, stage: int, tp: int) -> float:
+    """Elements per image stage `stage` sends on: the last unit's output, or at a cut that splits a
+    tower half, the layer's input and the channels computed so far (alexnet_pp.pipeline.TowerPiece)."""
+    units, io = pipeline_units(tp), layer_io_elements(cfg)
+    b = cut.bounds[stage + 1]
+    c = cut.splits[stage] if cut.splits else 0
+    if not c:
+        return cut_elements(cfg, tp)[b - 1]
+    u = units[b]
+    i, o = io[u.layer]
+    return i + o / 2 * (u.tower + c / split_widths(cfg, tp)[b])
 
 
 # --- placement of ranks (DeepSpeed's pipe, data, model order: towers fastest) ---------------------
@@ -331,45 +349,49 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
 
 
 def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap_allreduce: bool = False,
-            max_memory: Optional[int] = None, bounds: Optional[tuple[int, ...]] = None,
+            max_memory: Optional[int] = None, bounds: tuple[int, ...] | Partition | None = None,
             flat_grads: bool = True) -> Prediction:
     """Predict one optimizer step of `layout`. `overlap_allreduce`: each unit's gradients are
     all-reduced as soon as the last micro-batch's backward has produced them, one bucket per unit,
     the buckets queued on the link (as torch DDP does); off, the all-reduce follows the last
-    backward, as DeepSpeed's pipeline engine runs it. `flat_grads`: the engine's parallel.flat_grads."""
+    backward, as DeepSpeed's pipeline engine runs it. `flat_grads`: the engine's parallel.flat_grads.
+    `bounds`: a given cut (unit bounds, or a Partition that may split units) instead of the layout's."""
     layout.check(cfg)
     n, tp, M, D = layout.micro_batch, layout.tp, layout.micro_batches, layout.dp
     costs = unit_costs(cfg, profile, n, tp)
-    bounds = tuple(bounds) if bounds is not None else resolve_bounds(cfg, layout, costs)
-    if len(bounds) != layout.pp + 1:
-        raise ValueError(f"bounds {bounds} do not give {layout.pp} stages")
-    names = unit_names(tp)
+    if bounds is None:
+        cut = resolve_cut(cfg, layout, costs)
+    else:
+        cut = bounds if isinstance(bounds, Partition) else Partition(tuple(bounds), "given")
+    if cut.num_stages != layout.pp:
+        raise ValueError(f"bounds {cut.bounds} do not give {layout.pp} stages")
+    shares = cut.shares(cfg, tp)  # per stage: (unit, its share of the unit's work)
+    plan, plan_bounds = stage_plan(cut.bounds, tp, cut.splits)
     units = pipeline_units(tp)
     tower = tower_comm_seconds(cfg, profile, n) if tp == 2 else {}
     params = worker_param_counts(cfg, tp)
     saved = worker_saved_bytes(cfg, tp)
-    cuts = cut_elements(cfg, tp)
     io = layer_io_elements(cfg)
     eb = profile.dtype_bytes
 
     stage_costs, stage_units, tower_fwd, tower_bwd = [], [], [], []
     for s in range(layout.pp):
-        idx = range(bounds[s], bounds[s + 1])
+        idx = cut.stage_layers(s)  # T = 2 (tower collectives, sync) cuts between units only
         tf = sum(tower.get(units[i].layer, (0.0, 0.0))[0] for i in idx)
         tb = sum(tower.get(units[i].layer, (0.0, 0.0))[1] for i in idx)
         if tp == 2:
             wf, wb = tower_sync_seconds(profile, units, costs, idx)
             tf, tb = tf + wf, tb + wb
-        stage_costs.append(StageCost(sum(costs[i].forward for i in idx) + tf,
-                                     sum(costs[i].backward_input for i in idx) + tb,
-                                     sum(costs[i].backward_weight for i in idx)))
-        stage_units.append([names[i] for i in idx])
+        stage_costs.append(StageCost(sum(costs[i].forward * f for i, f in shares[s]) + tf,
+                                     sum(costs[i].backward_input * f for i, f in shares[s]) + tb,
+                                     sum(costs[i].backward_weight * f for i, f in shares[s])))
+        stage_units.append([u.name for u in plan[plan_bounds[s]:plan_bounds[s + 1]]])
         tower_fwd.append(tf)
         tower_bwd.append(tb)
 
     p2p, cut_bytes = [], []
     for s in range(layout.pp - 1):
-        act = eb * cuts[bounds[s + 1] - 1] * n
+        act = eb * sent_elements(cfg, cut, s, tp) * n
         link = _cut_link(profile, layout, s)
         p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n), link.seconds(act)))
         cut_bytes.append(2 * act + LABEL_BYTES * n)
@@ -379,18 +401,18 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
     stage_preds = []
     tails = []
     for s in range(layout.pp):
-        idx = list(range(bounds[s], bounds[s + 1]))
-        p = sum(params[i] for i in idx)
+        p = int(sum(params[i] * f for i, f in shares[s]))
         link = _replica_link(profile, layout, s)
         ar = link.allreduce_seconds(eb * p, D)
         if overlap_allreduce and D > 1:
-            ar = _exposed_allreduce(timeline, s, [costs[i] for i in idx], [eb * params[i] for i in idx], link, D)
+            ar = _exposed_allreduce(timeline, s, [StageCost(*(x * f for x in astuple(costs[i]))) for i, f in shares[s]],
+                                    [eb * params[i] * f for i, f in shares[s]], link, D)
         # the replicas meet once a step, after the stage's compute of all M micro-batches
         ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
         opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))
         tails.append(ar + opt)
         in_flight = timeline.peak_in_flight(s)
-        per_image = sum(saved[i] for i in idx) + (eb * _input_elements(io, units, bounds[s], tp) if s else 0)
+        per_image = sum(saved[i] * f for i, f in shares[s]) + (eb * sent_elements(cfg, cut, s - 1, tp) if s else 0)
         act = int(in_flight * n * per_image)
         mem = {"parameters": eb * p, "gradients": eb * p, "optimizer": eb * p, "activations": act}
         mem["total"] = sum(mem.values())
@@ -414,7 +436,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
     tower_traffic = 0
     if tp == 2:
         for s in range(layout.pp):
-            for i in range(bounds[s], bounds[s + 1]):
+            for i in cut.stage_layers(s):
                 layer = units[i].layer
                 if layer in CROSS_TOWER:
                     full = eb * io[layer][0] * n
@@ -424,20 +446,11 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
     memory = max(sp.memory["total"] for sp in stage_preds)
     cap = max_memory if max_memory is not None else profile.memory_bytes
     return Prediction(
-        layout=layout, bounds=bounds, step_seconds=step, images_per_s=layout.batch / step, stages=stage_preds,
+        layout=layout, cut=cut, step_seconds=step, images_per_s=layout.batch / step, stages=stage_preds,
         bytes_per_step={"stages": int(stage_traffic), "towers": int(tower_traffic), "replicas": int(replica_traffic)},
         memory_per_worker=memory, fits=cap is None or memory <= cap, profile=profile.name, timeline=timeline,
         extrapolated=not min(profile.micro_batches) <= n <= max(profile.micro_batches),
     )
-
-
-def _input_elements(io: dict, units, first: int, tp: int) -> int:
-    """Elements per image a stage receives: what the unit before its first sends."""
-    prev = units[first - 1]
-    i, o = io[prev.layer]
-    if tp == 2:
-        return o // 2
-    return i + o // 2 if prev.tower == 0 else o
 
 
 def _exposed_allreduce(timeline: Timeline, stage: int, costs: list[StageCost], grad_bytes: list[float],

@@ -92,11 +92,6 @@ def engine_stats(cfg: RunConfig, batches: list, warmup: int) -> list:
     return [r.stats[warmup:] for r in engine_results(cfg, batches)]  # per rank
 
 
-def cut_text(bounds: Sequence[int]) -> str:
-    """The inner cut points, as `parallel.partition` takes them: (0, 6, 12) → "6"."""
-    return ",".join(map(str, list(bounds)[1:-1]))
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -241,16 +236,16 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
             report.add({"section": "bubble_failed", "M": m, "run": run, "error": error[:2000]})
             report.notes.append(f"comparison 2, run {run + 1}, M = {m} failed: {error}"[:400])
             continue
-        cut = cut_text(results[0].bounds)
+        cut = results[0].cut  # as parallel.partition takes it: "6", or "conv3.0[52:]" inside a tower half
         for row in bubble_rows([r.stats[args.warmup:] for r in results], m):
             print(f"{m:>3} {row['stage']:>5} {cut:>10} {row['stage_ms_per_micro_batch']:>15.1f} "
                   f"{row['measured']:>9.3f} {row['theory']:>7.3f} {100 * (row['measured'] - row['theory']):>+10.1f} "
                   f"{row['ideal_1f1b']:>30.3f} {100 * row['imbalance']:>15.1f} "
                   f"{100 * (row['fill_drain'] - row['theory']):>+25.1f}")
-            rows.append(report.add({"section": "bubble", **row, "run": run, "cut": list(results[0].bounds)}))
+            rows.append(report.add({"section": "bubble", **row, "run": run, "cut": cut}))
     report.tables.append(Table(f"2. Pipeline bubble, P = 2, one thread per stage ({args.partition} partition)"
                                f"{of_runs}", rows, [
-        Column("M", "M"), Column("stage", "stage"), Column("cut", lambda r: cut_text(r["cut"])),
+        Column("M", "M"), Column("stage", "stage"), Column("cut", "cut"),
         Column("ms / micro-batch", "stage_ms_per_micro_batch", ".1f"),
         Column("measured", "measured", ".3f"), Column("theory", "theory", ".3f"),
         Column("diff (pp)", lambda r: 100 * (r["measured"] - r["theory"]), "+.1f"),
@@ -342,7 +337,7 @@ def schedule_row(schedule: str, pp: int, m: int, results: list, warmup: int, bat
     # 1F1B's backward is B and W at once
     costs = [StageCost(f, b, w) if schedule == "zb-h1" else StageCost(f, b + w) for f, b, w in fbw]
     ideal = simulate(schedule, costs, m, comm="async").bubbles()
-    return {"P": pp, "M": m, "schedule": schedule, "cut": list(results[0].bounds), "bubble": bubble,
+    return {"P": pp, "M": m, "schedule": schedule, "cut": results[0].cut, "bubble": bubble,
             "mean_bubble": sum(bubble) / pp, "ideal": ideal, "theory": theoretical_bubble(schedule, pp, m),
             "fbw_ms": fbw, "img_s": batch / step_s, "step_s": step_s,
             "step_spread_s": [min(steps.values()), max(steps.values())],
@@ -399,9 +394,9 @@ def section_schedules(args, steps: int, report: Report) -> None:
                     cfg.parallel.partition = cuts[pp, m]
                 row = schedule_row(schedule, pp, m, engine_results(cfg, batches), args.warmup, args.batch)
                 row["run"], row["cut_given"] = rep, given
-                cuts.setdefault((pp, m), cut_text(row["cut"]))
+                cuts.setdefault((pp, m), row["cut"])
                 done[schedule] = row
-                print(f"{rep + 1:>3} {pp:>2} {m:>2} {schedule:>8} {cut_text(row['cut']):>8} "
+                print(f"{rep + 1:>3} {pp:>2} {m:>2} {schedule:>8} {row['cut']:>8} "
                       f"{per_stage(row['bubble']):>22} {row['mean_bubble']:>6.3f} {row['theory']:>6.3f} "
                       f"{per_stage(row['ideal']):>17} {fbw_text(row['fbw_ms']):>40} {row['img_s']:>7.1f} "
                       f"{peaks_text(row['peak_mb']):>22}")
@@ -417,7 +412,7 @@ def section_schedules(args, steps: int, report: Report) -> None:
     report.tables.append(Table(
         f"4. 1F1B vs ZB-H1, one thread per worker, batch {args.batch}", rows, [
             Column("run", lambda r: r["run"] + 1), Column("P", "P"), Column("M", "M"), Column("schedule", "schedule"),
-            Column("cut", lambda r: cut_text(r["cut"])), Column("cut given", "cut_given"),
+            Column("cut", "cut"), Column("cut given", "cut_given"),
             Column("bubble per stage", lambda r: per_stage(r["bubble"])), Column("mean", "mean_bubble", ".3f"),
             Column("theory", "theory", ".3f"), Column("ideal, these stage times", lambda r: per_stage(r["ideal"])),
             Column("F/B/W ms per micro-batch, per stage", lambda r: fbw_text(r["fbw_ms"])),

@@ -378,7 +378,8 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
     if profile is None:
         return traffic
     out = {**traffic, "predicted_images_per_s": pred.images_per_s, "predicted_step_s": pred.step_seconds,
-           "predicted_bounds": list(pred.bounds), "predicted_extrapolated": pred.extrapolated,
+           "predicted_bounds": list(pred.bounds), "predicted_cut": pred.cut.cut_points(row["tp"]),
+           "predicted_extrapolated": pred.extrapolated,
            "predicted_bubble": {str(s.stage): s.bubble for s in pred.stages},
            "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
            "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name}

@@ -20,6 +20,27 @@ def test_parts_round_trip_with_momentum(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # written beside and renamed
 
 
+def test_pieces_written_by_one_cut_are_read_by_any_other(tmp_path):
+    """Rows 0:20 and 20:48 of tower 0's conv3, each with its momentum, as two stages write them: read
+    whole, as other pieces (across the seam), and mixed with whole parts; the rows must add up."""
+    model = AlexNet(SMALL, seed=2)
+    w, b = model.towers[0].conv3.weight, model.towers[0].conv3.bias
+    for lo, hi in ((0, 20), (20, 48)):
+        write_part(tmp_path, f"towers.0.conv3[{lo}:{hi}]", {"weight": w[lo:hi], "bias": b[lo:hi],
+                                                              "momentum.weight": -w[lo:hi], "momentum.bias": -b[lo:hi]})
+    write_part(tmp_path, "fc8", {"weight": model.fc8.weight, "bias": model.fc8.bias})
+    got = read_parts(tmp_path, ["towers.0.conv3.weight", "towers.0.conv3[10:40].bias", "fc8.bias"], momentum=True)
+    assert torch.equal(got["towers.0.conv3.weight"], w) and torch.equal(got["momentum.towers.0.conv3.weight"], -w)
+    assert torch.equal(got["towers.0.conv3[10:40].bias"], b[10:40])
+    assert torch.equal(got["momentum.towers.0.conv3[10:40].bias"], -b[10:40])
+    assert torch.equal(got["fc8.bias"], model.fc8.bias)
+    (tmp_path / "towers.0.conv3[0:20].safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"towers.0.conv3.weight: its pieces hold rows 20:48"):
+        read_parts(tmp_path, ["towers.0.conv3[20:48].weight"], momentum=False)
+    with pytest.raises(CheckpointError, match=r"towers.0.conv3.safetensors: missing"):
+        read_parts(tmp_path / "nowhere", ["towers.0.conv3.weight"], momentum=False)
+
+
 def test_a_missing_or_truncated_part_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="towers.0.conv1.safetensors: missing"):
         read_parts(tmp_path, ["towers.0.conv1.weight"], momentum=False)

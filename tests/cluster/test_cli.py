@@ -8,7 +8,9 @@ def test_info_describes_the_paper_network_without_a_dataset(capsys):
     assert main(["info", "--preset", "paper", "--pp", "2"]) == 0
     out = capsys.readouterr().out
     assert "60,965,224" in out and "724,406,816" in out
-    assert "conv3.0, conv3.1" in out and "stage 0: conv1,conv2 " in out and "stage 1: conv3,conv4" in out
+    assert "conv3.0, conv3.1" in out and "split a tower half by output channels" in out
+    # the counted plan balances inside tower 0's half of conv3: 82 of its 192 kernels on stage 0
+    assert "stage 0: conv1,conv2,conv3.0[:82] " in out and "stage 1: conv3.0[82:],conv3.1,conv4," in out
 
 
 def test_train_still_refuses_the_paper_preset_on_the_embedded_dataset(capsys):

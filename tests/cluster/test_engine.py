@@ -10,6 +10,7 @@ from alexnet_pp.dropout import batch_keys
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
+from alexnet_pp.weights import join_pieces
 from cluster.feeds import TensorData
 from cluster.spawn import run_local
 
@@ -48,30 +49,31 @@ def reference(cfg, batches, device="cpu"):
 
 
 def gathered_state(results, cfg):
-    """Every rank's parameters, already named by the single model's state_dict keys; replicas and
-    fc8's tower copies must agree."""
+    """Every rank's parameters, already named by the single model's state_dict keys (pieces of a
+    tower's part, where a cut splits it, joined); replicas and fc8's tower copies must agree."""
     state = {}
     for res in results:
         for key, value in res.parameters.items():
             if key in state:
                 torch.testing.assert_close(state[key], value)
             state[key] = value
-    return state
+    return join_pieces(state)
 
 
 # Each case is one layout and the options whose exactness depends on it; together every axis (P up to
 # 3, T = 2, D = 2, M up to 4) meets every option: clipping over tower shards and replicas, activation
 # checkpointing's recomputed masks with two towers and with three stages, deferred weight gradients
-# with replicas, and stage cuts inside a layer (tower 0's half on one stage, tower 1's on the next).
+# with replicas, and stage cuts inside a layer (tower 0's half on one stage, tower 1's on the next)
+# and inside a tower's half (its first output channels or neurons on one stage, the rest on the next).
 CASES = {
     "2x2x2 M2, clipped": ((2, 2, 2, 2), {"train.grad_clip": "0.05"}),
     "2x2x1 M2, activation checkpoints": ((2, 2, 1, 2), {"parallel.activation_checkpoint_interval": "1"}),
     "3x1x1 M4, activation checkpoints": ((3, 1, 1, 4), {"parallel.activation_checkpoint_interval": "1"}),
-    "2x1x2 M2, deferred, clipped": ((2, 1, 2, 2), {"parallel.defer_weight_grads": "true", "train.grad_clip": "0.05",
-                                                   "parallel.partition": "fc6"}),
+    "2x1x2 M2, cut in fc6's tower 0, deferred, clipped": ((2, 1, 2, 2), {
+        "parallel.defer_weight_grads": "true", "train.grad_clip": "0.05", "parallel.partition": "fc6.0[200:]"}),
     "1x2x1 M2, channels-last": ((1, 2, 1, 2), {"parallel.channels_last": "true"}),
-    "3x1x1 M2, cut in conv4 and fc6, channels-last": ((3, 1, 1, 2), {"parallel.partition": "conv4.1,fc6.1",
-                                                                     "parallel.channels_last": "true"}),
+    "3x1x1 M2, cut in conv4 and in fc6's tower 1, channels-last": ((3, 1, 1, 2), {
+        "parallel.partition": "conv4.1,fc6.1[100:]", "parallel.channels_last": "true"}),
 }
 
 

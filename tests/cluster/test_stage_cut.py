@@ -7,7 +7,8 @@ import torch
 
 from alexnet_pp.config import ModelConfig
 from cluster.spawn import run_local
-from cluster.stage_cut import micro_batch_costs, recut, settle_cut, stage_costs
+from alexnet_pp.pipeline import Partition
+from cluster.stage_cut import micro_batch_costs, recut, settle_cut
 
 from .test_engine import STEPS, data_factory, gathered_state, layout_cfg, make_batches, reference
 
@@ -15,17 +16,30 @@ CFG = ModelConfig(width=0.25, image_size=64, num_classes=10)
 UNITS = [1.0] * 12  # twelve T = 1 units
 
 
+def cut(*bounds, splits=()):
+    return Partition(tuple(bounds), "measured", splits)
+
+
 def test_a_stage_slower_than_its_units_said_gives_up_units():
-    first = (0, 6, 12)
     live = [6.0, 9.0]  # stage 1 runs 1.5× what its units promised
-    new = recut(CFG, UNITS, first, live, tp=1)
-    assert new == (0, 7, 12)  # scaled: 6 × 1.0 | 6 × 1.5 → best split 7.0 vs 7.5
-    assert max(stage_costs([1.0] * 6 + [1.5] * 6, new)) < max(live)
+    new = recut(CFG, UNITS, cut(0, 6, 12), live, tp=1)
+    assert new == cut(0, 7, 12)  # scaled: 6 × 1.0 | 6 × 1.5 → 7.5 vs 7.5
+    assert new.stage_costs(CFG, [1.0] * 6 + [1.5] * 6) == [7.5, 7.5] and 7.5 < max(live)
+
+
+def test_a_recut_may_split_a_tower_half_and_scales_each_share_by_its_stage():
+    # stage 0 = conv1, conv2 and conv3.0's first 24 of 48 channels; stage 1 runs half its units' promise
+    first = cut(0, 2, 12, splits=(24,))
+    assert first.stage_costs(CFG, UNITS) == [2.5, 9.5]
+    new = recut(CFG, UNITS, first, [2.5, 4.75], tp=1)
+    # scaled: conv1, conv2 1.0 each, conv3.0 0.5 + 0.25, the rest 0.5 each: 7.25 in all, 3.625 a stage,
+    # reached 36 of conv4.0's 48 channels in: 1 + 1 + 0.75 + 0.5 + 36/48 · 0.5
+    assert (new.bounds, new.splits) == ((0, 4, 12), (36,))
+    assert new.stage_costs(CFG, [1.0, 1.0, 0.75] + [0.5] * 9) == [3.625, 3.625]
 
 
 def test_no_recut_for_a_gain_below_the_threshold():
-    assert recut(CFG, UNITS, (0, 6, 12), [6.0, 6.2], tp=1) == (0, 6, 12)
-    assert recut(CFG, UNITS, (0, 6, 12), [6.0, 6.2], tp=1, min_gain=0.0) == (0, 6, 12)  # nothing better exists
+    assert recut(CFG, UNITS, cut(0, 6, 12), [6.0, 6.2], tp=1) == cut(0, 6, 12)
 
 
 def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
@@ -37,20 +51,20 @@ def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
 
 def test_settle_keeps_the_best_cut_it_measured():
     # live times by cut: the first cut is off, the proposed one better, then it would go back and forth
-    live = {(0, 6, 12): [6.0, 9.0], (0, 7, 12): [7.1, 7.4], (0, 8, 12): [8.5, 6.0]}
+    live = {cut(0, 6, 12): [6.0, 9.0], cut(0, 7, 12): [7.1, 7.4], cut(0, 8, 12): [8.5, 6.0]}
     built = []
-    best, tried = settle_cut(CFG, UNITS, (0, 6, 12), 1, measure=lambda: live[built[-1] if built else (0, 6, 12)],
+    best, tried = settle_cut(CFG, UNITS, cut(0, 6, 12), 1, measure=lambda: live[built[-1] if built else cut(0, 6, 12)],
                              rebuild=built.append)
-    assert best == (0, 7, 12) and built[-1] == (0, 7, 12)
-    assert list(tried) == [(0, 6, 12), (0, 7, 12)]  # (0, 7, 12) is within 3% of its own best
+    assert best == cut(0, 7, 12) and built[-1] == cut(0, 7, 12)
+    assert list(tried) == [cut(0, 6, 12), cut(0, 7, 12)]  # (0, 7, 12) is within 3% of its own best
 
 
 def test_settle_goes_back_when_the_new_cut_measures_worse():
-    live = {(0, 6, 12): [6.0, 9.0], (0, 7, 12): [11.0, 7.0], (0, 5, 12): [5.0, 12.0]}
+    live = {cut(0, 6, 12): [6.0, 9.0], cut(0, 7, 12): [11.0, 7.0], cut(0, 5, 12): [5.0, 12.0]}
     built = []
-    best, tried = settle_cut(CFG, UNITS, (0, 6, 12), 1, measure=lambda: live[built[-1] if built else (0, 6, 12)],
+    best, tried = settle_cut(CFG, UNITS, cut(0, 6, 12), 1, measure=lambda: live[built[-1] if built else cut(0, 6, 12)],
                              rebuild=built.append, rounds=1)
-    assert best == (0, 6, 12) and built == [(0, 7, 12), (0, 6, 12)]
+    assert best == cut(0, 6, 12) and built == [cut(0, 7, 12), cut(0, 6, 12)]
 
 
 def recut_factory(batches, tp, dp, m, rank):
@@ -96,10 +110,9 @@ def test_the_live_passes_leave_bf16_master_gradients_untouched(tmp_path):
     batches = make_batches(3, 16)
     factory = functools.partial(data_factory, batches, 1, 1, 2)
     measured = run_local(layout_cfg(tmp_path / "a", 2, 1, 1, 2, **common), factory, keep_parameters=True)
-    cut = ",".join(map(str, measured[0].bounds[1:-1]))
-    given = run_local(layout_cfg(tmp_path / "b", 2, 1, 1, 2, **common, **{"parallel.partition": cut}), factory,
-                      keep_parameters=True)
-    assert measured[0].bounds == given[0].bounds
+    given = run_local(layout_cfg(tmp_path / "b", 2, 1, 1, 2, **common, **{"parallel.partition": measured[0].cut}),
+                      factory, keep_parameters=True)
+    assert (measured[0].bounds, measured[0].splits) == (given[0].bounds, given[0].splits)
     assert measured[-1].losses == given[-1].losses
     a, b = gathered_state(measured, None), gathered_state(given, None)
     for key in a:

@@ -3,6 +3,7 @@ import torch
 from alexnet_pp.config import ModelConfig
 from alexnet_pp.dropout import batch_keys
 from alexnet_pp.model import AlexNet
+from alexnet_pp.pipeline import Partition
 from cluster.stage_layers import GroupRef, TowerShard, eval_stats, rank_layers
 
 
@@ -45,9 +46,16 @@ def test_rank_layers_are_specs_that_build_only_when_asked():
     from deepspeed.pipe import LayerSpec
 
     cfg = ModelConfig(width=0.25, image_size=64, num_classes=10)
-    specs, bounds = rank_layers(cfg, 1, 0, GroupRef(), 0, (0, 3, 12))
+    specs, bounds = rank_layers(cfg, 1, 0, GroupRef(), 0, Partition((0, 3, 12), "given"))
     assert all(isinstance(s, LayerSpec) for s in specs) and bounds == (0, 3, 9)
-    specs2, _ = rank_layers(cfg, 2, 1, GroupRef(), 0, (0, 4, 8))
+    # a cut 10 channels into conv3.1: stage 0 ends with that piece, stage 1 starts with the rest
+    specs, bounds = rank_layers(cfg, 1, 0, GroupRef(), 0, Partition((0, 3, 12), "given", (10,)))
+    assert bounds == (0, 4, 10)
+    pieces = [specs[3].build().layer, specs[4].build().layer]
+    assert [p.part.out_channels for p in pieces] == [10, 38]
+    assert [k for p in pieces for k, _ in p.model_parameters()][::2] == ["towers.1.conv3[0:10].weight",
+                                                                         "towers.1.conv3[10:48].weight"]
+    specs2, _ = rank_layers(cfg, 2, 1, GroupRef(), 0, Partition((0, 4, 8), "given"))
     assert len(specs2) == 8
     built = specs2[5].build()
     assert isinstance(built, TowerShard) and built.tower == 1 and built.name == "fc6"
@@ -57,13 +65,14 @@ def test_channels_last_stages_convolve_in_nhwc_and_hand_on_contiguous_tensors():
     """parallel.channels_last: every convolution of a stage runs channels-last (its output is), a stage's
     output leaves contiguous (what the sends take), and the network computes what NCHW computes."""
     cfg = ModelConfig(width=0.25, image_size=64, num_classes=10, dropout=0.5)
-    bounds = (0, 5, 12)  # stage 1 starts at tower 1's half of conv4: a split layer's hand-off crosses it
+    # stage 1 starts 20 channels into tower 1's half of conv4: a split layer's hand-off crosses it
+    cut = Partition((0, 5, 12), "given", (20,))
     x = torch.randn(4, 3, 64, 64)
     labels = torch.zeros(4, dtype=torch.long)
     keys = batch_keys(seed=1, step=0, start=0, rows=4)
     outputs = {}
     for channels_last in (False, True):
-        specs, stage_bounds = rank_layers(cfg, 1, 0, GroupRef(), 3, bounds, channels_last)
+        specs, stage_bounds = rank_layers(cfg, 1, 0, GroupRef(), 3, cut, channels_last)
         layers = [spec.build().train() for spec in specs]
         seen = []
         for layer in layers:

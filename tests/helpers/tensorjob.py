@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from alexnet_pp.config import load_config
+from alexnet_pp.weights import join_pieces
 from cluster.feeds import TensorData
 
 
@@ -33,5 +34,5 @@ def tensor_data(batches, tp: int, dp: int, m: int, rank: int) -> TensorData:
 
 
 def gathered(results) -> dict[str, torch.Tensor]:
-    """Every rank's parameters, named by the single model's state_dict keys."""
-    return {key: value for res in results for key, value in res.parameters.items()}
+    """Every rank's parameters, named by the single model's state_dict keys (pieces joined)."""
+    return join_pieces({key: value for res in results for key, value in res.parameters.items()})

@@ -193,6 +193,22 @@ def test_bytes_between_stages_towers_and_replicas_come_from_the_shapes_and_param
     assert replicas.bytes_per_step["replicas"] == 2 * 3 * 4 * sum(unit_param_counts(tiny, 1))
 
 
+def test_a_cut_inside_a_tower_half_shares_its_compute_parameters_and_sends_the_pieces_so_far(tiny, make_profile):
+    # stage 0 = conv1 … conv3.1 and the first 12 of conv4.0's 48 channels: 4.25 of the 1-ms units
+    pred = predict(tiny, make_profile(), Candidate(2, 1, 1, 4, 8, partition="conv4.0[12:]"))
+    assert (pred.cut.bounds, pred.cut.splits) == ((0, 4, 12), (12,))
+    s0, s1 = pred.stages
+    assert s0.units[-1] == "conv4.0[:12]" and s1.units[:2] == ["conv4.0[12:]", "conv4.1"]
+    assert s0.phases["forward"] == pytest.approx(4 * 2 * 4.25 * MS)
+    assert s1.phases["forward"] == pytest.approx(4 * 2 * 7.75 * MS)
+    counts = worker_param_counts(tiny, 1)
+    assert s0.params == int(sum(counts[:4]) + counts[4] / 4)
+    # conv4's input and a quarter of tower 0's output, 864 + 432 / 4 floats an image
+    assert pred.bytes_per_step["stages"] == 4 * (2 * 4 * 972 * 2 + 8 * 2)
+    saved = saved_bytes_per_image(tiny)  # stage 1 holds one micro-batch of 2: its share of conv4.0's, and what it received
+    assert s1.memory["activations"] == int(1 * 2 * (0.75 * saved[4] + sum(saved[5:]) + 4 * 972))
+
+
 def test_memory_holds_weights_gradients_momentum_and_the_micro_batches_in_flight(tiny, make_profile):
     pred = predict(tiny, make_profile(), Candidate(2, 1, 1, 4, 8, partition="6"))
     counts, saved = worker_param_counts(tiny, 1), saved_bytes_per_image(tiny)

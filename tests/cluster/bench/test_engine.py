@@ -20,7 +20,7 @@ def rank(r, stage, bubble, fwd, bwd, wgt, peak, m=4):
             if d:
                 events.append({"name": name, "phase": phase, "start": t, "end": t + d, "buffer_id": i % 2})
                 t += d
-    return SimpleNamespace(coord={"rank": r, "stage": stage}, stats=stats, bounds=(0, 6, 12),
+    return SimpleNamespace(coord={"rank": r, "stage": stage}, stats=stats, cut="6",
                            peak_memory=peak * 2**20, timeline=events)
 
 
@@ -33,7 +33,7 @@ def test_a_schedule_row_takes_medians_per_stage_and_the_slowest_ranks_step():
     assert row["img_s"] == pytest.approx(128 / 2.3)
     assert row["peak_mb"] == {0: 900, 1: 700}
     assert row["theory"] == pytest.approx(1 / 13) and len(row["ideal"]) == 2
-    assert row["cut"] == [0, 6, 12]
+    assert row["cut"] == "6"
 
 
 def test_the_timeline_figure_is_written(tmp_path):
@@ -119,7 +119,7 @@ class _Result:
     """What a rank returns to the bubble comparison: step stats with phases, and its cut."""
 
     def __init__(self, m: int):
-        self.bounds = (0, 2, 12)
+        self.cut = "2"
         self.stats = [{"phases": {"forward": 0.1 * m, "backward": 0.2 * m}, "bubble": 1 / (m + 1), "seconds": 1.0}]
 
 
