@@ -64,6 +64,7 @@ class RankResult:
     bounds: tuple[int, ...] = ()  # the stage cut it trained on (pipeline units, alexnet_pp/pipeline.py)
     splits: tuple[int, ...] = ()  # and the channels of a split unit each cut gives the stage before (Partition)
     cut: str = ""  # that cut as a parallel.partition value
+    cut_trials: dict[str, list[float]] = field(default_factory=dict)  # live check: cut → each stage's s per micro-batch
 
 
 def eval_totals(averaged: torch.Tensor, parts: int) -> torch.Tensor:
@@ -131,6 +132,7 @@ class PipelineWorker:
                                    timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
         configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
         self.layer_costs = None
+        self.cut_trials: dict[str, list[float]] = {}
         if cfg.parallel.partition.strip() == "measured" and self.layout.pp > 1:
             self.layer_costs = self._measured_costs()
             cut = partition(cfg.model, self.layout.pp, "measured", self.layer_costs, tp=self.layout.tp)
@@ -222,6 +224,7 @@ class PipelineWorker:
             self._build_engine()
 
         _, tried = settle_cut(cfg.model, self.layer_costs, layout.partition, layout.tp, measure, rebuild)
+        self.cut_trials = {c.cut_points(layout.tp): live for c, live in tried.items()}
         if self.rank == 0:
             log.info("pipeline cut on live stage times (ms per micro-batch): %s; training on %s", "; ".join(
                 f"{c.cut_points(layout.tp)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for c, live in tried.items()),
@@ -340,7 +343,7 @@ class PipelineWorker:
         self._build()
         cut = self.layout.partition
         result = RankResult(coord=asdict(self.coord), steps=0, bounds=cut.bounds, splits=cut.splits,
-                            cut=cut.cut_points(self.layout.tp))
+                            cut=cut.cut_points(self.layout.tp), cut_trials=self.cut_trials)
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:

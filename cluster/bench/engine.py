@@ -237,12 +237,14 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
             report.notes.append(f"comparison 2, run {run + 1}, M = {m} failed: {error}"[:400])
             continue
         cut = results[0].cut  # as parallel.partition takes it: "6", or "conv3.0[52:]" inside a tower half
+        checked = live_check_text(results[0].cut_trials)
+        print(f"    live check before the first step, ms per micro-batch per stage: {checked}")
         for row in bubble_rows([r.stats[args.warmup:] for r in results], m):
             print(f"{m:>3} {row['stage']:>5} {cut:>10} {row['stage_ms_per_micro_batch']:>15.1f} "
                   f"{row['measured']:>9.3f} {row['theory']:>7.3f} {100 * (row['measured'] - row['theory']):>+10.1f} "
                   f"{row['ideal_1f1b']:>30.3f} {100 * row['imbalance']:>15.1f} "
                   f"{100 * (row['fill_drain'] - row['theory']):>+25.1f}")
-            rows.append(report.add({"section": "bubble", **row, "run": run, "cut": cut}))
+            rows.append(report.add({"section": "bubble", **row, "run": run, "cut": cut, "live_check": checked}))
     report.tables.append(Table(f"2. Pipeline bubble, P = 2, one thread per stage ({args.partition} partition)"
                                f"{of_runs}", rows, [
         Column("M", "M"), Column("stage", "stage"), Column("cut", "cut"),
@@ -251,10 +253,18 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
         Column("diff (pp)", lambda r: 100 * (r["measured"] - r["theory"]), "+.1f"),
         Column("ideal 1F1B, these stage times", "ideal_1f1b", ".3f"),
         Column("imbalance (pp)", lambda r: 100 * r["imbalance"], ".1f"),
-        Column("fill/drain − theory (pp)", lambda r: 100 * (r["fill_drain"] - r["theory"]), "+.1f")],
+        Column("fill/drain − theory (pp)", lambda r: 100 * (r["fill_drain"] - r["theory"]), "+.1f"),
+        Column("live check: cut, ms / micro-batch per stage", "live_check")],
         intro="imbalance: the share of the schedule a stage waits for one with more work per micro-batch "
-              "(the cut's doing, not the schedule's); fill/drain: the measured share less that."))
+              "(the cut's doing, not the schedule's); fill/drain: the measured share less that. Live check: "
+              "the cuts the engine timed before its first step (cluster/stage_cut.py), in order; it trains on "
+              "the one whose slowest stage was fastest."))
     return rows
+
+
+def live_check_text(trials: dict[str, list[float]]) -> str:
+    """{"conv3.0[90:]": [0.43, 0.445], …} → "conv3.0[90:] 430/445; …" (none: no live check ran)."""
+    return "; ".join(f"{cut} {'/'.join(f'{1000 * t:.0f}' for t in live)}" for cut, live in trials.items()) or "none"
 
 
 def bubble_spread(rows: list[dict], runs: int, report: Optional[Report] = None) -> list[dict]:

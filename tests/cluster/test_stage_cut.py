@@ -96,6 +96,7 @@ def test_a_recut_rebuilds_the_engine_before_training_and_training_is_unchanged(t
     ref_losses, ref_state = reference(cfg, batches)
     results = run_local(cfg, functools.partial(recut_factory, batches, 1, 1, 2), keep_parameters=True)
     assert [r.bounds for r in results] == [(0, 8, 12), (0, 8, 12)]
+    assert results[0].cut_trials == {"6": [1.0, 3.0], "8": [2.0, 2.0]}  # what the live check timed, in order
     torch.testing.assert_close(torch.tensor(results[-1].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     state = gathered_state(results, cfg)
     for key in ref_state:

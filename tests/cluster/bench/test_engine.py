@@ -113,6 +113,7 @@ def test_a_crashed_configuration_is_recorded_and_the_comparison_goes_on(tmp_path
     assert sorted({r["M"] for r in rows}) == [2, 8]  # M = 4 failed, M = 8 still ran
     assert [r for r in report.rows if r["section"] == "bubble_failed"][0]["M"] == 4
     assert "SIGABRT" in capsys.readouterr().out and any("M = 4 failed" in n for n in report.notes)
+    assert rows[0]["live_check"] == "3 500/300; 2 400/410"
 
 
 class _Result:
@@ -120,6 +121,7 @@ class _Result:
 
     def __init__(self, m: int):
         self.cut = "2"
+        self.cut_trials = {"3": [0.5, 0.3], "2": [0.4, 0.41]}
         self.stats = [{"phases": {"forward": 0.1 * m, "backward": 0.2 * m}, "bubble": 1 / (m + 1), "seconds": 1.0}]
 
 
