@@ -4,8 +4,9 @@
 `measure_layer_costs`, rank 0 timing one unit at a time while the other ranks wait). A running
 pipeline is not that: its P·T·D workers share the cores and the memory bus (fc6 and fc7, memory-bound
 at small micro-batches, slow down more than the convolutions), DeepSpeed copies every stage's inputs,
-and at P = 2 one unit more or less on a stage is a 5–15% imbalance, so a noisy unit timing that moves
-the cut by one unit moved the bubble by 10 points (600 vs 682 ms per micro-batch on two stages).
+and at P = 2 one unit more or less on a stage was a 5–15% imbalance, so a noisy unit timing that moved
+the cut by one unit moved the bubble by 10 points (600 vs 682 ms per micro-batch on two stages). Cuts
+may now fall inside a tower half (alexnet_pp/pipeline.py), so the unit timings' own error decides.
 
 So the first cut is checked on the engine itself: before the first step it runs its training
 schedule on synthetic micro-batches without the instructions that reduce gradients and step the
@@ -15,7 +16,7 @@ live cost per micro-batch is the median over micro-batches and passes of its for
 instruction seconds; a stage's is the median over its ranks. `recut` scales each stage's unit costs
 to its live cost and balances again; the engine is rebuilt on the new cut when that promises a
 slowest stage at least `min_gain` shorter, and checked the same way, at most `rounds` times, keeping
-the best cut seen. Every rank computes the same cut from the same gathered numbers.
+the best balanced cut seen. Every rank computes the same cut from the same gathered numbers.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def settle_cut(cfg: ModelConfig, costs: list[float], cut: Partition, tp: int,
                measure: Callable[[], list[float]], rebuild: Callable[[Partition], None],
                rounds: int = 2, min_gain: float = 0.03) -> tuple[Partition, dict[Partition, list[float]]]:
     """Measure the engine on `cut`, re-cut and `rebuild` while a new cut promises `min_gain`, at
-    most `rounds` times; end on the cut whose slowest live stage was fastest. Returns it and the live
+    most `rounds` times; end on the best balanced cut tried: the least slowest stage relative to the
+    mean of its stages, since a shared machine's speed drifts between the cuts' timings and would
+    make an absolute comparison pick the cut timed in the faster moment. Returns it and the live
     stage costs of every cut tried."""
     tried: dict[Partition, list[float]] = {}
     current = cut
@@ -129,7 +132,7 @@ def settle_cut(cfg: ModelConfig, costs: list[float], cut: Partition, tp: int,
             break
         rebuild(proposal)
         current = proposal
-    best = min(tried, key=lambda c: max(tried[c]))
+    best = min(tried, key=lambda c: max(tried[c]) * len(tried[c]) / sum(tried[c]))
     if best != current:
         rebuild(best)
     return best, tried

@@ -11,7 +11,7 @@ pipeline does not blur the engine's numbers; the paper's network and batch by de
    work per micro-batch (busy_max − busy_stage) / schedule time, which the theory's equal stages
    exclude — and the remaining fill/drain bubble, which is what the formula predicts;
 3. the speedup of (P, T, D) = (2, 1, 1), one thread per worker, over the plain trainer with one
-   thread, at M = 8 (goal: ≥ 1.5×; the best 2-way cut bounds it near 1.7×);
+   thread, at M = 8 (goal: ≥ 1.5×; two equal stages bound it near 1.8×);
 4. 1F1B against ZB-H1 (`parallel.schedule`), side by side for each P×M of `--schedule-layouts`
    (default P = 2, 3 and M = 4, 8), one thread per worker: the measured bubble per stage (goal:
    ZB-H1's ≤ ⅓ of 1F1B's), images/s (goal: ≥ 1.1× at M = 4) and peak memory per rank (goal:

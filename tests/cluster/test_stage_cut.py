@@ -59,6 +59,15 @@ def test_settle_keeps_the_best_cut_it_measured():
     assert list(tried) == [cut(0, 6, 12), cut(0, 7, 12)]  # (0, 7, 12) is within 3% of its own best
 
 
+def test_settle_judges_cuts_by_balance_not_by_a_speed_that_drifted_between_their_timings():
+    # timed on the paper network: the machine slowed down between the first cut's timing and the next's
+    answers = iter([[1.615, 1.813], [1.851, 1.864]])
+    built = []
+    best, tried = settle_cut(ModelConfig(), [1.0] * 12, cut(0, 2, 12, splits=(38,)), 1,
+                             measure=lambda: next(answers), rebuild=built.append, rounds=1)
+    assert len(tried) == 2 and built == [best] != cut(0, 2, 12, splits=(38,))  # 0.7% apart, not 11%, though slower
+
+
 def test_settle_goes_back_when_the_new_cut_measures_worse():
     live = {cut(0, 6, 12): [6.0, 9.0], cut(0, 7, 12): [11.0, 7.0], cut(0, 5, 12): [5.0, 12.0]}
     built = []
