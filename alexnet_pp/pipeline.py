@@ -342,7 +342,7 @@ def measure_layer_costs(cfg: ModelConfig, micro_batch: int, device: str = "cpu",
 
 
 def _split_cuts(weights: list[float], bounds: tuple[int, ...], widths: list[int],
-                min_piece: int = 8) -> tuple[tuple[int, ...], tuple[int, ...]]:
+                min_piece: int = 16) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Move each cut into a tower half where that lowers the larger of the two stages beside it (a
     piece costing its share of the half's channels, at least 1/`min_piece` of them), cut by cut until
     none moves, from the best whole-unit cut. Returns the bounds and the splits."""

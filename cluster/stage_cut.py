@@ -52,7 +52,7 @@ class WithoutOptimizerStep:
 
 
 def recut(cfg: ModelConfig, costs: list[float], cut: Partition, live: list[float], tp: int,
-          min_gain: float = 0.03) -> Partition:
+          min_gain: float = 0.015) -> Partition:
     """The cut balancing the unit costs scaled, per stage, to the stages' live costs (a unit split
     between two stages by each stage's factor for its share); `cut` itself unless the new cut's
     slowest stage is predicted at least `min_gain` shorter than the live one."""
@@ -117,7 +117,7 @@ def live_costs(engine, timer, module, cfg: ModelConfig, micro_batch: int, stage:
 
 def settle_cut(cfg: ModelConfig, costs: list[float], cut: Partition, tp: int,
                measure: Callable[[], list[float]], rebuild: Callable[[Partition], None],
-               rounds: int = 2, min_gain: float = 0.03) -> tuple[Partition, dict[Partition, list[float]]]:
+               rounds: int = 2, min_gain: float = 0.015) -> tuple[Partition, dict[Partition, list[float]]]:
     """Measure the engine on `cut`, re-cut and `rebuild` while a new cut promises `min_gain`, at
     most `rounds` times; end on the best balanced cut tried: the least slowest stage relative to the
     mean of its stages, since a shared machine's speed drifts between the cuts' timings and would

@@ -20,7 +20,7 @@ PAPER = ModelConfig()
 
 
 def stage_share(weights, part, stage):
-    return sum(weights[i] for i in part.stage_layers(stage)) / sum(weights)
+    return part.stage_costs(PAPER, weights)[stage] / sum(weights)
 
 
 def test_param_counts_match_the_model():
@@ -59,7 +59,7 @@ def test_two_balanced_stages_need_the_tower_halves():
     half_cut = partition(PAPER, 2, "measured", halves, tp=1)
     assert abs(stage_share(per_layer, whole_cut, 0) - 0.5) > 0.06
     assert abs(stage_share(halves, half_cut, 0) - 0.5) < 0.01
-    assert unit_names(1)[half_cut.bounds[1]] == "conv3.1"
+    assert half_cut.cut_points() == "conv3.0[180:]"  # at tower 1's half of conv3, a piece of tower 0's closer
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -152,14 +152,14 @@ def test_pieces_of_a_half_compute_the_whole_layer_with_its_dropout_masks(spec):
     plan, _ = stage_plan(part.bounds, 1, part.splits)
     assert sum(u.channels is not None for u in plan) == 2 * len(part.splits)
     units = [build_unit(SMALL, u, seed=3).train() for u in plan]
-    x = torch.randn(3, 3, 64, 64, requires_grad=True)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     keys = batch_keys(seed=1, step=0, start=0, rows=3)
     ref = model(x, keys)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *model.parameters()])
     y = x
     for u in units:
         y = u(y, keys)
-    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)  # a linear piece's own matmul may round differently
     params = {key: p for u in units for key, p in (u.model_parameters() if isinstance(u, TowerPiece) else
                                                    ((f"whole.{i}", p) for i, p in enumerate(u.parameters())))}
     pieces = [k for k in params if "[" in k]

@@ -39,7 +39,7 @@ def test_a_recut_may_split_a_tower_half_and_scales_each_share_by_its_stage():
 
 
 def test_no_recut_for_a_gain_below_the_threshold():
-    assert recut(CFG, UNITS, cut(0, 6, 12), [6.0, 6.2], tp=1) == cut(0, 6, 12)
+    assert recut(CFG, UNITS, cut(0, 6, 12), [6.0, 6.1], tp=1) == cut(0, 6, 12)  # at best 0.8% shorter
 
 
 def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
@@ -51,12 +51,12 @@ def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
 
 def test_settle_keeps_the_best_cut_it_measured():
     # live times by cut: the first cut is off, the proposed one better, then it would go back and forth
-    live = {cut(0, 6, 12): [6.0, 9.0], cut(0, 7, 12): [7.1, 7.4], cut(0, 8, 12): [8.5, 6.0]}
+    live = {cut(0, 6, 12): [6.0, 9.0], cut(0, 7, 12): [7.2, 7.3], cut(0, 8, 12): [8.5, 6.0]}
     built = []
     best, tried = settle_cut(CFG, UNITS, cut(0, 6, 12), 1, measure=lambda: live[built[-1] if built else cut(0, 6, 12)],
                              rebuild=built.append)
     assert best == cut(0, 7, 12) and built[-1] == cut(0, 7, 12)
-    assert list(tried) == [cut(0, 6, 12), cut(0, 7, 12)]  # (0, 7, 12) is within 3% of its own best
+    assert list(tried) == [cut(0, 6, 12), cut(0, 7, 12)]  # (0, 7, 12) is within 1.5% of its own best
 
 
 def test_settle_judges_cuts_by_balance_not_by_a_speed_that_drifted_between_their_timings():
