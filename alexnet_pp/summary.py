@@ -47,6 +47,8 @@ class RunSummary:
     data_wait_share: float = math.nan
     phase_seconds_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)  # mean per step
     peak_memory_per_rank: dict[str, int] = field(default_factory=dict)  # bytes (GPU: CUDA allocations; CPU: max RSS)
+    cut: str = ""  # the stage cut it trained on, as parallel.partition takes it ("3", "conv3.0[82:]")
+    cut_trials: dict[str, list[float]] = field(default_factory=dict)  # the live cut check: cut → s per micro-batch per stage
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -85,6 +87,10 @@ class RunSummary:
                 f"throughput {_f(self.images_per_sec, '.1f')} images/s over {self.steps_timed} steps; "
                 f"step time p50 {_f(self.step_time_p50, '.3f')} s, p95 {_f(self.step_time_p95, '.3f')} s; "
                 f"data wait {_f(self.data_wait_share * 100, '.1f')}% of stage 0's time")
+            if self.cut:
+                tried = "; ".join(f"{c} {'/'.join(f'{1000 * t:.0f}' for t in live)}" for c, live in self.cut_trials.items())
+                lines.append(f"stage cut {self.cut}" + (f" (live check, ms per micro-batch per stage: {tried})"
+                                                        if tried else ""))
             for stage, bubble in self.bubble_per_stage.items():
                 shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.phase_share_per_stage.get(stage, {}).items())
                 lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "

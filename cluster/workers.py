@@ -185,6 +185,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         return None
     summary.steps, summary.losses, summary.evals = result.steps, result.losses, result.evals
     summary.resumed_from, summary.resumed_layout = result.resumed_from, result.resumed_layout
+    summary.cut, summary.cut_trials = result.cut, result.cut_trials
     summary.error = result.stopped  # a run that stopped early and why (cluster/faults.py)
     return summary.to_dict()
 

@@ -196,6 +196,9 @@ def test_command_line_layouts_reproduce_one_process_with_dropout_on_real_shards(
     summary = RunSummary.read(tmp_path / "pp2-tp2" / "summary.json")  # what the driver wrote, one type
     assert summary.ok and summary.steps == 6 and summary.loss_steps == [1, 2, 3, 4, 5, 6] and summary.restarts == 0
     assert summary.evals[-1]["step"] == 6 and set(summary.bubble_per_stage) == {"0", "1"}
+    for name in ("pp2-tp2", "pp3-actor"):  # the cut each trained on, after the live check that settled it
+        s = RunSummary.read(tmp_path / name / "summary.json")
+        assert s.cut and s.cut in s.cut_trials and all(len(live) == int(name[2]) for live in s.cut_trials.values())
     for name in ("pp2-tp2", "pp3-actor"):
         assert_close(losses[name], losses["single"], rtol=1e-4, atol=0)
 

@@ -79,6 +79,11 @@ def test_one_summary_type_survives_the_trip_to_summary_json_and_back(tmp_path):
     back = RunSummary.read(tmp_path / "summary.json")
     assert back == s and back.final_loss == 1.5
     assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == 1.5
+    s.cut, s.cut_trials = "conv3.0[82:]", {"conv3.0[40:]": [0.40, 0.46], "conv3.0[82:]": [0.43, 0.431]}
+    s.write(tmp_path / "summary.json")
+    assert RunSummary.read(tmp_path / "summary.json") == s
+    assert "stage cut conv3.0[82:] (live check, ms per micro-batch per stage: conv3.0[40:] 400/460; conv3.0[82:] " \
+           "430/431)" in s.format()
     failed = RunSummary(ok=False, job_id="j2", steps=3, error="rank 1 (stage 0, tower 1, replica 0): boom")
     assert "FAILED after 3 steps" in failed.format() and "rank 1" in failed.format()
 
