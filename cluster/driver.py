@@ -221,7 +221,7 @@ def run_job(cfg: RunConfig, layout: Optional[Layout] = None, address: Optional[s
     if layout.pp > 1:
         measured = cfg.parallel.partition.strip() == "measured"
         print(("stage cuts are timed on rank 0 when the workers start; the FLOP estimate would cut:\n"
-               if measured else "") + describe(cfg.model, layout.partition), flush=True)
+               if measured else "") + describe(cfg.model, layout.partition, tp=layout.tp), flush=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()
