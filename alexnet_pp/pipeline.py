@@ -143,27 +143,36 @@ class TowerPiece(nn.Module):
             yield model_key(self.name, self.tower, leaf, self.rows), p
 
 
+def stage_pieces(bounds: Sequence[int], splits: Sequence[int] = ()) -> list[list[tuple[int, Optional[tuple[int, Optional[int]]]]]]:
+    """Per stage, (unit index, the output channels (lo, hi) of it the stage runs; None: all of it).
+    `splits[s - 1]` = c > 0: stage s − 1 also runs the first c channels of unit `bounds[s]` and
+    stage s the rest (hi None)."""
+    splits = tuple(splits) or (0,) * (len(bounds) - 2)
+    out = []
+    for s in range(len(bounds) - 1):
+        held: list[tuple[int, Optional[tuple[int, Optional[int]]]]] = [(i, None) for i in range(bounds[s], bounds[s + 1])]
+        if s > 0 and splits[s - 1]:
+            held[0] = (bounds[s], (splits[s - 1], None))
+        if s < len(bounds) - 2 and splits[s]:
+            held.append((bounds[s + 1], (0, splits[s])))
+        out.append(held)
+    return out
+
+
 def stage_plan(bounds: tuple[int, ...], tp: int = 1, splits: Sequence[int] = ()) -> tuple[list[Unit], tuple[int, ...]]:
-    """The modules a cut pipeline runs — whole layers (`tower` None), tower halves, pieces of a half —
-    and the stage bounds over them. `splits[s - 1]` = c > 0: stage s − 1 also runs the first c
-    channels of unit `bounds[s]` and stage s the rest. A layer's two halves are fused back into the
-    whole layer wherever both land whole in one stage, since a split costs a concatenation and a slice
-    and is only worth it at a cut."""
+    """The modules a cut pipeline runs — whole layers (`tower` None), tower halves, pieces of a half
+    (`stage_pieces`) — and the stage bounds over them. A layer's two halves are fused back into the
+    whole layer wherever both land whole in one stage, since a split costs a concatenation and a
+    slice and is only worth it at a cut."""
     units = pipeline_units(tp)
     if bounds[-1] != len(units):
         raise ValueError(f"bounds {bounds} do not cover the {len(units)} pipeline units")
-    splits = tuple(splits) or (0,) * (len(bounds) - 2)
     plan: list[Unit] = []
     counts = []
-    for s in range(len(bounds) - 1):
-        held = list(units[bounds[s]:bounds[s + 1]])
-        if s > 0 and splits[s - 1]:
-            held[0] = replace(held[0], channels=(splits[s - 1], None))
-        if s < len(bounds) - 2 and splits[s]:
-            held.append(replace(units[bounds[s + 1]], channels=(0, splits[s])))
+    for held in stage_pieces(bounds, splits):
         fused: list[Unit] = []
-        for u in held:
-            prev = fused[-1] if fused else None
+        for i, channels in held:
+            u, prev = replace(units[i], channels=channels), fused[-1] if fused else None
             if (prev is not None and prev.layer == u.layer and (prev.tower, u.tower) == (0, 1)
                     and prev.channels is None and u.channels is None):
                 fused[-1] = Unit(u.layer)
@@ -247,16 +256,8 @@ class Partition:
     def shares(self, cfg: ModelConfig, tp: int = 1) -> list[list[tuple[int, float]]]:
         """Per stage, (unit index, the share of that unit's work it runs): 1 but at a split cut."""
         widths = split_widths(cfg, tp)
-        splits = self.splits or (0,) * (self.num_stages - 1)
-        out = []
-        for s in range(self.num_stages):
-            held = [(i, 1.0) for i in self.stage_layers(s)]
-            if s > 0 and splits[s - 1]:
-                held[0] = (held[0][0], 1 - splits[s - 1] / widths[held[0][0]])
-            if s < self.num_stages - 1 and splits[s]:
-                held.append((self.bounds[s + 1], splits[s] / widths[self.bounds[s + 1]]))
-            out.append(held)
-        return out
+        return [[(i, 1.0 if ch is None else ((ch[1] or widths[i]) - ch[0]) / widths[i]) for i, ch in held]
+                for held in stage_pieces(self.bounds, self.splits)]
 
     def stage_costs(self, cfg: ModelConfig, weights: Sequence[float], tp: int = 1) -> list[float]:
         """Each stage's sum of per-unit `weights`, a split unit's in proportion to its channels."""

@@ -88,7 +88,7 @@ class RunSummary:
                 f"step time p50 {_f(self.step_time_p50, '.3f')} s, p95 {_f(self.step_time_p95, '.3f')} s; "
                 f"data wait {_f(self.data_wait_share * 100, '.1f')}% of stage 0's time")
             if self.cut:
-                tried = "; ".join(f"{c} {'/'.join(f'{1000 * t:.0f}' for t in live)}" for c, live in self.cut_trials.items())
+                tried = trials_text(self.cut_trials)
                 lines.append(f"stage cut {self.cut}" + (f" (live check, ms per micro-batch per stage: {tried})"
                                                         if tried else ""))
             for stage, bubble in self.bubble_per_stage.items():
@@ -110,6 +110,12 @@ class RunSummary:
             + (f", restarts {self.restarts}" if self.job_id else "")
             + f"; outputs in {self.run_dir}")
         return "\n".join(lines)
+
+
+def trials_text(trials: dict[str, list[float]]) -> str:
+    """The live cut check's trials, {"conv3.0[90:]": [0.43, 0.445], …} → "conv3.0[90:] 430/445; …"
+    (ms per micro-batch per stage, in the order timed)."""
+    return "; ".join(f"{cut} {'/'.join(f'{1000 * t:.0f}' for t in live)}" for cut, live in trials.items())
 
 
 def _f(x: Any, spec: str) -> str:

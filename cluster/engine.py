@@ -27,6 +27,7 @@ from alexnet_pp.host import configure_host
 from alexnet_pp.layout import Layout
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
+from alexnet_pp.summary import trials_text
 from alexnet_pp.trainer import eval_interval, total_steps
 from cluster.callbacks import Callback, Callbacks
 from cluster.checkpoint import EngineCheckpoints
@@ -62,8 +63,7 @@ class RankResult:
     timeline: list[dict[str, Any]] = field(default_factory=list)  # the last step's instructions (timing.InstructionEvent)
     peak_memory: int = 0  # bytes while training: CUDA's peak allocation, else the process's peak resident set
     bounds: tuple[int, ...] = ()  # the stage cut it trained on (pipeline units, alexnet_pp/pipeline.py)
-    splits: tuple[int, ...] = ()  # and the channels of a split unit each cut gives the stage before (Partition)
-    cut: str = ""  # that cut as a parallel.partition value
+    cut: str = ""  # that cut as a parallel.partition value (with the channels of a split unit: Partition)
     cut_trials: dict[str, list[float]] = field(default_factory=dict)  # live check: cut → each stage's s per micro-batch
 
 
@@ -226,9 +226,8 @@ class PipelineWorker:
         _, tried = settle_cut(cfg.model, self.layer_costs, layout.partition, layout.tp, measure, rebuild)
         self.cut_trials = {c.cut_points(layout.tp): live for c, live in tried.items()}
         if self.rank == 0:
-            log.info("pipeline cut on live stage times (ms per micro-batch): %s; training on %s", "; ".join(
-                f"{c.cut_points(layout.tp)}: {', '.join(f'{1000 * t:.0f}' for t in live)}" for c, live in tried.items()),
-                self.layout.partition.cut_points(layout.tp))
+            log.info("pipeline cut on live stage times (ms per micro-batch per stage): %s; training on %s",
+                     trials_text(self.cut_trials), self.layout.partition.cut_points(layout.tp))
 
     def deferred_active(self) -> bool:
         p = self.cfg.parallel
@@ -342,8 +341,8 @@ class PipelineWorker:
     def _run(self) -> RankResult:
         self._build()
         cut = self.layout.partition
-        result = RankResult(coord=asdict(self.coord), steps=0, bounds=cut.bounds, splits=cut.splits,
-                            cut=cut.cut_points(self.layout.tp), cut_trials=self.cut_trials)
+        result = RankResult(coord=asdict(self.coord), steps=0, bounds=cut.bounds, cut=cut.cut_points(self.layout.tp),
+                            cut_trials=self.cut_trials)
         position = self.checkpoints.load_state(self.engine, self.module, self.schedule)
         step, epoch, in_epoch = 0, 0, 0
         if position is not None:

@@ -42,6 +42,7 @@ from alexnet_pp.host import configure_host
 from alexnet_pp.model import AlexNet
 from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
+from alexnet_pp.summary import trials_text
 from cluster.bench.report import Column, Report, Table, add_out_arg
 from cluster.feeds import TensorData
 from cluster.spawn import run_local
@@ -237,7 +238,7 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
             report.notes.append(f"comparison 2, run {run + 1}, M = {m} failed: {error}"[:400])
             continue
         cut = results[0].cut  # as parallel.partition takes it: "6", or "conv3.0[52:]" inside a tower half
-        checked = live_check_text(results[0].cut_trials)
+        checked = trials_text(results[0].cut_trials) or "none"
         print(f"    live check before the first step, ms per micro-batch per stage: {checked}")
         for row in bubble_rows([r.stats[args.warmup:] for r in results], m):
             print(f"{m:>3} {row['stage']:>5} {cut:>10} {row['stage_ms_per_micro_batch']:>15.1f} "
@@ -260,11 +261,6 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
               "the cuts the engine timed before its first step (cluster/stage_cut.py), in order; it trains on "
               "the one whose slowest stage was fastest."))
     return rows
-
-
-def live_check_text(trials: dict[str, list[float]]) -> str:
-    """{"conv3.0[90:]": [0.43, 0.445], …} → "conv3.0[90:] 430/445; …" (none: no live check ran)."""
-    return "; ".join(f"{cut} {'/'.join(f'{1000 * t:.0f}' for t in live)}" for cut, live in trials.items()) or "none"
 
 
 def bubble_spread(rows: list[dict], runs: int, report: Optional[Report] = None) -> list[dict]:

@@ -122,7 +122,7 @@ def test_the_live_passes_leave_bf16_master_gradients_untouched(tmp_path):
     measured = run_local(layout_cfg(tmp_path / "a", 2, 1, 1, 2, **common), factory, keep_parameters=True)
     given = run_local(layout_cfg(tmp_path / "b", 2, 1, 1, 2, **common, **{"parallel.partition": measured[0].cut}),
                       factory, keep_parameters=True)
-    assert (measured[0].bounds, measured[0].splits) == (given[0].bounds, given[0].splits)
+    assert (measured[0].bounds, measured[0].cut) == (given[0].bounds, given[0].cut)
     assert measured[-1].losses == given[-1].losses
     a, b = gathered_state(measured, None), gathered_state(given, None)
     for key in a:
