@@ -211,9 +211,12 @@ class PipelineWorker:
         cfg, layout = self.cfg, self.layout
 
         def measure() -> list[float]:
+            # 1F1B's deferred FC weight gradients are stage work at the step's end; zb-h1's W passes are
+            # instructions of its schedule
+            step_end = self.deferred.flush if self.deferred is not None and cfg.parallel.schedule == "1f1b" else None
             live = live_costs(self.engine, self.timer, self.module, cfg.model, layout.micro_batch, self.coord.stage,
-                              layout.pp, cfg.train.seed)
-            if self.deferred is not None:  # 1F1B's deferred FC rows would otherwise join the first step's flush
+                              layout.pp, cfg.train.seed, step_end=step_end)
+            if self.deferred is not None:  # no kept row may join the first step's gradients
                 self.deferred.discard()
             return live
 

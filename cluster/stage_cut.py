@@ -11,8 +11,12 @@ may now fall inside a tower half (alexnet_pp/pipeline.py), so the unit timings' 
 So the first cut is checked on the engine itself: before the first step it runs its training
 schedule on synthetic micro-batches without the instructions that reduce gradients and step the
 optimizer (`WithoutOptimizerStep`; weights, momentum, LR schedule and DeepSpeed's step counters stay
-untouched, the gradients are dropped), once to warm up and `passes` more times timed. Each rank's
-live cost per micro-batch is the median over micro-batches and passes of its forward + backward (+ W)
+untouched, the gradients are dropped), once to warm up and then timed, as many passes as give every
+rank at least 8 micro-batches to time. Each pass starts as a step does, with no gradients (the
+first micro-batch's gradients are assigned, the others added), and ends with the weight gradients
+1F1B defers to the step's end (`parallel.defer_weight_grads`: one product per FC layer, spread over
+the pass's micro-batches), so the check times what a training step computes. Each rank's live cost
+per micro-batch is the median over micro-batches and passes of its forward + backward (+ W)
 instruction seconds; a stage's is the median over its ranks. `recut` scales each stage's unit costs
 to its live cost and balances again; the engine is rebuilt on the new cut when that promises a
 slowest stage at least `min_gain` shorter, and checked the same way, at most `rounds` times, keeping
@@ -22,7 +26,9 @@ the best balanced cut seen. Every rank computes the same cut from the same gathe
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
+import time
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -81,6 +87,17 @@ def micro_batch_costs(events: Iterable[dict], micro_batches: int) -> list[float]
     return out
 
 
+def pass_costs(events: Iterable[dict], micro_batches: int, step_end_seconds: float = 0.0) -> list[float]:
+    """Per micro-batch, the seconds of one pass: its compute instructions plus an equal share of the
+    work the step does once at its end for all of them (1F1B's deferred weight gradients)."""
+    return [t + step_end_seconds / micro_batches for t in micro_batch_costs(events, micro_batches)]
+
+
+def timed_passes(micro_batches: int, least_samples: int = 8) -> int:
+    """Timed passes of the live check: at least two, and at least `least_samples` micro-batches."""
+    return max(2, math.ceil(least_samples / micro_batches))
+
+
 def synthetic_micro_batches(cfg: ModelConfig, micro_batch: int, seed: int):
     """What a first stage's `train_batch` reads, ((images, labels, dropout keys), labels), made up."""
     g = torch.Generator().manual_seed(seed)
@@ -89,24 +106,35 @@ def synthetic_micro_batches(cfg: ModelConfig, micro_batch: int, seed: int):
     return itertools.repeat(((x, y, batch_keys(seed, 0, 0, micro_batch)), y))
 
 
+def _drop_grads(engine, module) -> None:
+    engine.optimizer.zero_grad(set_to_none=True)  # DeepSpeed's bf16/fp16/ZeRO wrappers keep their own copies
+    for p in module.parameters():
+        p.grad = None
+
+
 def live_costs(engine, timer, module, cfg: ModelConfig, micro_batch: int, stage: int, stages: int,
-               seed: int, passes: int = 2) -> list[float]:
-    """Seconds per micro-batch of every stage, measured on the running engine (module docstring)."""
+               seed: int, step_end: Optional[Callable[[], None]] = None) -> list[float]:
+    """Seconds per micro-batch of every stage, measured on the running engine (module docstring).
+    `step_end`: the work a training step does after its schedule's last backward pass and before
+    it reduces gradients (1F1B's deferred weight gradients), timed with each pass."""
     engine.set_dataiterator(synthetic_micro_batches(cfg, micro_batch, seed))
     engine.module.train()  # what train_batch sets up before its schedule
     engine.total_loss = engine.total_additional_losses = None
     engine._compute_loss = True
     samples: list[float] = []
     timer.take()
-    for i in range(passes + 1):
+    for i in range(timed_passes(engine.micro_batches) + 1):
+        _drop_grads(engine, module)
         engine._exec_schedule(WithoutOptimizerStep(engine._train_schedule()))
+        start = time.perf_counter()
+        if step_end is not None:
+            step_end()
+        ended = time.perf_counter() - start
         timer.take()
         if i > 0:  # the first pass allocates, exchanges shapes and faults pages in
-            samples += micro_batch_costs(
-                [{"name": e.name, "start": e.start, "end": e.end} for e in timer.last_step], engine.micro_batches)
-    engine.optimizer.zero_grad(set_to_none=True)  # DeepSpeed's bf16/fp16/ZeRO wrappers keep their own copies
-    for p in module.parameters():
-        p.grad = None
+            samples += pass_costs([{"name": e.name, "start": e.start, "end": e.end} for e in timer.last_step],
+                                  engine.micro_batches, ended)
+    _drop_grads(engine, module)
     engine.set_dataiterator(None)
     engine.total_loss = engine.total_additional_losses = None
     mine = statistics.median(samples)

@@ -8,7 +8,7 @@ import torch
 from alexnet_pp.config import ModelConfig
 from cluster.spawn import run_local
 from alexnet_pp.pipeline import Partition
-from cluster.stage_cut import micro_batch_costs, recut, settle_cut
+from cluster.stage_cut import micro_batch_costs, pass_costs, recut, settle_cut, timed_passes
 
 from .test_engine import STEPS, data_factory, gathered_state, layout_cfg, make_batches, reference
 
@@ -47,6 +47,19 @@ def test_micro_batch_costs_add_each_micro_batchs_compute_instructions():
     events = [ev("ForwardPass", 0, 1), ev("SendActivation", 1, 5), ev("ForwardPass", 5, 7), ev("BackwardPass", 7, 10),
               ev("BackwardWeightPass", 10, 10.5), ev("BackwardPass", 11, 12), ev("BackwardWeightPass", 12, 13)]
     assert micro_batch_costs(events, 2) == [1 + 3 + 0.5, 2 + 1 + 1]
+
+
+def test_a_pass_shares_the_steps_end_work_among_its_micro_batches():
+    """1F1B's deferred FC weight gradients run once after the last backward pass: a stage holding
+    them computes that much more per step than its instructions show."""
+    ev = lambda name, t0, t1: {"name": name, "start": t0, "end": t1}  # noqa: E731
+    events = [ev("ForwardPass", 0, 1), ev("ForwardPass", 1, 3), ev("BackwardPass", 3, 6), ev("BackwardPass", 6, 7)]
+    assert pass_costs(events, 2) == [4.0, 3.0]
+    assert pass_costs(events, 2, step_end_seconds=1.0) == [4.5, 3.5]
+
+
+def test_the_live_check_times_at_least_eight_micro_batches_in_two_passes_or_more():
+    assert [timed_passes(m) for m in (1, 2, 3, 4, 8, 16)] == [8, 4, 3, 2, 2, 2]
 
 
 def test_settle_keeps_the_best_cut_it_measured():
