@@ -259,7 +259,7 @@ def section_bubble(args, steps: int, report: Report, run: int = 0) -> list[dict]
         intro="imbalance: the share of the schedule a stage waits for one with more work per micro-batch "
               "(the cut's doing, not the schedule's); fill/drain: the measured share less that. Live check: "
               "the cuts the engine timed before its first step (cluster/stage_cut.py), in order; it trains on "
-              "the one whose slowest stage was fastest."))
+              "the best balanced one (slowest stage over the mean)."))
     return rows
 
 
