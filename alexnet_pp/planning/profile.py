@@ -179,6 +179,25 @@ class DeviceProfile:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def mean_profile(profiles: Sequence[DeviceProfile]) -> DeviceProfile:
+    """The mean of calibrations of one device taken at different moments (unit, optimizer and
+    gradient-sweep times, jitter): on a machine whose speed drifts, the calibrations right before
+    and right after a run bracket the speed it ran at. Links and the rest are the first's."""
+    first = profiles[0]
+    if len(profiles) == 1:
+        return first
+    for p in profiles[1:]:
+        if p.micro_batches != first.micro_batches or [u.name for u in p.units] != [u.name for u in first.units]:
+            raise ValueError(f"profiles {first.name!r} and {p.name!r} were measured at other sizes or units")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    units = [UnitTimes(us[0].name, *([mean(v) for v in zip(*(getattr(u, k) for u in us))] for k in KINDS))
+             for us in zip(*(p.units for p in profiles))]
+    scalars = ("optimizer_seconds_per_param", "reduce_copy_seconds_per_param", "grad_zero_seconds_per_param",
+               "grad_scale_seconds_per_param", "jitter")
+    return dataclasses.replace(first, name=" + ".join(p.name for p in profiles), units=units,
+                               **{k: mean([getattr(p, k) for p in profiles]) for k in scalars})
+
+
 def _model_key(cfg: ModelConfig) -> dict:
     return {"width": cfg.width, "image_size": cfg.image_size, "num_classes": cfg.num_classes}
 

@@ -6,10 +6,15 @@ training job path beside the baselines and the cost model's prediction, on the s
 
 For each worker count W, in one run:
 
-1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile) at
-   the micro-batch sizes W's layouts use, with the run's other workers (as many as the cores hold
-   beside the timed one) training the network meanwhile when the W workers share a CPU (on GPUs
-   none); the links between two processes are measured once;
+1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile), with
+   the run's other workers (as many as the cores hold beside the timed one) training the network
+   meanwhile when the W workers share a CPU (on GPUs none); the links between two processes are
+   measured once. `--calibrate layout` (the default) calibrates right before and right after each
+   layout's run, at its micro-batch, and predicts the layout from the two profiles' mean: a shared
+   machine's speed drifts by more than the prediction's goal within minutes (one round's
+   calibration of two workers timed the units a third slower than another's), so a calibration
+   minutes away predicts the machine of that moment. `--calibrate worker-count`: once per worker
+   count, at the micro-batch sizes its layouts use;
 2. baselines: the plain single-process trainer with min(W × threads, cores) torch threads, and
    PyTorch DistributedDataParallel of the same network over W processes (W ≥ 2; data parallel
    only), both on the same in-memory batches (cluster/bench/baselines.py);
@@ -83,6 +88,8 @@ class Spec:
     dp: int = 1
     m: int = 1
     round: int = 0  # which of --repeats rounds (0: the first)
+    around: str = ""  # a calibration of one layout's run: "before" or "after" it ("": of the worker count)
+    target: str = ""  # that layout's kind (engine, ds-default)
 
     @property
     def id(self) -> str:
@@ -91,6 +98,8 @@ class Spec:
     @property
     def base_id(self) -> str:
         """The configuration, whichever round measured it."""
+        if self.around:
+            return f"calibration:{self.target}:{self.pp}x{self.tp}x{self.dp}:M{self.m}:{self.around}"
         if self.kind in ("calibration", "plain", "ddp"):
             return f"{self.kind}:W{self.workers}"
         return f"{self.kind}:{self.pp}x{self.tp}x{self.dp}:M{self.m}"
@@ -101,6 +110,8 @@ class Spec:
 
     @property
     def base_label(self) -> str:
+        if self.around:
+            return f"calibrate {self.around} {dataclasses.replace(self, kind=self.target, around='').base_label}"
         if self.kind == "calibration":
             return f"calibrate W={self.workers}"
         if self.kind == "plain":
@@ -113,6 +124,11 @@ class Spec:
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "-", self.id).strip("-")
+
+    def calibrations(self) -> tuple["Spec", "Spec"]:
+        """The calibrations right before and right after this layout's run (--calibrate layout)."""
+        return tuple(dataclasses.replace(self, kind="calibration", around=a, target=self.kind)  # type: ignore[return-value]
+                     for a in ("before", "after"))
 
 
 def parse_layout(text: str) -> tuple[int, int, int, int]:
@@ -142,13 +158,14 @@ def layouts_for(workers: int, batch: int, micro_batches: Sequence[int]) -> list[
 
 def plan(workers: Sequence[int], batch: int, micro_batches: Sequence[int], baselines: Sequence[str],
          layouts: Optional[Sequence[tuple[int, int, int, int]]] = None, predict: bool = True,
-         repeats: int = 1) -> list[Spec]:
+         repeats: int = 1, calibrate: str = "worker-count") -> list[Spec]:
     """The sweep in the order it runs: per worker count, calibration, baselines, then the layouts
     (each pipeline followed by DeepSpeed's partition of it). With explicit `layouts`, calibration
-    and baselines run for the counts that are also in `workers`. `repeats` > 1: that many rounds,
-    each calibrating afresh; every second round runs each worker count's configurations in the
-    opposite order, so no configuration always follows the same one."""
-    one = _one_round(workers, batch, micro_batches, baselines, layouts, predict)
+    and baselines run for the counts that are also in `workers`. `calibrate="layout"`: instead of
+    once per worker count, a calibration right before and right after each layout's run. `repeats`
+    > 1: that many rounds, each calibrating afresh; every second round runs each worker count's
+    configurations in the opposite order, so no configuration always follows the same one."""
+    one = _one_round(workers, batch, micro_batches, baselines, layouts, predict and calibrate == "worker-count")
     specs: list[Spec] = []
     for r in range(repeats):
         for w in sorted({s.workers for s in one}):
@@ -156,7 +173,10 @@ def plan(workers: Sequence[int], batch: int, micro_batches: Sequence[int], basel
             if r % 2:
                 cal = [s for s in block if s.kind == "calibration"]
                 block = cal + [s for s in reversed(block) if s.kind != "calibration"]
-            specs += [dataclasses.replace(s, round=r) for s in block]
+            for s in block:
+                s = dataclasses.replace(s, round=r)
+                layout = s.kind in ("engine", "ds-default") and predict and calibrate == "layout"
+                specs += [s.calibrations()[0], s, s.calibrations()[1]] if layout else [s]
     return specs
 
 
@@ -207,6 +227,7 @@ class Sweep:
         """What the numbers depend on: a resumed sweep must have the same."""
         a = self.args
         return {"preset": a.preset, "overrides": a.set, "batch": self.batch, "steps": a.steps, "warmup": a.warmup,
+                "calibrate": a.calibrate,
                 "threads_per_worker": a.threads, "data": a.data, "launcher": a.launcher, "partition": a.partition,
                 "gpus_per_worker": a.gpus_per_worker, "distinct_batches": a.distinct_batches,
                 "calibration_reps": a.calibration_reps, "model": dataclasses.asdict(self.model)}
@@ -302,24 +323,32 @@ class Sweep:
         return self._links
 
     def calibrate(self, spec: Spec) -> dict[str, Any]:
+        from alexnet_pp.layout import Layout
         from alexnet_pp.planning.profile import measure_profile
 
-        sizes = sorted({self.batch // (s.dp * s.m) for s in self.specs if s.workers == spec.workers
-                        and s.kind in ("engine", "ds-default")})
+        if spec.around:  # the layout's micro-batch only
+            try:
+                Layout.from_config(self.engine_config(dataclasses.replace(spec, kind=spec.target, around="")))
+            except ConfigError as e:  # the layout's own row records why
+                return {"skipped": f"the layout cannot be: {e}"}
+            sizes = [self.batch // (spec.dp * spec.m)]
+        else:
+            sizes = sorted({self.batch // (s.dp * s.m) for s in self.specs if s.workers == spec.workers
+                            and s.kind in ("engine", "ds-default")})
         co = co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
         multi_gpu = self.device == "cuda" and _gpu_count() >= 2
         measured_links = self.device == "cpu" or multi_gpu
         p2p, allreduce = self.links() if measured_links else (None, None)
         profile = measure_profile(self.model, sizes, self.device, reps=self.args.calibration_reps,
                                   threads=self.args.threads, links="assume", co_runners=co,
-                                  name=f"measured-w{spec.workers}")
+                                  name=f"measured-w{spec.workers}" + (f"-{spec.around}" if spec.around else ""))
         if measured_links:
             profile = dataclasses.replace(
                 profile, p2p=p2p, allreduce=allreduce,
                 assumptions=[x for x in profile.assumptions if not x.startswith("links")]
                 + [f"links measured once in this sweep between two processes of this machine on "
                    f"{'nccl' if self.device == 'cuda' else 'gloo'}"])
-        path = self.profile_path(spec.workers, spec.round)
+        path = self.spec_profile_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)
         return {"micro_batch_sizes": sizes, "co_runners": co, "profile": str(path.relative_to(self.out))}
@@ -327,11 +356,21 @@ class Sweep:
     def profile_path(self, workers: int, round: int = 0) -> Path:
         return self.out / "profiles" / (f"w{workers}.json" if not round else f"w{workers}-run{round + 1}.json")
 
-    def profile(self, workers: int, round: int = 0):
-        """The calibration of `round` for `workers`: a row is predicted from its own round's."""
-        from alexnet_pp.planning.profile import DeviceProfile
+    def spec_profile_path(self, spec: Spec) -> Path:
+        return self.out / "profiles" / f"{spec.slug}.json" if spec.around else self.profile_path(spec.workers, spec.round)
 
-        path = self.profile_path(workers, round)
+    def profile(self, row: dict[str, Any]):
+        """The profile a measured layout's row is predicted from: the mean of the calibrations right
+        before and right after its run where they were taken (--calibrate layout), else its round's
+        calibration of its worker count; None without either."""
+        from alexnet_pp.planning.profile import DeviceProfile, mean_profile
+
+        spec = Spec(row["kind"], row["workers"], row["pp"], row["tp"], row["dp"], row["micro_batches"],
+                    row.get("round", 0))
+        around = [p for p in map(self.spec_profile_path, spec.calibrations()) if p.is_file()]
+        if around:
+            return mean_profile([DeviceProfile.load(p) for p in around])
+        path = self.profile_path(row["workers"], row.get("round", 0))
         return DeviceProfile.load(path) if path.is_file() else None
 
 
@@ -365,7 +404,7 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
 
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
-    profile = sweep.profile(row["workers"], row.get("round", 0))
+    profile = sweep.profile(row)
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
                      "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
@@ -647,8 +686,10 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
-               "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with the profile calibrated in this run "
-               "for W workers (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
+               "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with "
+               + ("the mean of two profiles calibrated right before and right after the layout's run, at its "
+                  "micro-batch" if a.calibrate == "layout" else "the profile calibrated in this run for W workers")
+               + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
                "simulated ranks share the cores while more compute than there are). Bubble: each stage's idle share "
                "of the schedule, measured (simulated by the cost model) vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
                "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
@@ -707,9 +748,15 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         report.notes.append(f"load average (1 min) before each configuration: {min(loads):.1f}–{max(loads):.1f} on "
                             f"{env.get('cores')} cores (other processes share this machine when it exceeds the workers)")
     for r in cal:
-        if r.get("status") == "ok":
+        if r.get("status") == "ok" and not r.get("around"):
             report.notes.append(f"calibration W={r['workers']}: micro-batches {r['micro_batch_sizes']}, "
                                 f"{r['co_runners']} co-runner(s), profile {r['profile']}")
+    around = [r for r in cal if r.get("around") and r.get("status") == "ok" and r.get("profile")]
+    if around:
+        co = sorted({(r["workers"], r["co_runners"]) for r in around})
+        report.notes.append(f"calibrated right before and right after each layout's run: {len(around)} configurations' "
+                            "profiles under profiles/ (calibration-<layout>-before/after[-<run>].json), with "
+                            + ", ".join(f"{c} co-runner(s) at W = {w}" for w, c in co))
     report.notes.append("peak memory: each rank's maximum resident set since training began (CPU, Linux VmHWM "
                         "after a reset) or CUDA memory allocated (GPU); a first stage's includes the in-memory input "
                         "batches")
@@ -749,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baselines", default=",".join(BASELINES),
                     help=f"baselines to run beside the layouts, of {','.join(BASELINES)} (default all; '' none)")
     ap.add_argument("--no-predict", action="store_true", help="skip calibration and predictions")
+    ap.add_argument("--calibrate", choices=("layout", "worker-count"), default="layout",
+                    help="layout (default): calibrate right before and right after each layout's run and predict it "
+                         "from their mean, the machine's speed where it ran; worker-count: once per worker count and round")
     ap.add_argument("--calibration-reps", type=int, default=5, help="timed repetitions of the calibration (median)")
     ap.add_argument("--distinct-batches", type=int, default=2, help="different in-memory batches, cycled")
     ap.add_argument("--gpu-workers", type=ints, default=[8, 64, 512],
@@ -776,7 +826,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
     try:
         sweep = Sweep(args, argv)
         sweep.specs = plan(args.workers, sweep.batch, args.micro_batches, baselines, args.layouts, not args.no_predict,
-                           args.repeats)
+                           args.repeats, args.calibrate)
         if args.fresh and sweep.rows_path.exists():
             sweep.rows_path.unlink()
         done = load_rows(sweep.rows_path, sweep.settings())
@@ -802,6 +852,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
                    "tp": spec.tp, "dp": spec.dp, "micro_batches": spec.m, "batch": sweep.batch,
                    "micro_batch": sweep.batch // (spec.dp * spec.m), "launcher": args.launcher, "data": args.data,
                    "load_1min": (load_average() or [None])[0]}
+            if spec.around:
+                row.update(around=spec.around, target=spec.target)
             t0 = time.perf_counter()
             try:
                 with output_to(sweep.out / "logs" / f"{spec.slug}.log"):
@@ -864,7 +916,7 @@ class _Say:
         if row.get("status") != "ok":
             text += "FAILED: " + (row.get("error") or "").strip().splitlines()[-1][:200]
         elif spec.kind == "calibration":
-            text += f"profile at micro-batches {row.get('micro_batch_sizes')}"
+            text += row["skipped"] if row.get("skipped") else f"profile at micro-batches {row.get('micro_batch_sizes')}"
         else:
             text += f"{row['images_per_s']:.1f} img/s, step p50 {1000 * row['step_p50_s']:.0f} ms"
             if "predicted_images_per_s" in row:

@@ -118,6 +118,59 @@ def test_rounds_repeat_the_sweep_and_every_second_one_runs_each_worker_count_bac
                    "calibration:W2#2", "engine:1x2x1:M1#2", "engine:2x1x1:M4#2", "engine:1x1x2:M1#2", "plain:W2#2"]
 
 
+def test_calibrating_per_layout_brackets_each_run_and_keeps_the_order_of_rounds():
+    ids = [s.id for s in plan([1, 2], 64, [4], ("plain",), repeats=2, calibrate="layout")]
+    around = lambda x: [f"calibration:{x}:before", x, f"calibration:{x}:after"]  # noqa: E731
+    assert ids == ["plain:W1", *around("engine:1x1x1:M1"),
+                   "plain:W2", *around("engine:1x1x2:M1"), *around("engine:2x1x1:M4"), *around("engine:1x2x1:M1"),
+                   *[i + "#2" for i in around("engine:1x1x1:M1")], "plain:W1#2",
+                   *[i + "#2" for i in [*around("engine:1x2x1:M1"), *around("engine:2x1x1:M4"), *around("engine:1x1x2:M1")]],
+                   "plain:W2#2"]
+    assert plan([1], 64, [4], (), calibrate="layout", predict=False) == plan([1], 64, [4], (), predict=False)
+
+
+def test_a_layout_is_predicted_from_the_mean_of_the_calibrations_around_its_run(tmp_path):
+    """The calibration before a run times the units 1×, the one after 3× a GPU's: the layout's
+    prediction is the one for 2×; a layout whose after-calibration is missing uses the one before."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import Candidate, predict
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+
+    def scaled(sweep, k):
+        gpu = assumed_gpu_profile("h100-nvlink", sweep.model)
+        return dataclasses.replace(gpu, units=[dataclasses.replace(
+            u, forward=[k * x for x in u.forward], backward_input=[k * x for x in u.backward_input],
+            backward_weight=[k * x for x in u.backward_weight]) for u in gpu.units])
+
+    seen = {}
+
+    def run(sweep, spec):
+        seen["sweep"] = sweep
+        if spec.kind == "calibration":
+            if spec.around == "after" and spec.pp == 2:
+                raise RuntimeError("no calibration after the pipeline")
+            path = sweep.spec_profile_path(spec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scaled(sweep, 1.0 if spec.around == "before" else 3.0).save(path)
+            return {"micro_batch_sizes": [8], "co_runners": 0, "profile": str(path.relative_to(sweep.out))}
+        return {"images_per_s": 100.0, "step_p50_s": 0.08, "step_p95_s": 0.09, "steps_timed": 2,
+                "peak_memory_bytes": {"0": 1}, "partition": "measured", "phases_s": {"0": {"forward": 0.01}}}
+
+    out = tmp_path / "out"
+    assert scaling.main(["--preset", "test", "--layouts", "1,1,1", "2,1,1,2", "--baselines", "", "--gpu-workers", "",
+                         "--batch", "8", "--out", str(out)], runner=run) == 0
+    rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
+    sweep = seen["sweep"]
+    expect = predict(sweep.model, scaled(sweep, 2.0), Candidate(1, 1, 1, 1, 8, "1f1b", "measured")).images_per_s
+    assert rows["engine:1x1x1:M1"]["predicted_images_per_s"] == pytest.approx(expect, rel=1e-9)
+    alone = predict(sweep.model, scaled(sweep, 1.0), Candidate(2, 1, 1, 2, 8, "1f1b", "measured")).images_per_s
+    assert rows["engine:2x1x1:M2"]["predicted_images_per_s"] == pytest.approx(alone, rel=1e-9)
+    assert rows["calibration:engine:2x1x1:M2:after"]["status"] == "failed"
+    assert "calibrated right before and right after each layout's run: 3 configurations' profiles" in \
+        (out / "scaling.md").read_text()
+
+
 def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path):
     """Three rounds whose machine runs at 1, 3 and 2 times a base speed and whose calibrations time
     the units 4, 2 and 1 times a GPU's: each row's images/s and prediction are the medians, its error
@@ -147,7 +200,7 @@ def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path
 
     out = tmp_path / "out"
     argv = ["--preset", "test", "--workers", "1", "--baselines", "", "--gpu-workers", "", "--batch", "8",
-            "--repeats", "3", "--out", str(out)]
+            "--calibrate", "worker-count", "--repeats", "3", "--out", str(out)]
     assert scaling.main(argv, runner=run) == 0
     rows = json.loads((out / "scaling.json").read_text())["rows"]
     assert [r["id"] for r in rows] == ["calibration:W1", "engine:1x1x1:M1"]
@@ -196,16 +249,17 @@ def assert_drawn_png(path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
-    """Local processes, the test preset: 2×1×1 with its baselines and DeepSpeed's cut, calibrated; 1×1×1
-    for the efficiency; and a layout that cannot be (9 stages of 8 units) recorded as failed while the
-    sweep goes on."""
+    """Local processes, the test preset: 2×1×1 with its baselines and DeepSpeed's cut, each calibrated
+    right before and after its run; 1×1×1 for the efficiency; and a layout that cannot be (9 stages of
+    8 units) recorded as failed, its calibrations skipped, while the sweep goes on."""
     out = tmp_path / "out"
     argv = ["--preset", "test", "--launcher", "spawn", "--workers", "2", "--layouts", "1,1,1", "2,1,1,2", "9,2,1,2",
             "--steps", "2", "--warmup", "1", "--calibration-reps", "1", "--gpu-workers", "8",
             "--set", f"data.synthetic_dir={tmp_path / 'data'}", "--out", str(out)]
     assert scaling.main(argv) == 0
     progress = capfd.readouterr().err
-    for name in ("scaling.json", "scaling.csv", "scaling.md", "scaling.rows.jsonl", "profiles/w2.json", *PLOTS):
+    for name in ("scaling.json", "scaling.csv", "scaling.md", "scaling.rows.jsonl", *PLOTS,
+                 "profiles/calibration-engine-2x1x1-M2-before.json", "profiles/calibration-ds-default-2x1x1-M2-after.json"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.iterdir()) == sorted(["logs", "profiles", "scaling.rows.jsonl", "scaling.json",
                                                             "scaling.csv", "scaling.md", *PLOTS])  # no run files
@@ -213,9 +267,12 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     assert data["command"].startswith("alexnet-pp bench scaling --preset test --launcher spawn")
     assert data["environment"]["versions"]["deepspeed"] and data["settings"]["batch"] == 32
     rows = {r["id"]: r for r in data["rows"]}
-    assert set(rows) == {"engine:1x1x1:M1", "calibration:W2", "plain:W2", "ddp:W2", "engine:2x1x1:M2", "ds-default:2x1x1:M2",
-                         "engine:9x2x1:M2", "ds-default:9x2x1:M2", "predicted-gpu:h100-nvlink:W1",
-                         "predicted-gpu:h100-nvlink:W8", "predicted-gpu:h100-ib:W1", "predicted-gpu:h100-ib:W8"}
+    layouts = ["engine:1x1x1:M1", "engine:2x1x1:M2", "ds-default:2x1x1:M2", "engine:9x2x1:M2", "ds-default:9x2x1:M2"]
+    assert set(rows) == {"plain:W2", "ddp:W2", *layouts, *[f"calibration:{x}:{a}" for x in layouts for a in ("before", "after")],
+                         "predicted-gpu:h100-nvlink:W1", "predicted-gpu:h100-nvlink:W8", "predicted-gpu:h100-ib:W1",
+                         "predicted-gpu:h100-ib:W8"}
+    assert rows["calibration:engine:2x1x1:M2:after"]["co_runners"] == min(2, len(os.sched_getaffinity(0))) - 1
+    assert "at most 8 stages" in rows["calibration:engine:9x2x1:M2:before"]["skipped"]
     assert rows["engine:9x2x1:M2"]["status"] == "failed" and "at most 8 stages" in rows["engine:9x2x1:M2"]["error"]
     pipe = rows["engine:2x1x1:M2"]
     assert pipe["status"] == "ok" and pipe["steps_timed"] == 2 and pipe["images_per_s"] > 0
@@ -237,7 +294,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
         assert_drawn_png(out / name)
         assert f"]({name})" in md
     assert pipe["efficiency"] > 0 and rows["engine:1x1x1:M1"]["efficiency"] == 1.0
-    assert "[8/8] 9×2×1 M2 DS parameters: FAILED: ConfigError" in progress
+    assert "[16/17] 9×2×1 M2 DS parameters: FAILED: ConfigError" in progress
+    assert "[17/17] calibrate after 9×2×1 M2 DS parameters: the layout cannot be" in progress
 
 
 @pytest.mark.e2e

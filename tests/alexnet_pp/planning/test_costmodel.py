@@ -22,6 +22,7 @@ from alexnet_pp.planning.profile import (
     Link,
     UnitTimes,
     assumed_gpu_profile,
+    mean_profile,
     measure_jitter,
     measure_links,
     start_co_runners,
@@ -264,6 +265,19 @@ def test_a_profile_survives_a_json_round_trip(tmp_path, make_profile):
     p.inter_node, p.workers_per_node = Link(1e9, 1e-5), 4
     p.save(tmp_path / "p.json")
     assert DeviceProfile.load(tmp_path / "p.json") == p
+
+
+def test_calibrations_around_a_run_average_into_the_profile_it_ran_at(make_profile):
+    import dataclasses
+
+    before = dataclasses.replace(make_profile(f=1e-3, b=2e-3, optimizer=1e-9), jitter=0.01, name="before")
+    after = dataclasses.replace(make_profile(f=3e-3, b=4e-3, optimizer=3e-9), jitter=0.03, name="after")
+    mean = mean_profile([before, after])
+    assert mean.units[4].forward == pytest.approx([2e-3, 4e-3]) and mean.units[4].backward_input == pytest.approx([3e-3, 6e-3])
+    assert mean.optimizer_seconds_per_param == pytest.approx(2e-9) and mean.jitter == pytest.approx(0.02)
+    assert mean.name == "before + after" and mean_profile([before]) is before
+    with pytest.raises(ValueError, match="other sizes or units"):
+        mean_profile([before, dataclasses.replace(after, micro_batches=[1, 4])])
 
 
 def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
