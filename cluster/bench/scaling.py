@@ -754,8 +754,9 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
     around = [r for r in cal if r.get("around") and r.get("status") == "ok" and r.get("profile")]
     if around:
         co = sorted({(r["workers"], r["co_runners"]) for r in around})
-        report.notes.append(f"calibrated right before and right after each layout's run: {len(around)} configurations' "
-                            "profiles under profiles/ (calibration-<layout>-before/after[-<run>].json), with "
+        report.notes.append(f"calibrated right before and right after each layout's run, in every round: "
+                            f"{len({r['base_id'].rsplit(':', 1)[0] for r in around})} "
+                            "layouts' profiles under profiles/ (calibration-<layout>-before/after[-<run>].json), with "
                             + ", ".join(f"{c} co-runner(s) at W = {w}" for w, c in co))
     report.notes.append("peak memory: each rank's maximum resident set since training began (CPU, Linux VmHWM "
                         "after a reset) or CUDA memory allocated (GPU); a first stage's includes the in-memory input "
