@@ -167,7 +167,7 @@ def test_a_layout_is_predicted_from_the_mean_of_the_calibrations_around_its_run(
     alone = predict(sweep.model, scaled(sweep, 1.0), Candidate(2, 1, 1, 2, 8, "1f1b", "measured")).images_per_s
     assert rows["engine:2x1x1:M2"]["predicted_images_per_s"] == pytest.approx(alone, rel=1e-9)
     assert rows["calibration:engine:2x1x1:M2:after"]["status"] == "failed"
-    assert "calibrated right before and right after each layout's run: 3 configurations' profiles" in \
+    assert "calibrated right before and right after each layout's run, in every round: 2 layouts' profiles" in \
         (out / "scaling.md").read_text()
 
 
