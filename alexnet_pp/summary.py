@@ -47,6 +47,9 @@ class RunSummary:
     data_wait_share: float = math.nan
     phase_seconds_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)  # mean per step
     peak_memory_per_rank: dict[str, int] = field(default_factory=dict)  # bytes (GPU: CUDA allocations; CPU: max RSS)
+    # cores' worth of CPU per rank of each stage while it stepped: the thread running the schedule, and
+    # the process's other threads (communication, data, runtime); below 1 on a CPU, the rank waited or was preempted
+    cpu_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
     cut: str = ""  # the stage cut it trained on, as parallel.partition takes it ("3", "conv3.0[82:]")
     cut_trials: dict[str, list[float]] = field(default_factory=dict)  # the live cut check: cut → s per micro-batch per stage
 
@@ -93,8 +96,10 @@ class RunSummary:
                                                         if tried else ""))
             for stage, bubble in self.bubble_per_stage.items():
                 shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.phase_share_per_stage.get(stage, {}).items())
+                cpu = self.cpu_share_per_stage.get(stage)
                 lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "
-                             f"{shares}")
+                             f"{shares}" + (f"; CPU per rank {cpu['main_thread']:.2f} cores in the schedule thread, "
+                                            f"{cpu['other_threads']:.2f} in others" if cpu else ""))
         if self.resumed_layout:
             lines.append(f"resumed step {self.resumed_from}, written by layout (P, T, D) = {self.resumed_layout}, "
                          f"on {self.layout}")

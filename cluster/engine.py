@@ -386,9 +386,10 @@ class PipelineWorker:
                 self.timer.take()
                 self.timer.step = step + 1
                 self.non_finite.reset()
-                t0 = time.perf_counter()
+                t0, main0, process0 = time.perf_counter(), time.thread_time(), time.process_time()
                 loss = float(self.engine.train_batch(self._step_inputs(stream, step)))
                 seconds = time.perf_counter() - t0
+                cpu = {"main_thread": time.thread_time() - main0, "process": time.process_time() - process0}
                 if not math.isfinite(loss):  # the same loss on every rank: all stop here together
                     raise self.non_finite.stop(step + 1, loss, self.checkpoints, layout.pp - 1)
                 step, in_epoch = step + 1, in_epoch + 1
@@ -396,7 +397,7 @@ class PipelineWorker:
                 self.schedule.after_step(step)
                 stats = step_stats(step, epoch, loss, self.schedule.lr, cfg.train.batch_size, seconds,
                                    self.timer.take(), theory, total_steps=self.total_steps,
-                                   skip_counts=self.data.skip_counts() if self.data is not None else {})
+                                   skip_counts=self.data.skip_counts() if self.data is not None else {}, cpu=cpu)
                 result.losses.append(loss)
                 result.stats.append(asdict(stats))
                 self.callbacks.on_step(stats, self.coord)

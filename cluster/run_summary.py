@@ -3,7 +3,9 @@
 `summarize_run(ranks)` folds the StepStats dicts of all ranks (`RankResult.stats`, with the
 rank's `coord`) into the timing fields of a `RunSummary` (alexnet_pp/summary.py): job images/s,
 step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share,
-the per-stage phase breakdown (shares, and mean seconds per step) and each rank's peak memory. The ranks of a synchronous pipeline finish a step together, so a
+the per-stage phase breakdown (shares, and mean seconds per step), the CPU a stage's ranks got
+(cores' worth: the thread running the schedule, the process's other threads) and each rank's peak
+memory. The ranks of a synchronous pipeline finish a step together, so a
 step's job time is the slowest rank's; each rank's first step (warm-up: allocation, the first p2p
 shape exchange) is left out when there are others (`warmup_steps`: more, for benchmarks).
 
@@ -79,6 +81,12 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
         out.phase_seconds_per_stage[str(stage)] = {k: v / len(stats) for k, v in sorted(phases.items())}
         if stage == 0:  # only the first stage reads data
             out.data_wait_share = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
+        timed_cpu = [s for s in stats if s.get("cpu")]
+        cpu_t = sum(s["seconds"] for s in timed_cpu)
+        if cpu_t > 0:
+            main = sum(s["cpu"]["main_thread"] for s in timed_cpu)
+            out.cpu_share_per_stage[str(stage)] = {
+                "main_thread": main / cpu_t, "other_threads": (sum(s["cpu"]["process"] for s in timed_cpu) - main) / cpu_t}
     return out
 
 

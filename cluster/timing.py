@@ -51,6 +51,9 @@ class StepStats:
     total_steps: Optional[int] = None  # the run's planned steps
     skip_counts: dict[str, int] = field(default_factory=dict)  # data samples skipped this epoch, by kind
     peak_memory: int = 0  # bytes: this rank's peak so far (peak_memory_bytes)
+    # CPU seconds of this step: the thread that runs the schedule ("main_thread") and the whole process
+    # ("process": with communication, data and runtime threads); against `seconds`, how much of a core it got
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, seconds: float,

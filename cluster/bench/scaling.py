@@ -313,7 +313,8 @@ class Sweep:
                 "step_p50_s": summary.step_time_p50, "step_p95_s": summary.step_time_p95,
                 "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
                 "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
-                "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses}
+                "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses,
+                "cpu_share": summary.cpu_share_per_stage}
 
     def links(self):
         if self._links is None:
@@ -712,18 +713,24 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         for stage, ph in sorted((r.get("phases_s") or {}).items()):
             pred = (r.get("predicted_phases_s") or {}).get(stage, {})
             phase_rows.append({"layout": r["label"], "stage": stage, **{k: ph.get(k) for k in PHASES},
-                               "pred": pred, "bubble": (r.get("bubble_measured") or {}).get(stage)})
+                               "pred": pred, "bubble": (r.get("bubble_measured") or {}).get(stage),
+                               "cpu": (r.get("cpu_share") or {}).get(stage)})
     report.tables.append(Table("Where each stage's step goes: measured ms per step (predicted)", phase_rows, [
         Column("layout", "layout"), Column("stage", "stage"),
         *[Column(p, (lambda p: lambda r: None if r.get(p) is None else
                      f"{_ms(r[p]):.1f}" + (f" ({_ms(r['pred'][p]):.1f})" if p in r["pred"] else ""))(p)) for p in PHASES],
-        Column("bubble", "bubble", ".3f")],
+        Column("bubble", "bubble", ".3f"),
+        Column("CPU: schedule thread / other threads", lambda r: None if not r.get("cpu") else
+               f"{r['cpu']['main_thread']:.2f} / {r['cpu']['other_threads']:.2f}")],
         intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
                "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
                "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
                "the engine's sweeps over the gradients around the all-reduce; the all-reduce over replicas is its own "
                "predicted phase, in the JSON); it does "
-               "not model data_wait.")))
+               "not model data_wait. CPU: cores' worth of CPU time per rank of the stage over its timed steps, of the "
+               "thread that runs the schedule (computes, and waits in sends and receives) and of the process's other "
+               "threads (communication, data, runtime); the schedule thread's share falls short of 1 by the time it "
+               "waited for messages or for a core.")))
     report.tables.append(Table("PREDICTED, not measured: GPU counts this machine lacks", gpu, [
         Column("profile", "profile"), Column("GPUs", "workers"), Column("batch", "batch"),
         Column("best layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"), Column("M", "micro_batches"),

@@ -228,7 +228,8 @@ COLUMNS = ["id", "kind", "status", "workers", "pp", "tp", "dp", "micro_batches",
            "efficiency", "step_p50_s", "step_p95_s", "bubble_theory", "bubble_measured.0", "bubble_measured.1",
            "phases_s.0.forward", "phases_s.1.backward", "phases_s.0.send", "phases_s.1.recv", "phases_s.0.idle",
            "phases_s.0.data_wait", "phases_s.1.optimizer", "bytes_stages", "bytes_towers", "bytes_replicas",
-           "peak_memory_bytes.0", "peak_memory_bytes.1", "predicted_images_per_s", "prediction_error",
+           "peak_memory_bytes.0", "peak_memory_bytes.1", "cpu_share.0.main_thread", "cpu_share.1.other_threads",
+           "predicted_images_per_s", "prediction_error",
            "plain_images_per_s", "ddp_images_per_s", "ds_default_images_per_s", "vs_plain", "vs_ddp", "vs_ds_default",
            "error"]
 PLOTS = ["scaling.png", "phases.png", "bubble.png", "predicted_vs_measured.png", "gpu_predicted.png"]
@@ -280,6 +281,9 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     for ph in pipe["phases_s"].values():  # the phases add up to the step (idle: in no timed instruction)
         assert sum(ph.values()) == pytest.approx(32 / pipe["images_per_s"], rel=0.25)  # the mean step
     assert pipe["bubble_theory"] == pytest.approx(1 / 3) and set(pipe["bubble_measured"]) == {"0", "1"}
+    assert set(pipe["cpu_share"]) == {"0", "1"}
+    for cpu in pipe["cpu_share"].values():  # one thread's CPU time cannot outrun the wall clock
+        assert 0 < cpu["main_thread"] <= 1.05 and cpu["other_threads"] >= 0
     assert pipe["peak_memory_bytes"]["0"] > 50 * 2**20 and pipe["predicted_images_per_s"] > 0
     assert pipe["bytes_stages"] > 0 and pipe["bytes_towers"] == 0 and pipe["bytes_replicas"] == 0
     assert pipe["vs_plain"] > 0 and pipe["vs_ddp"] > 0 and pipe["vs_ds_default"] > 0
@@ -288,7 +292,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     assert [c for c in COLUMNS if c not in header] == []
     md = (out / "scaling.md").read_text()
     for heading in ("img/s measured", "img/s predicted", "plain img/s", "DDP img/s", "DS parameters img/s",
-                    "PREDICTED, not measured", "Failed configurations", "at most 8 stages"):
+                    "PREDICTED, not measured", "Failed configurations", "at most 8 stages",
+                    "CPU: schedule thread / other threads"):
         assert heading in md, heading
     for name in PLOTS:
         assert_drawn_png(out / name)
@@ -321,6 +326,7 @@ def test_the_sweep_runs_layouts_through_the_ray_job_path(tmp_path):
     assert row["launcher"] == "ray" and row["steps_timed"] == 2 and row["images_per_s"] > 0
     assert set(row["phases_s"]) == {"0", "1"} and set(row["peak_memory_bytes"]) == {"0", "1"}
     assert min(row["peak_memory_bytes"].values()) > 50 * 2**20
+    assert set(row["cpu_share"]) == {"0", "1"} and all(0 < c["main_thread"] <= 1.05 for c in row["cpu_share"].values())
     log = (out / "logs" / "engine-2x1x1-M2.log").read_text()
     assert "job engine-2x1x1-M2: (P, T, D) = (2, 1, 1)" in log  # the driver's own first line
     assert len(row["losses"]) == 3 and all(x == x for x in row["losses"])

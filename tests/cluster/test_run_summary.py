@@ -108,3 +108,25 @@ def test_benchmarks_can_leave_out_more_warm_up_steps():
     assert summarize_run(ranks).step_time_p95 > 1.0
     three = summarize_run(ranks, warmup_steps=2)
     assert three.steps_timed == 3 and three.step_time_p95 == pytest.approx(1.0)
+
+
+def test_the_cpu_a_stages_ranks_got_over_the_timed_steps():
+    # warm-up step 1 spends no CPU and must not count; stage 0's two ranks: 0.5 and 0.7 cores in the
+    # schedule thread, 0.1 more in other threads; stage 1: one rank, 0.25 and 0.2
+    def cpu_stats(step, seconds, main, process):
+        return {**stats(step, seconds, 0.0), "cpu": {"main_thread": main, "process": process}}
+
+    ranks = [
+        {"coord": {"rank": 0, "stage": 0}, "stats": [cpu_stats(1, 5.0, 0.0, 0.0)] +
+         [cpu_stats(s, 2.0, 1.0, 1.2) for s in (2, 3)]},
+        {"coord": {"rank": 1, "stage": 0}, "stats": [cpu_stats(1, 5.0, 0.0, 0.0)] +
+         [cpu_stats(s, 2.0, 1.4, 1.6) for s in (2, 3)]},
+        {"coord": {"rank": 2, "stage": 1}, "stats": [cpu_stats(1, 5.0, 0.0, 0.0)] +
+         [cpu_stats(2, 1.0, 0.25, 0.45), cpu_stats(3, 3.0, 0.75, 1.35)]},
+        {"coord": {"rank": 3, "stage": 2}, "stats": [stats(s, 1.0, 0.0) for s in (1, 2, 3)]},  # no CPU recorded
+    ]
+    s = summarize_run(ranks)
+    assert s.cpu_share_per_stage["0"] == {"main_thread": pytest.approx(0.6), "other_threads": pytest.approx(0.1)}
+    assert s.cpu_share_per_stage["1"] == {"main_thread": pytest.approx(0.25), "other_threads": pytest.approx(0.2)}
+    assert "2" not in s.cpu_share_per_stage
+    assert "CPU per rank 0.60 cores in the schedule thread, 0.10 in others" in s.format()
