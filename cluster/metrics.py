@@ -73,6 +73,9 @@ SPECS = (
     Spec("gauge", "alexnet_pp_pipeline_bubble_ratio", "Measured idle fraction of the last step's pipeline schedule"),
     Spec("gauge", "alexnet_pp_pipeline_bubble_theoretical_ratio", "(P - 1) / (M + P - 1) for this layout"),
     Spec("counter", "alexnet_pp_data_wait_seconds_total", "Seconds spent waiting for input micro-batches"),
+    Spec("counter", "alexnet_pp_schedule_thread_cpu_seconds_total",
+         "CPU seconds of the thread running the pipeline schedule while stepping (its rate: cores' worth; "
+         "below 1 it waited for messages or for a core)"),
     Spec("gauge", "alexnet_pp_loss", "Training loss of the last optimizer step"),
     Spec("gauge", "alexnet_pp_learning_rate", "Learning rate after the last optimizer step"),
     Spec("gauge", "alexnet_pp_eval_top1_accuracy_ratio", "Validation top-1 accuracy of the last evaluation (0..1)"),
@@ -164,6 +167,7 @@ class WorkerMetrics(Callback):
         # Series that must exist from the start, so increase()/rate() see their first change.
         self._c("alexnet_pp_step_duration_seconds")
         self._c("alexnet_pp_data_wait_seconds_total")
+        self._c("alexnet_pp_schedule_thread_cpu_seconds_total")
         for p in PHASES:
             self._c("alexnet_pp_stage_phase_seconds_total", phase=p)
         self._c("alexnet_pp_checkpoints_total")
@@ -282,6 +286,9 @@ class WorkerMetrics(Callback):
             for phase, seconds in phases.items():
                 if seconds > 0:
                     self._c("alexnet_pp_stage_phase_seconds_total", phase=phase).inc(seconds)
+            cpu = _field(stats, "cpu") or {}
+            if cpu.get("main_thread", 0.0) > 0:
+                self._c("alexnet_pp_schedule_thread_cpu_seconds_total").inc(cpu["main_thread"])
             if phases.get("data_wait", 0.0) > 0:
                 self._c("alexnet_pp_data_wait_seconds_total").inc(phases["data_wait"])
             self._c("alexnet_pp_pipeline_bubble_ratio").set(_field(stats, "bubble", math.nan))
