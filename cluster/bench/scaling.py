@@ -111,7 +111,7 @@ class Spec:
     @property
     def base_label(self) -> str:
         if self.around:
-            return f"calibrate {self.around} {dataclasses.replace(self, kind=self.target, around='').base_label}"
+            return f"calibrate {self.around} {self.bracketed.base_label}"
         if self.kind == "calibration":
             return f"calibrate W={self.workers}"
         if self.kind == "plain":
@@ -124,6 +124,11 @@ class Spec:
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "-", self.id).strip("-")
+
+    @property
+    def bracketed(self) -> "Spec":
+        """The layout run this calibration is taken right before or after."""
+        return dataclasses.replace(self, kind=self.target, around="", target="")
 
     def calibrations(self) -> tuple["Spec", "Spec"]:
         """The calibrations right before and right after this layout's run (--calibrate layout)."""
@@ -175,8 +180,11 @@ def plan(workers: Sequence[int], batch: int, micro_batches: Sequence[int], basel
                 block = cal + [s for s in reversed(block) if s.kind != "calibration"]
             for s in block:
                 s = dataclasses.replace(s, round=r)
-                layout = s.kind in ("engine", "ds-default") and predict and calibrate == "layout"
-                specs += [s.calibrations()[0], s, s.calibrations()[1]] if layout else [s]
+                if s.kind in ("engine", "ds-default") and predict and calibrate == "layout":
+                    before, after = s.calibrations()
+                    specs += [before, s, after]
+                else:
+                    specs.append(s)
     return specs
 
 
@@ -329,7 +337,7 @@ class Sweep:
 
         if spec.around:  # the layout's micro-batch only
             try:
-                Layout.from_config(self.engine_config(dataclasses.replace(spec, kind=spec.target, around="")))
+                Layout.from_config(self.engine_config(spec.bracketed))
             except ConfigError as e:  # the layout's own row records why
                 return {"skipped": f"the layout cannot be: {e}"}
             sizes = [self.batch // (spec.dp * spec.m)]
