@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Optional
 
 
 def cores() -> int:
@@ -20,6 +21,26 @@ def cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds the cores this process may run on have spent busy since boot, whoever ran there
+    (Linux's /proc/stat; None elsewhere): two readings bracket what the whole machine did meanwhile.
+    Busy counts user, nice, system, interrupts and steal (time the hypervisor gave to another guest)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        allowed = os.sched_getaffinity(0)
+    except (OSError, AttributeError):
+        return None
+    ticks = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in allowed:
+            continue
+        v = [int(x) for x in rest.split()]
+        ticks += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # not idle, iowait, guest
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h

@@ -50,6 +50,10 @@ class RunSummary:
     # cores' worth of CPU per rank of each stage while it stepped: the thread running the schedule, and
     # the process's other threads (communication, data, runtime); below 1 on a CPU, the rank waited or was preempted
     cpu_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the ranks' machine meanwhile: cores busy, whoever ran; of them, those outside every rank's process
+    # (the cluster's own processes, anything else there): on a CPU, cores the ranks could not have
+    host_busy_cores: float = math.nan
+    outside_ranks_cores: float = math.nan
     cut: str = ""  # the stage cut it trained on, as parallel.partition takes it ("3", "conv3.0[82:]")
     cut_trials: dict[str, list[float]] = field(default_factory=dict)  # the live cut check: cut → s per micro-batch per stage
 
@@ -100,6 +104,9 @@ class RunSummary:
                 lines.append(f"  stage {stage}: bubble {_f(bubble, '.3f')} (theory {_f(self.theoretical_bubble, '.3f')}); "
                              f"{shares}" + (f"; CPU per rank {cpu['main_thread']:.2f} cores in the schedule thread, "
                                             f"{cpu['other_threads']:.2f} in others" if cpu else ""))
+            if math.isfinite(self.host_busy_cores):
+                lines.append(f"  machine: {self.host_busy_cores:.2f} cores busy while the ranks stepped, "
+                             f"{self.outside_ranks_cores:.2f} of them outside the ranks' processes")
         if self.resumed_layout:
             lines.append(f"resumed step {self.resumed_from}, written by layout (P, T, D) = {self.resumed_layout}, "
                          f"on {self.layout}")

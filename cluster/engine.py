@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from alexnet_pp.config import RunConfig
 from alexnet_pp.deferred_grads import DeferredGrads
-from alexnet_pp.host import configure_host
+from alexnet_pp.host import busy_cpu_seconds, configure_host
 from alexnet_pp.layout import Layout
 from alexnet_pp.optim import LRSchedule, build_optimizer
 from alexnet_pp.pipeline import Partition, describe, measure_layer_costs, partition
@@ -52,6 +53,7 @@ class RankResult:
 
     coord: dict[str, int]
     steps: int
+    host: str = field(default_factory=socket.gethostname)  # the machine it ran on: its ranks share its cores
     losses: list[float] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     stats: list[dict[str, Any]] = field(default_factory=list)
@@ -386,10 +388,14 @@ class PipelineWorker:
                 self.timer.take()
                 self.timer.step = step + 1
                 self.non_finite.reset()
+                busy0 = busy_cpu_seconds()
                 t0, main0, process0 = time.perf_counter(), time.thread_time(), time.process_time()
                 loss = float(self.engine.train_batch(self._step_inputs(stream, step)))
                 seconds = time.perf_counter() - t0
                 cpu = {"main_thread": time.thread_time() - main0, "process": time.process_time() - process0}
+                busy1 = busy_cpu_seconds()
+                if busy0 is not None and busy1 is not None:  # the whole machine meanwhile, the ranks included
+                    cpu["host_busy"] = busy1 - busy0
                 if not math.isfinite(loss):  # the same loss on every rank: all stop here together
                     raise self.non_finite.stop(step + 1, loss, self.checkpoints, layout.pp - 1)
                 step, in_epoch = step + 1, in_epoch + 1

@@ -4,8 +4,9 @@
 rank's `coord`) into the timing fields of a `RunSummary` (alexnet_pp/summary.py): job images/s,
 step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share,
 the per-stage phase breakdown (shares, and mean seconds per step), the CPU a stage's ranks got
-(cores' worth: the thread running the schedule, the process's other threads) and each rank's peak
-memory. The ranks of a synchronous pipeline finish a step together, so a
+(cores' worth: the thread running the schedule, the process's other threads), what the ranks'
+machine spent beside them (the cluster's own processes, anything else running there) and each
+rank's peak memory. The ranks of a synchronous pipeline finish a step together, so a
 step's job time is the slowest rank's; each rank's first step (warm-up: allocation, the first p2p
 shape exchange) is left out when there are others (`warmup_steps`: more, for benchmarks).
 
@@ -44,6 +45,7 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
     step_images: dict[int, float] = {}
     by_stage: dict[int, list[dict[str, Any]]] = {}
     peak: dict[str, int] = {}
+    hosts: dict[str, list[tuple[float, float, float]]] = {}  # per machine, per rank: seconds, host busy, process
     theory = math.nan
     for i, r in enumerate(ranks):
         coord, stats = _get(r, "coord"), list(_get(r, "stats"))
@@ -53,6 +55,10 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
         rank = coord.get("rank", i) if isinstance(coord, Mapping) else getattr(coord, "rank", i)
         if any("peak_memory" in s for s in stats):
             peak[str(rank)] = max(int(s.get("peak_memory", 0)) for s in stats)
+        on_host = [s for s in timed if "host_busy" in s.get("cpu", {})]
+        if on_host:
+            hosts.setdefault(_host(r), []).append(tuple(sum(x) for x in zip(
+                *((s["seconds"], s["cpu"]["host_busy"], s["cpu"]["process"]) for s in on_host))))
         for s in timed:
             step_time[s["step"]] = max(step_time.get(s["step"], 0.0), s["seconds"])
             step_images[s["step"]] = s["images"]
@@ -67,6 +73,7 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
         theoretical_bubble=theory,
         peak_memory_per_rank=dict(sorted(peak.items(), key=lambda kv: int(kv[0]))),
     )
+    out.host_busy_cores, out.outside_ranks_cores = host_cpu(hosts)
     for stage, stats in sorted(by_stage.items()):
         if not stats:
             continue
@@ -88,6 +95,30 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
             out.cpu_share_per_stage[str(stage)] = {
                 "main_thread": main / cpu_t, "other_threads": (sum(s["cpu"]["process"] for s in timed_cpu) - main) / cpu_t}
     return out
+
+
+def _host(r: Any) -> str:
+    try:
+        return str(_get(r, "host"))
+    except (KeyError, AttributeError):  # records from before ranks named their machine: one machine
+        return ""
+
+
+def host_cpu(hosts: Mapping[str, list[tuple[float, float, float]]]) -> tuple[float, float]:
+    """(busy cores, cores outside the ranks' processes) of a typical machine of the run while its
+    ranks stepped: the median over machines. On one machine every rank sees the same busy cores
+    (their steps overlap), so its ranks' median reading; the ranks' own cores are the sum of theirs."""
+    busy, outside = [], []
+    for per_rank in hosts.values():
+        per_rank = [r for r in per_rank if r[0] > 0]
+        if not per_rank:
+            continue
+        b = statistics.median(h / t for t, h, _ in per_rank)
+        busy.append(b)
+        outside.append(max(0.0, b - sum(p / t for t, _, p in per_rank)))
+    if not busy:
+        return math.nan, math.nan
+    return statistics.median(busy), statistics.median(outside)
 
 
 class HistoryProgress:

@@ -173,7 +173,7 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         if exporter:
             exporter.close()
     # Every rank's step stats (the newest few thousand: bounded on long runs) make the job summary.
-    mine = {"coord": asdict(coord), "stats": result.stats[-SUMMARY_STEPS:]}
+    mine = {"coord": asdict(coord), "host": result.host, "stats": result.stats[-SUMMARY_STEPS:]}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     summary = summarize_run(gathered, config.get("warmup_steps", 1))

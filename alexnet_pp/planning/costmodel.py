@@ -338,14 +338,24 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     """How fast each computing stage runs, relative to the profile's unit times, while k of the
     layout's stages compute at once — on a CPU whose cores its workers share. Each stage is T·D
     ranks computing in step, each with the profile's threads; while they need more cores than
-    there are, the cores are shared evenly among them (the OS's time slicing). The unit times were
-    measured with `co_runners` others training beside, so with that sharing already in them."""
+    there are, the cores are shared evenly among them (the OS's time slicing). The cores are those
+    the profile's background leaves: the cluster's own processes and every rank's other threads.
+    The unit times were measured with `co_runners` others training beside, so with that sharing
+    already in them."""
     if not profile.cores:
         return None
     threads = max(profile.threads, 1)
     ranks = layout.tp * layout.dp
     calibrated = min(1.0, profile.cores / (threads * (profile.co_runners + 1)))
-    return lambda k: min(1.0, profile.cores / (threads * ranks * k)) / calibrated
+    left = available_cores(profile, layout.workers)
+    return lambda k: min(1.0, left / (threads * ranks * k)) / calibrated
+
+
+def available_cores(profile: DeviceProfile, workers: int) -> float:
+    """The shared cores left to the ranks' computing threads once the background has its share;
+    never under half the cores (a background past that is a broken measurement, not a machine)."""
+    background = profile.background_cores + profile.background_cores_per_rank * workers
+    return max(profile.cores - max(background, 0.0), profile.cores / 2)
 
 
 def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap_allreduce: bool = False,

@@ -107,6 +107,11 @@ class DeviceProfile:
     # slower (costmodel.compute_rate); 0: every worker computes on a device of its own
     cores: int = 0
     co_runners: int = 0  # other processes training the network while the units were timed
+    # what else takes those shared cores while a run computes: the cluster's own processes (Ray's
+    # daemons, the training controller), and each rank's threads beside the one that computes
+    # (communication, Ray's core worker); measured on runs (cluster.bench.scaling.background_of)
+    background_cores: float = 0.0
+    background_cores_per_rank: float = 0.0
     jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)

@@ -322,7 +322,8 @@ class Sweep:
                 "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
                 "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
                 "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses,
-                "cpu_share": summary.cpu_share_per_stage}
+                "cpu_share": summary.cpu_share_per_stage, "host_busy_cores": _finite(summary.host_busy_cores),
+                "outside_ranks_cores": _finite(summary.outside_ranks_cores)}
 
     def links(self):
         if self._links is None:
@@ -407,13 +408,41 @@ def _gpu_count() -> int:
 
 # --- predictions and derived columns ---------------------------------------------------------------
 
-def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
-    """The cost model's numbers for a measured layout row (W's profile; bytes need none)."""
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
+
+
+def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
+    """What else took the shared cores while layouts ran, from runs this sweep finished before the
+    one to predict (never from that run): the medians over those at the same worker count, else over
+    all of them, of the cores outside the ranks' processes (Ray's daemons, the training controller)
+    and of each rank's threads beside its schedule thread (communication, Ray's core worker).
+    None before any run measured them (one from an older sweep, or a machine without /proc/stat)."""
+    measured = [r for r in earlier if r["kind"] in ("engine", "ds-default") and r.get("status") == "ok"
+                and r.get("outside_ranks_cores") is not None and r.get("cpu_share")]
+    use = [r for r in measured if r["workers"] == workers] or measured
+    if not use:
+        return None
+    return {"cores": statistics.median(r["outside_ranks_cores"] for r in use),
+            "cores_per_rank": statistics.median(map(other_threads_cores, use)), "runs": len(use)}
+
+
+def other_threads_cores(r: dict[str, Any]) -> float:
+    """Cores' worth of CPU of a rank's threads beside its schedule thread, the mean over the stages."""
+    return statistics.fmean(v["other_threads"] for v in r["cpu_share"].values())
+
+
+def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The cost model's numbers for a measured layout row (W's profile, with `background`'s share of
+    the cores taken when given; bytes need none)."""
     from alexnet_pp.planning.costmodel import Candidate, predict
 
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
     profile = sweep.profile(row)
+    if profile is not None and background is not None:
+        profile = dataclasses.replace(profile, background_cores=background["cores"],
+                                      background_cores_per_rank=background["cores_per_rank"])
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
                      "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
@@ -430,7 +459,8 @@ def predict_row(sweep: Sweep, row: dict[str, Any]) -> dict[str, Any]:
            "predicted_extrapolated": pred.extrapolated,
            "predicted_bubble": {str(s.stage): s.bubble for s in pred.stages},
            "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
-           "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name}
+           "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name,
+           "predicted_background": background}
     if row.get("images_per_s"):
         out["prediction_error"] = row["images_per_s"] / pred.images_per_s - 1
     return out
@@ -446,8 +476,18 @@ def ddp_replica_bytes(model: ModelConfig, workers: int) -> int:
 
 
 def with_predictions(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each measured layout's row with its prediction from its round's calibration."""
-    return [{**r, **predict_row(sweep, r)} if r["kind"] in ("engine", "ds-default") else r for r in rows]
+    """Each measured layout's row with its prediction from its calibrations and the background the
+    runs before it measured (`rows` in the order they ran)."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        out.append(with_prediction(sweep, r, out))
+    return out
+
+
+def with_prediction(sweep: Sweep, row: dict[str, Any], earlier: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if row["kind"] not in ("engine", "ds-default"):
+        return row
+    return {**row, **predict_row(sweep, row, background_of(earlier, row["workers"]))}
 
 
 def combine_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -656,6 +696,22 @@ def _bytes(r: dict[str, Any]) -> Optional[str]:
     return f"{_mb(r['bytes_stages']):.1f} / {_mb(r['bytes_towers']):.1f} / {_mb(r['bytes_replicas']):.1f}"
 
 
+def _background(r: dict[str, Any]) -> Optional[str]:
+    measured = background_cores(r)
+    used = r.get("predicted_background")
+    if measured is None and not used:
+        return None
+    text = "–" if measured is None else f"{measured:.2f}"
+    return text + (f" ({used['cores'] + r['workers'] * used['cores_per_rank']:.2f})" if used else "")
+
+
+def background_cores(r: dict[str, Any]) -> Optional[float]:
+    """A run's CPU outside its ranks' schedule threads: outside their processes, and their other threads."""
+    if r.get("outside_ranks_cores") is None or not r.get("cpu_share"):
+        return None
+    return r["outside_ranks_cores"] + r["workers"] * other_threads_cores(r)
+
+
 def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], complete: bool) -> Report:
     a = sweep.args
     report = Report("scaling", sweep.out, sweep.argv, sweep.settings(), env,
@@ -685,7 +741,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             Column("× plain", _ratio("vs_plain")), Column("× DDP", _ratio("vs_ddp")),
             Column("× DS", _ratio("vs_ds_default")),
             Column("peak MiB (max rank)", lambda r: _mib(r.get("peak_memory_max_bytes")), ".0f"),
-            Column("MB/step stages / towers / replicas", _bytes), Column("load", "load_1min", ".1f"),
+            Column("MB/step stages / towers / replicas", _bytes),
+            Column("background cores (predicted)", _background), Column("load", "load_1min", ".1f"),
             Column("status", lambda r: r.get("status") if r.get("status") != "ok" else "")],
         intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}"
                + (f", in each of {a.repeats} rounds (each calibrated afresh, every second one in the opposite order); "
@@ -699,7 +756,12 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                + ("the mean of two profiles calibrated right before and right after the layout's run, at its "
                   "micro-batch" if a.calibrate == "layout" else "the profile calibrated in this run for W workers")
                + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
-               "simulated ranks share the cores while more compute than there are). Bubble: each stage's idle share "
+               "simulated ranks share the cores the background leaves while more compute than there are). "
+               "Background cores: CPU on the machine outside the ranks' schedule threads while they stepped — the "
+               "cores outside the ranks' processes (Ray's daemons, the training controller) plus W × each rank's "
+               "other threads (communication, Ray's core worker) — measured in this run; in brackets what its "
+               "prediction charged, the medians of the runs this sweep finished before it (at the same W where "
+               "there were any), never its own. Bubble: each stage's idle share "
                "of the schedule, measured (simulated by the cost model) vs (P − 1)/(M + P − 1). `DS parameters`: the same layout cut by DeepSpeed's default "
                "`partition_method=parameters`. MB/step: computed from the network's shapes, not measured. load: the "
                f"machine's 1-minute load average when the configuration started ({env.get('cores')} cores).")))
@@ -883,7 +945,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
             row["wall_s"] = time.perf_counter() - t0
             done[spec.id] = row
             append_row(sweep.rows_path, row, sweep.settings())
-            say.finish(spec, with_predictions(sweep, [row])[0])
+            before = sweep.specs[:sweep.specs.index(spec)]
+            say.finish(spec, with_prediction(sweep, row, [done[s.id] for s in before if s.id in done]))
     except KeyboardInterrupt:
         complete = False
         say.line("interrupted: run the same command again to resume after the last finished configuration")

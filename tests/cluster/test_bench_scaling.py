@@ -171,6 +171,57 @@ def test_a_layout_is_predicted_from_the_mean_of_the_calibrations_around_its_run(
         (out / "scaling.md").read_text()
 
 
+def test_the_background_a_prediction_charges_comes_from_runs_before_it():
+    """Medians over the earlier runs at the same worker count, else over all earlier runs; runs that
+    failed or measured nothing (an older sweep, no /proc/stat) do not count."""
+    def run(w, outside, others, kind="engine", status="ok"):
+        return {"kind": kind, "workers": w, "status": status, "outside_ranks_cores": outside,
+                "cpu_share": {"0": {"main_thread": 0.7, "other_threads": others[0]},
+                              "1": {"main_thread": 0.6, "other_threads": others[-1]}}}
+
+    assert scaling.background_of([], 2) is None
+    one = run(1, 0.10, [0.02])
+    assert scaling.background_of([one, {"kind": "plain", "workers": 2, "status": "ok"}], 2) == \
+        {"cores": 0.10, "cores_per_rank": pytest.approx(0.02), "runs": 1}
+    twos = [run(2, 0.20, [0.05, 0.07]), run(2, 0.40, [0.09]), run(2, 9.0, [1.0], status="failed"),
+            run(2, None, [1.0]), run(2, 0.30, [0.08], kind="ds-default")]
+    got = scaling.background_of([one, *twos], 2)
+    assert got == {"cores": pytest.approx(0.30), "cores_per_rank": pytest.approx(0.08), "runs": 3}
+    assert scaling.background_cores(twos[0]) == pytest.approx(0.20 + 2 * 0.06)
+    assert scaling.background_of([one, *twos], 4)["runs"] == 4  # none at W = 4 yet: all of them
+
+
+def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_path):
+    """Two layouts at W = 2 in one sweep: the first has no earlier run and is predicted without a
+    background; the second charges what the first measured (0.4 cores outside the ranks, 0.1 per
+    rank's other threads) and so predicts fewer images/s from the same calibration."""
+    from alexnet_pp.planning.profile import assumed_gpu_profile
+    import dataclasses
+
+    def run(sweep, spec):
+        if spec.kind == "calibration":
+            path = sweep.spec_profile_path(spec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dataclasses.replace(assumed_gpu_profile("h100-nvlink", sweep.model), cores=2, threads=1,
+                                co_runners=1).save(path)
+            return {"micro_batch_sizes": [4], "co_runners": 1, "profile": str(path.relative_to(sweep.out))}
+        return {"images_per_s": 100.0, "step_p50_s": 0.08, "step_p95_s": 0.09, "steps_timed": 2,
+                "peak_memory_bytes": {"0": 1}, "partition": "measured", "phases_s": {"0": {"forward": 0.01}},
+                "host_busy_cores": 1.9, "outside_ranks_cores": 0.4,
+                "cpu_share": {"0": {"main_thread": 0.7, "other_threads": 0.1}}}
+
+    out = tmp_path / "out"
+    assert scaling.main(["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "--baselines", "", "--gpu-workers", "",
+                         "--batch", "8", "--out", str(out)], runner=run) == 0
+    rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
+    first, second = rows["engine:1x1x2:M1"], rows["engine:1x1x2:M2"]
+    assert first["predicted_background"] is None
+    assert second["predicted_background"] == {"cores": 0.4, "cores_per_rank": 0.1, "runs": 1}
+    assert second["predicted_step_s"] > first["predicted_step_s"]
+    md = (out / "scaling.md").read_text()
+    assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
+
+
 def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path):
     """Three rounds whose machine runs at 1, 3 and 2 times a base speed and whose calibrations time
     the units 4, 2 and 1 times a GPU's: each row's images/s and prediction are the medians, its error
@@ -284,6 +335,9 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     assert set(pipe["cpu_share"]) == {"0", "1"}
     for cpu in pipe["cpu_share"].values():  # one thread's CPU time cannot outrun the wall clock
         assert 0 < cpu["main_thread"] <= 1.05 and cpu["other_threads"] >= 0
+    ncores = len(os.sched_getaffinity(0))
+    assert 0 < pipe["host_busy_cores"] <= ncores + 0.05 and 0 <= pipe["outside_ranks_cores"] <= pipe["host_busy_cores"]
+    assert pipe["predicted_background"]["runs"] >= 1  # 1×1×1 ran before it
     assert pipe["peak_memory_bytes"]["0"] > 50 * 2**20 and pipe["predicted_images_per_s"] > 0
     assert pipe["bytes_stages"] > 0 and pipe["bytes_towers"] == 0 and pipe["bytes_replicas"] == 0
     assert pipe["vs_plain"] > 0 and pipe["vs_ddp"] > 0 and pipe["vs_ds_default"] > 0
@@ -327,6 +381,8 @@ def test_the_sweep_runs_layouts_through_the_ray_job_path(tmp_path):
     assert set(row["phases_s"]) == {"0", "1"} and set(row["peak_memory_bytes"]) == {"0", "1"}
     assert min(row["peak_memory_bytes"].values()) > 50 * 2**20
     assert set(row["cpu_share"]) == {"0", "1"} and all(0 < c["main_thread"] <= 1.05 for c in row["cpu_share"].values())
+    assert 0 < row["host_busy_cores"] <= len(os.sched_getaffinity(0)) + 0.05
+    assert 0 <= row["outside_ranks_cores"] <= row["host_busy_cores"]
     log = (out / "logs" / "engine-2x1x1-M2.log").read_text()
     assert "job engine-2x1x1-M2: (P, T, D) = (2, 1, 1)" in log  # the driver's own first line
     assert len(row["losses"]) == 3 and all(x == x for x in row["losses"])

@@ -75,6 +75,7 @@ def test_one_summary_type_survives_the_trip_to_summary_json_and_back(tmp_path):
     s = summarize_run([{"coord": {"stage": 0}, "stats": [stats(1, 2.0, 0.0), stats(2, 1.0, 0.1)]}])
     s.job_id, s.layout, s.losses, s.loss_steps, s.restarts = "j1", (2, 1, 1), [2.0, 1.5], [1, 2], 1
     s.wall_seconds = 3.0  # NaN (unset) never equals itself
+    s.host_busy_cores, s.outside_ranks_cores = 1.9, 0.3
     s.write(tmp_path / "summary.json")
     back = RunSummary.read(tmp_path / "summary.json")
     assert back == s and back.final_loss == 1.5
@@ -130,3 +131,29 @@ def test_the_cpu_a_stages_ranks_got_over_the_timed_steps():
     assert s.cpu_share_per_stage["1"] == {"main_thread": pytest.approx(0.25), "other_threads": pytest.approx(0.2)}
     assert "2" not in s.cpu_share_per_stage
     assert "CPU per rank 0.60 cores in the schedule thread, 0.10 in others" in s.format()
+
+
+def test_the_machine_beside_the_ranks_per_host_then_the_median_over_hosts():
+    # host a: ranks 0 and 1 see 1.8 and 2.0 busy cores (median 1.9) and take 0.8 + 0.7 cores in their
+    # processes: 0.4 outside them. Host b: its one rank sees 1.0, takes 0.9: 0.1 outside. Warm-up
+    # step 1 (nothing busy) and the rank of an older record without host_busy do not count.
+    def host_stats(step, seconds, process, busy):
+        return {**stats(step, seconds, 0.0), "cpu": {"main_thread": process / 2, "process": process, "host_busy": busy}}
+
+    ranks = [
+        {"coord": {"rank": 0, "stage": 0}, "host": "a",
+         "stats": [host_stats(1, 5.0, 0.0, 0.0)] + [host_stats(s, 2.0, 1.6, 3.6) for s in (2, 3)]},
+        {"coord": {"rank": 1, "stage": 1}, "host": "a",
+         "stats": [host_stats(1, 5.0, 0.0, 0.0)] + [host_stats(s, 2.0, 1.4, 4.0) for s in (2, 3)]},
+        {"coord": {"rank": 2, "stage": 0}, "host": "b",
+         "stats": [host_stats(1, 5.0, 0.0, 0.0), host_stats(2, 1.0, 0.9, 1.0), host_stats(3, 3.0, 2.7, 3.0)]},
+        {"coord": {"rank": 3, "stage": 1}, "stats": [stats(s, 1.0, 0.0) for s in (1, 2, 3)]},
+    ]
+    s = summarize_run(ranks)
+    assert s.host_busy_cores == pytest.approx((1.9 + 1.0) / 2)
+    assert s.outside_ranks_cores == pytest.approx((0.4 + 0.1) / 2)
+    assert "machine: 1.45 cores busy while the ranks stepped, 0.25 of them outside the ranks' processes" in s.format()
+    one = summarize_run(ranks[:2])
+    assert (one.host_busy_cores, one.outside_ranks_cores) == (pytest.approx(1.9), pytest.approx(0.4))
+    none = summarize_run(ranks[3:])  # no machine readings: unknown, and no line for it
+    assert math.isnan(none.host_busy_cores) and "machine:" not in none.format()

@@ -90,6 +90,30 @@ def test_unit_times_measured_beside_co_runners_speed_up_when_fewer_ranks_compute
     assert predict(tiny, shared, pipeline).step_seconds < 0.8 * predict(tiny, make_profile(), pipeline).step_seconds
 
 
+def test_the_background_leaves_the_ranks_fewer_cores(tiny, make_profile):
+    """Units timed with one co-runner on 2 cores (full, not oversubscribed). A background of 0.2
+    cores plus 0.05 per rank leaves 1.7 cores to 2 workers, 1.6 to 4; a worker alone keeps a whole
+    core; a background past half the cores is clamped there (a broken measurement)."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import available_cores, compute_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1,
+                                 background_cores=0.2, background_cores_per_rank=0.05)
+    assert available_cores(shared, 2) == pytest.approx(1.7) and available_cores(shared, 4) == pytest.approx(1.6)
+    assert compute_rate(shared, Candidate(1, 1, 2, 1, 16))(1) == pytest.approx(0.85)
+    two = compute_rate(shared, Candidate(2, 1, 1, 4, 16))
+    assert (two(1), two(2)) == (1.0, pytest.approx(0.85))
+    four = compute_rate(shared, Candidate(4, 1, 1, 4, 16))
+    assert [four(k) for k in (1, 2, 4)] == pytest.approx([1.0, 0.8, 0.4])
+    assert compute_rate(shared, Candidate(1, 1, 1, 1, 16))(1) == 1.0
+    broken = dataclasses.replace(shared, background_cores=5.0)
+    assert available_cores(broken, 2) == 1.0
+    replicas = Candidate(1, 1, 2, 1, 16)
+    quiet = dataclasses.replace(shared, background_cores=0.0, background_cores_per_rank=0.0)
+    assert predict(tiny, shared, replicas).step_seconds > predict(tiny, quiet, replicas).step_seconds
+
+
 def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
     """1 ms per message: an activation goes as two messages (activations and labels), 2 ms, a
     gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0
