@@ -76,6 +76,9 @@ SPECS = (
     Spec("counter", "alexnet_pp_schedule_thread_cpu_seconds_total",
          "CPU seconds of the thread running the pipeline schedule while stepping (its rate: cores' worth; "
          "below 1 it waited for messages or for a core)"),
+    Spec("counter", "alexnet_pp_host_busy_cpu_seconds_total",
+         "CPU seconds the cores this rank may run on were busy while it stepped, whoever ran there (its rate: "
+         "the machine's busy cores; minus its ranks' process CPU, what the cluster's own processes took)"),
     Spec("gauge", "alexnet_pp_loss", "Training loss of the last optimizer step"),
     Spec("gauge", "alexnet_pp_learning_rate", "Learning rate after the last optimizer step"),
     Spec("gauge", "alexnet_pp_eval_top1_accuracy_ratio", "Validation top-1 accuracy of the last evaluation (0..1)"),
@@ -289,6 +292,8 @@ class WorkerMetrics(Callback):
             cpu = _field(stats, "cpu") or {}
             if cpu.get("main_thread", 0.0) > 0:
                 self._c("alexnet_pp_schedule_thread_cpu_seconds_total").inc(cpu["main_thread"])
+            if cpu.get("host_busy", 0.0) > 0:
+                self._c("alexnet_pp_host_busy_cpu_seconds_total").inc(cpu["host_busy"])
             if phases.get("data_wait", 0.0) > 0:
                 self._c("alexnet_pp_data_wait_seconds_total").inc(phases["data_wait"])
             self._c("alexnet_pp_pipeline_bubble_ratio").set(_field(stats, "bubble", math.nan))
