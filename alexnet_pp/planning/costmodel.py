@@ -239,11 +239,22 @@ def expected_max_normal(k: int) -> float:
 def sync_wait(profile: DeviceProfile, compute_seconds: float, ranks: int) -> float:
     """Seconds `ranks` workers lose, on average, meeting at a collective after `compute_seconds` of
     compute each since they last met: the slowest arrives σ·E[max of `ranks` normals] after the mean,
-    σ = sqrt(jitter · compute_seconds) (DeviceProfile.jitter). Pipeline sends are not charged: a
-    stage that waits on its neighbour is idle in the simulated schedule already."""
+    σ = sqrt(jitter · compute_seconds) (DeviceProfile.jitter). Blocking pipeline transfers meet too
+    (rendezvous_wait); the simulated schedule has only their mean waits."""
     if ranks <= 1 or compute_seconds <= 0 or profile.jitter <= 0:
         return 0.0
     return expected_max_normal(ranks) * math.sqrt(profile.jitter * compute_seconds)
+
+
+def rendezvous_wait(profile: DeviceProfile, schedule: str, a: StageCost, b: StageCost) -> float:
+    """Seconds each blocking transfer between two neighbouring stages loses, on average, to the
+    stages' jitter: DeepSpeed's 1F1B sends and receives block until both ranks reach them, which in
+    the steady state each does after one forward or one backward of its own since they last met, so
+    the later of two arrivals comes sync_wait after the mean. Asynchronous sends (zb-h1) do not meet."""
+    if schedule != "1f1b":
+        return 0.0
+    since = (a.forward + a.backward + b.forward + b.backward) / 4
+    return sync_wait(profile, since, 2)
 
 
 def tower_sync_seconds(profile: DeviceProfile, units: Sequence[Unit], costs: list[StageCost],
@@ -346,9 +357,27 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
         return None
     threads = max(profile.threads, 1)
     ranks = layout.tp * layout.dp
-    calibrated = min(1.0, profile.cores / (threads * (profile.co_runners + 1)))
+    calibrated = _calibrated_share(profile)
     left = available_cores(profile, layout.workers)
     return lambda k: min(1.0, left / (threads * ranks * k)) / calibrated
+
+
+def tail_rate(profile: DeviceProfile, layout: Candidate) -> float:
+    """How fast the step's tail (the replicas' all-reduce, the optimizer step and the sweeps around
+    them) runs relative to its measurement, on a CPU whose cores the workers share: the ranks reach
+    their tails at about the same time, so all of them share the cores the background leaves (the
+    links were measured by two processes with a core each, the optimizer beside the co-runners).
+    1 where every worker has a device."""
+    if not profile.cores:
+        return 1.0
+    threads = max(profile.threads, 1)
+    share = min(1.0, available_cores(profile, layout.workers) / (threads * layout.workers))
+    return share / _calibrated_share(profile)
+
+
+def _calibrated_share(profile: DeviceProfile) -> float:
+    """The share of a core each timed process had while the profile was measured."""
+    return min(1.0, profile.cores / (max(profile.threads, 1) * (profile.co_runners + 1)))
 
 
 def available_cores(profile: DeviceProfile, workers: int) -> float:
@@ -403,13 +432,15 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
     for s in range(layout.pp - 1):
         act = eb * sent_elements(cfg, cut, s, tp) * n
         link = _cut_link(profile, layout, s)
-        p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n), link.seconds(act)))
+        meet = rendezvous_wait(profile, layout.schedule, stage_costs[s], stage_costs[s + 1])
+        p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n) + meet, link.seconds(act) + meet))
         cut_bytes.append(2 * act + LABEL_BYTES * n)
 
     timeline = simulate(layout.schedule, stage_costs, M, p2p, rate=compute_rate(profile, layout))
 
     stage_preds = []
     tails = []
+    tail_speed = tail_rate(profile, layout)
     for s in range(layout.pp):
         p = int(sum(params[i] * f for i, f in shares[s]))
         link = _replica_link(profile, layout, s)
@@ -417,9 +448,11 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         if overlap_allreduce and D > 1:
             ar = _exposed_allreduce(timeline, s, [StageCost(*(x * f for x in astuple(costs[i]))) for i, f in shares[s]],
                                     [eb * params[i] * f for i, f in shares[s]], link, D)
+        ar /= tail_speed
         # the replicas meet once a step, after the stage's compute of all M micro-batches
         ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
         opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))
+        opt /= tail_speed
         tails.append(ar + opt)
         in_flight = timeline.peak_in_flight(s)
         per_image = sum(saved[i] * f for i, f in shares[s]) + (eb * sent_elements(cfg, cut, s - 1, tp) if s else 0)

@@ -317,7 +317,7 @@ class Sweep:
                 summary.losses = next(r.losses for r in ranks if r.coord["rank"] == 0)
         finally:
             shutil.rmtree(self.scratch / spec.slug, ignore_errors=True)  # checkpoints, run files
-        return {"partition": cfg.parallel.partition, "images_per_s": summary.images_per_sec,
+        return {"partition": cfg.parallel.partition, "cut": summary.cut, "images_per_s": summary.images_per_sec,
                 "step_p50_s": summary.step_time_p50, "step_p95_s": summary.step_time_p95,
                 "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
                 "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
@@ -440,11 +440,13 @@ def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
     profile = sweep.profile(row)
+    # the cut the run trained on (the engine's live check may move the layout's first cut), so the
+    # error is the cost model's, not a different choice of cut
+    partition = row.get("cut") or ("parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     if profile is not None and background is not None:
         profile = dataclasses.replace(profile, background_cores=background["cores"],
                                       background_cores_per_rank=background["cores_per_rank"])
-    cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b",
-                     "parameters" if row["kind"] == "ds-default" else sweep.args.partition)
+    cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
         pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand,
                        flat_grads=sweep.base.parallel.flat_grads)
@@ -729,7 +731,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         "Measured layouts: measured vs predicted images/s, beside the baselines", measured, [
             Column("layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"),
             Column("M", "micro_batches"), Column("mb", "micro_batch"), Column("W", "workers"),
-            Column("partition", "partition"),
+            Column("partition (cut trained on)", lambda r: None if not r.get("partition") else
+                   r["partition"] + (f" ({r['cut']})" if r.get("cut") else "")),
             Column("img/s measured", _with_runs("images_per_s")),
             Column("img/s predicted", _with_runs("predicted_images_per_s")),
             Column("error", _error),
@@ -752,7 +755,7 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
-               "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` with "
+               "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` at the cut the run trained on with "
                + ("the mean of two profiles calibrated right before and right after the layout's run, at its "
                   "micro-batch" if a.calibrate == "layout" else "the profile calibrated in this run for W workers")
                + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "

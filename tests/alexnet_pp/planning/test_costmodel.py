@@ -114,6 +114,28 @@ def test_the_background_leaves_the_ranks_fewer_cores(tiny, make_profile):
     assert predict(tiny, shared, replicas).step_seconds > predict(tiny, quiet, replicas).step_seconds
 
 
+def test_every_ranks_tail_shares_the_cores_the_background_leaves(tiny, make_profile):
+    """All ranks all-reduce and step their optimizers at about the same time: 4 workers on the 1.6
+    cores a background leaves of 2 run their tails at 0.4 of the speed the links and the optimizer
+    were measured at; 2 workers on 1.7 at 0.85; one worker keeps its core; a device each: 1."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import tail_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1,
+                                 background_cores=0.2, background_cores_per_rank=0.05)
+    assert tail_rate(shared, Candidate(1, 1, 4, 1, 16)) == pytest.approx(0.4)
+    assert tail_rate(shared, Candidate(2, 1, 2, 4, 16)) == pytest.approx(0.4)
+    assert tail_rate(shared, Candidate(1, 1, 2, 1, 16)) == pytest.approx(0.85)
+    assert tail_rate(shared, Candidate(1, 1, 1, 1, 16)) == 1.0
+    assert tail_rate(make_profile(), Candidate(1, 1, 4, 1, 16)) == 1.0
+    quiet = dataclasses.replace(shared, background_cores=0.0, background_cores_per_rank=0.0)
+    two = Candidate(1, 1, 2, 1, 16)
+    busy, calm = predict(tiny, shared, two).stages[0].phases, predict(tiny, quiet, two).stages[0].phases
+    assert busy["optimizer"] == pytest.approx(calm["optimizer"] / 0.85)
+    assert calm["allreduce"] > 0 and busy["allreduce"] > calm["allreduce"]
+
+
 def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
     """1 ms per message: an activation goes as two messages (activations and labels), 2 ms, a
     gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0
