@@ -314,7 +314,8 @@ class Sweep:
                     ensure_dataset(cfg)
                 ranks = run_local(cfg, factory, threads=a.threads, layout=layout)
                 summary = summarize_run(ranks, a.warmup)
-                summary.losses = next(r.losses for r in ranks if r.coord["rank"] == 0)
+                lead = next(r for r in ranks if r.coord["rank"] == 0)
+                summary.losses, summary.cut = lead.losses, lead.cut
         finally:
             shutil.rmtree(self.scratch / spec.slug, ignore_errors=True)  # checkpoints, run files
         return {"partition": cfg.parallel.partition, "cut": summary.cut, "images_per_s": summary.images_per_sec,

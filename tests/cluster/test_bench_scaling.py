@@ -207,12 +207,12 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
             return {"micro_batch_sizes": [4], "co_runners": 1, "profile": str(path.relative_to(sweep.out))}
         return {"images_per_s": 100.0, "step_p50_s": 0.08, "step_p95_s": 0.09, "steps_timed": 2,
                 "peak_memory_bytes": {"0": 1}, "partition": "measured", "phases_s": {"0": {"forward": 0.01}},
-                "host_busy_cores": 1.9, "outside_ranks_cores": 0.4,
+                "host_busy_cores": 1.9, "outside_ranks_cores": 0.4, "cut": "2" if spec.pp == 2 else "",
                 "cpu_share": {"0": {"main_thread": 0.7, "other_threads": 0.1}}}
 
     out = tmp_path / "out"
-    assert scaling.main(["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "--baselines", "", "--gpu-workers", "",
-                         "--batch", "8", "--out", str(out)], runner=run) == 0
+    assert scaling.main(["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "2,1,1,2", "--baselines", "",
+                         "--gpu-workers", "", "--batch", "8", "--out", str(out)], runner=run) == 0
     rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
     first, second = rows["engine:1x1x2:M1"], rows["engine:1x1x2:M2"]
     assert first["predicted_background"] is None
@@ -220,6 +220,8 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
     assert second["predicted_step_s"] > first["predicted_step_s"]
     md = (out / "scaling.md").read_text()
     assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
+    # predicted at the cut the run trained on, which the engine's live check may have moved
+    assert rows["engine:2x1x1:M2"]["predicted_cut"] == "2" and "measured (2)" in md
 
 
 def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path):
@@ -328,6 +330,7 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     assert rows["engine:9x2x1:M2"]["status"] == "failed" and "at most 8 stages" in rows["engine:9x2x1:M2"]["error"]
     pipe = rows["engine:2x1x1:M2"]
     assert pipe["status"] == "ok" and pipe["steps_timed"] == 2 and pipe["images_per_s"] > 0
+    assert pipe["cut"] and pipe["predicted_cut"] == pipe["cut"]  # predicted at the cut it trained on
     assert set(pipe["phases_s"]) == {"0", "1"} and pipe["phases_s"]["0"]["forward"] > 0
     for ph in pipe["phases_s"].values():  # the phases add up to the step (idle: in no timed instruction)
         assert sum(ph.values()) == pytest.approx(32 / pipe["images_per_s"], rel=0.25)  # the mean step
@@ -377,7 +380,7 @@ def test_the_sweep_runs_layouts_through_the_ray_job_path(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads((out / "scaling.json").read_text())["rows"]
     assert row["status"] == "ok", row.get("error")
-    assert row["launcher"] == "ray" and row["steps_timed"] == 2 and row["images_per_s"] > 0
+    assert row["launcher"] == "ray" and row["steps_timed"] == 2 and row["images_per_s"] > 0 and row["cut"]
     assert set(row["phases_s"]) == {"0", "1"} and set(row["peak_memory_bytes"]) == {"0", "1"}
     assert min(row["peak_memory_bytes"].values()) > 50 * 2**20
     assert set(row["cpu_share"]) == {"0", "1"} and all(0 < c["main_thread"] <= 1.05 for c in row["cpu_share"].values())

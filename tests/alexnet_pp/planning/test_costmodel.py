@@ -219,6 +219,23 @@ def test_two_towers_wait_for_each_other_at_each_collective_after_the_compute_sin
     assert pred.stages[0].phases["tower_comm"] == pytest.approx(wait, rel=1e-4)
 
 
+def test_neighbouring_stages_meet_at_each_blocking_transfer_by_the_profiles_jitter(tiny, make_profile):
+    """1F1B's sends and receives block until both stages reach them, in the steady state after one
+    forward or backward each: stages of F 40 / B 60 and F 20 / B 20 ms meet 0.564 σ late on average,
+    σ = sqrt(jitter · 35 ms), on every transfer. ZB-H1's asynchronous sends never meet."""
+    from alexnet_pp.planning.costmodel import rendezvous_wait
+    from alexnet_pp.planning.simulate import StageCost
+
+    profile = make_profile()
+    profile.jitter = 1e-3
+    a, b = StageCost(0.04, 0.06), StageCost(0.02, 0.02)
+    assert rendezvous_wait(profile, "1f1b", a, b) == pytest.approx(0.5642 * (1e-3 * 0.035) ** 0.5, rel=1e-4)
+    assert rendezvous_wait(profile, "zb-h1", a, b) == 0.0
+    assert rendezvous_wait(make_profile(), "1f1b", a, b) == 0.0  # no jitter measured: no wait
+    pipe = Candidate(2, 1, 1, 4, 8, partition="6")
+    assert predict(tiny, profile, pipe).step_seconds > predict(tiny, make_profile(), pipe).step_seconds
+
+
 def test_jitter_is_the_variance_of_a_repetitions_compute_per_second_of_it():
     """One size, two units, three repetitions: forward + training backward of both units add up to
     3, 4 and 8 s; their variance 7 s² over their mean 5 s."""
