@@ -824,6 +824,14 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
     if within:
         report.notes.append(f"prediction within {100 * TOLERANCE:.0f}% of the measurement for {sum(within)} of "
                             f"{len(within)} measured layouts (largest error {100 * worst:.0f}%)")
+    for w in sorted({r["workers"] for r in measured}):
+        bg = background_of([r for r in measured if r["workers"] == w], w)
+        if bg:
+            report.notes.append(f"background at W={w}, medians over {bg['runs']} layout(s): {bg['cores']:.2f} cores "
+                                f"outside the ranks' processes + {bg['cores_per_rank']:.3f} per rank in its other threads "
+                                f"= {bg['cores'] + w * bg['cores_per_rank']:.2f} of {env.get('cores')} cores (for "
+                                "`alexnet-pp plan --device-profile`: a profile's background_cores and "
+                                "background_cores_per_rank)")
     loads = [r.get("load_1min") for r in rows if r.get("load_1min") is not None]
     if loads:
         report.notes.append(f"load average (1 min) before each configuration: {min(loads):.1f}–{max(loads):.1f} on "

@@ -220,6 +220,7 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
     assert second["predicted_step_s"] > first["predicted_step_s"]
     md = (out / "scaling.md").read_text()
     assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
+    assert "background at W=2, medians over 3 layout(s): 0.40 cores outside the ranks' processes + 0.100 per rank" in md
     # predicted at the cut the run trained on, which the engine's live check may have moved
     assert rows["engine:2x1x1:M2"]["predicted_cut"] == "2" and "measured (2)" in md
 
