@@ -171,6 +171,7 @@ class WorkerMetrics(Callback):
         self._c("alexnet_pp_step_duration_seconds")
         self._c("alexnet_pp_data_wait_seconds_total")
         self._c("alexnet_pp_schedule_thread_cpu_seconds_total")
+        self._c("alexnet_pp_host_busy_cpu_seconds_total")
         for p in PHASES:
             self._c("alexnet_pp_stage_phase_seconds_total", phase=p)
         self._c("alexnet_pp_checkpoints_total")

@@ -201,7 +201,8 @@ def realistic_stats(step: int, stage: int, rng: random.Random) -> StepStats:
     phases = {"forward": fwd, "backward": bwd, "data_wait": data_wait, "optimizer": opt, "send": 0.02 * seconds,
               "recv": 0.03 * seconds, "idle": idle}
     return StepStats(step, 0, 2.3 / (1 + 0.01 * step), 0.01, 64, seconds, phases, idle / (seconds - opt), 0.2,
-                     total_steps=10_000)
+                     total_steps=10_000,
+                     cpu={"main_thread": 0.6 * seconds, "process": 0.7 * seconds, "host_busy": 1.8 * seconds})
 
 
 class FakeJob:
