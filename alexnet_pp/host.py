@@ -26,19 +26,23 @@ def cores() -> int:
 def busy_cpu_seconds() -> Optional[float]:
     """CPU seconds the cores this process may run on have spent busy since boot, whoever ran there
     (Linux's /proc/stat; None elsewhere): two readings bracket what the whole machine did meanwhile.
-    Busy counts user, nice, system, interrupts and steal (time the hypervisor gave to another guest)."""
+    Busy counts user, nice, system, interrupts and steal (time the hypervisor gave to another guest).
+    Read around every training step, so a process that may run on every core (the usual case) reads
+    the machine's total line instead of parsing one line per core."""
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
         allowed = os.sched_getaffinity(0)
     except (OSError, AttributeError):
         return None
+    per_core = [line for line in lines[1:] if line.startswith("cpu")]
+    if len(allowed) < len(per_core):  # pinned to some cores (taskset, a container's cpuset): theirs only
+        chosen = [line for line in per_core if int(line.partition(" ")[0][3:]) in allowed]
+    else:
+        chosen = lines[:1]  # "cpu  …": the sum over every online core
     ticks = 0
-    for line in lines:
-        name, _, rest = line.partition(" ")
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in allowed:
-            continue
-        v = [int(x) for x in rest.split()]
+    for line in chosen:
+        v = [int(x) for x in line.split()[1:]]
         ticks += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # not idle, iowait, guest
     return ticks / os.sysconf("SC_CLK_TCK")
 
