@@ -428,6 +428,12 @@ def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[d
             "cores_per_rank": statistics.median(map(other_threads_cores, use)), "runs": len(use)}
 
 
+def charged_cores(background: dict[str, Any], workers: int) -> float:
+    """The cores a background (background_of) takes from a run of `workers` ranks, as the cost model
+    charges them (costmodel.available_cores)."""
+    return background["cores"] + workers * background["cores_per_rank"]
+
+
 def other_threads_cores(r: dict[str, Any]) -> float:
     """Cores' worth of CPU of a rank's threads beside its schedule thread, the mean over the stages."""
     return statistics.fmean(v["other_threads"] for v in r["cpu_share"].values())
@@ -705,7 +711,7 @@ def _background(r: dict[str, Any]) -> Optional[str]:
     if measured is None and not used:
         return None
     text = "–" if measured is None else f"{measured:.2f}"
-    return text + (f" ({used['cores'] + r['workers'] * used['cores_per_rank']:.2f})" if used else "")
+    return text + (f" ({charged_cores(used, r['workers']):.2f})" if used else "")
 
 
 def background_cores(r: dict[str, Any]) -> Optional[float]:
@@ -829,7 +835,7 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         if bg:
             report.notes.append(f"background at W={w}, medians over {bg['runs']} layout(s): {bg['cores']:.2f} cores "
                                 f"outside the ranks' processes + {bg['cores_per_rank']:.3f} per rank in its other threads "
-                                f"= {bg['cores'] + w * bg['cores_per_rank']:.2f} of {env.get('cores')} cores (for "
+                                f"= {charged_cores(bg, w):.2f} of {env.get('cores')} cores (for "
                                 "`alexnet-pp plan --device-profile`: a profile's background_cores and "
                                 "background_cores_per_rank)")
     loads = [r.get("load_1min") for r in rows if r.get("load_1min") is not None]
