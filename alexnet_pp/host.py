@@ -36,14 +36,17 @@ def busy_cpu_seconds() -> Optional[float]:
     except (OSError, AttributeError):
         return None
     per_core = [line for line in lines[1:] if line.startswith("cpu")]
-    if len(allowed) < len(per_core):  # pinned to some cores (taskset, a container's cpuset): theirs only
-        chosen = [line for line in per_core if int(line.partition(" ")[0][3:]) in allowed]
-    else:
-        chosen = lines[:1]  # "cpu  …": the sum over every online core
     ticks = 0
-    for line in chosen:
-        v = [int(x) for x in line.split()[1:]]
-        ticks += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # not idle, iowait, guest
+    try:  # a format this code does not know: no reading, rather than a worker stopped mid-step
+        if len(allowed) < len(per_core):  # pinned to some cores (taskset, a container's cpuset): theirs only
+            chosen = [line for line in per_core if int(line.partition(" ")[0][3:]) in allowed]
+        else:
+            chosen = lines[:1]  # "cpu  …": the sum over every online core
+        for line in chosen:
+            v = [int(x) for x in line.split()[1:]]
+            ticks += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # not idle, iowait, guest
+    except (ValueError, IndexError):
+        return None
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
