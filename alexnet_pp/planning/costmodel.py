@@ -352,12 +352,14 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     there are, the cores are shared evenly among them (the OS's time slicing). The cores are those
     the profile's background leaves: the cluster's own processes and every rank's other threads.
     The unit times were measured with `co_runners` others training beside, so with that sharing
-    already in them."""
+    already in them. A layout with more workers than cores pays the profile's time-slicing slowdown
+    all along, not only while more of them compute than the cores hold: its waiting ranks keep waking
+    for transfers and take slices from the computing ones."""
     if not profile.cores:
         return None
     threads = max(profile.threads, 1)
     ranks = layout.tp * layout.dp
-    calibrated = _calibrated_share(profile)
+    calibrated = _calibrated_share(profile) * _slicing(profile, layout)
     left = available_cores(profile, layout.workers)
     return lambda k: min(1.0, left / (threads * ranks * k)) / calibrated
 
@@ -372,7 +374,13 @@ def tail_rate(profile: DeviceProfile, layout: Candidate) -> float:
         return 1.0
     threads = max(profile.threads, 1)
     share = min(1.0, available_cores(profile, layout.workers) / (threads * layout.workers))
-    return share / _calibrated_share(profile)
+    return share / (_calibrated_share(profile) * _slicing(profile, layout))
+
+
+def _slicing(profile: DeviceProfile, layout: Candidate) -> float:
+    """The profile's time-slicing slowdown where the layout's workers' threads outnumber the cores."""
+    oversubscribed = max(profile.threads, 1) * layout.workers > profile.cores
+    return max(profile.time_slicing_slowdown, 1.0) if oversubscribed else 1.0
 
 
 def _calibrated_share(profile: DeviceProfile) -> float:

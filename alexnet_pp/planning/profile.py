@@ -112,6 +112,10 @@ class DeviceProfile:
     # (communication, Ray's core worker); measured on runs (cluster.bench.scaling.background_of)
     background_cores: float = 0.0
     background_cores_per_rank: float = 0.0
+    # CPU seconds a unit of work costs while the machine holds more computing processes than cores,
+    # over the calibration's (time_slicing_slowdown): the OS slices them, and each slice starts on
+    # caches another process filled. 1: measured without, or never oversubscribed
+    time_slicing_slowdown: float = 1.0
     jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)
@@ -198,7 +202,7 @@ def mean_profile(profiles: Sequence[DeviceProfile]) -> DeviceProfile:
     units = [UnitTimes(us[0].name, *([mean(v) for v in zip(*(getattr(u, k) for u in us))] for k in KINDS))
              for us in zip(*(p.units for p in profiles))]
     scalars = ("optimizer_seconds_per_param", "reduce_copy_seconds_per_param", "grad_zero_seconds_per_param",
-               "grad_scale_seconds_per_param", "jitter")
+               "grad_scale_seconds_per_param", "jitter", "time_slicing_slowdown")
     return dataclasses.replace(first, name=" + ".join(p.name for p in profiles), units=units,
                                **{k: mean([getattr(p, k) for p in profiles]) for k in scalars})
 
@@ -406,13 +410,26 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
 
 
 def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 8 << 20, 32 << 20),
-                  reps: int = 5, timeout_s: float = 300.0, stat: str = "median") -> tuple[Link, Link]:
+                  reps: int = 5, timeout_s: float = 300.0, stat: str = "median",
+                  beside: Optional[tuple[ModelConfig, int, int]] = None) -> tuple[Link, Link]:
     """(p2p, all-reduce) links between two processes of this machine on `backend`: one-way time of
     a ping-pong and a two-rank all-reduce at several sizes, the median (or min) of `reps` after one
     that warms the connection, as latency + bytes / bandwidth (the
     all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks). The processes are
-    plain subprocesses, so a caller's unguarded main script is not run again (as spawn would)."""
+    plain subprocesses, so a caller's unguarded main script is not run again (as spawn would).
+    `beside` = (model, count, micro_batch): measured while `count` processes train the model (one
+    thread each), as a pipeline's other stages compute while two of them pass a micro-batch: a
+    blocked receiver then waits for a core to wake on."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    others = start_co_runners(beside[0], beside[1], 1, beside[2]) if beside and beside[1] else []
+    try:
+        return _links_between_two(backend, sizes, reps, timeout_s, stat, env)
+    finally:
+        stop_co_runners(others)
+
+
+def _links_between_two(backend: str, sizes: Sequence[int], reps: int, timeout_s: float, stat: str,
+                       env: dict) -> tuple[Link, Link]:
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
         code = ("import sys; from alexnet_pp.planning.profile import _links_worker; "
@@ -477,6 +494,51 @@ def stop_co_runners(procs: list[subprocess.Popen]) -> None:
         proc.terminate()
     for proc in procs:
         proc.wait(timeout=30)
+
+
+def time_slicing_slowdown(cfg: ModelConfig, co_runners: int, threads: int = 1, micro_batch: int = 16,
+                          reps: int = 15) -> float:
+    """How much more CPU a training pass costs here while the machine holds twice the processes its
+    cores run at once than beside `co_runners` (the calibration's): the median over `reps` of this
+    process's CPU seconds per pass with extra co-runners running, over the same with them paused
+    (SIGSTOP), the two alternating so that drift cancels. Never under 1: sharing cores makes no work
+    cheaper, and a lower ratio is noise."""
+    import signal
+
+    from alexnet_pp.host import cores
+    from alexnet_pp.model import AlexNet
+
+    slots = max(1, cores() // max(threads, 1))
+    extra = max(1, 2 * slots - 1 - co_runners)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 1))
+    model = AlexNet(dataclasses.replace(cfg, dropout=0.0)).train()
+    x = torch.randn(micro_batch, 3, cfg.image_size, cfg.image_size)
+
+    def cpu_per_pass(passes: int = 2) -> float:
+        model(x).sum().backward()  # the first slices after a switch refill the caches
+        t0 = time.process_time()
+        for _ in range(passes):
+            model(x).sum().backward()
+        return (time.process_time() - t0) / passes
+
+    base = start_co_runners(cfg, co_runners, threads, micro_batch)
+    extras = start_co_runners(cfg, extra, threads, micro_batch)
+    ratios = []
+    try:
+        for rep in range(reps):
+            seconds = {}
+            for running in ((False, True) if rep % 2 == 0 else (True, False)):
+                for proc in extras:
+                    os.kill(proc.pid, signal.SIGCONT if running else signal.SIGSTOP)
+                seconds[running] = cpu_per_pass()
+            ratios.append(seconds[True] / seconds[False])
+    finally:
+        for proc in extras:
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped process would not act on SIGTERM
+        stop_co_runners(base + extras)
+        torch.set_num_threads(prev_threads)
+    return max(1.0, statistics.median(ratios))
 
 
 def _memory_bytes(device: str) -> Optional[int]:

@@ -225,7 +225,8 @@ class Sweep:
         self.device = "cuda" if args.gpus_per_worker > 0 else "cpu"
         self.rows_path = self.out / "scaling.rows.jsonl"
         self.specs: list[Spec] = []
-        self._links = None
+        self._links: dict[int, tuple[Any, Any]] = {}  # by the processes training beside the two
+        self._slowdown: dict[int, float] = {}  # by worker count
 
     @property
     def model(self) -> ModelConfig:
@@ -326,12 +327,38 @@ class Sweep:
                 "cpu_share": summary.cpu_share_per_stage, "host_busy_cores": _finite(summary.host_busy_cores),
                 "outside_ranks_cores": _finite(summary.outside_ranks_cores)}
 
-    def links(self):
-        if self._links is None:
-            from alexnet_pp.planning.profile import measure_links
+    def links(self, workers: int):
+        """(p2p, all-reduce) on the run's backend, each measured once a sweep. On a CPU the p2p link is
+        measured between two of W workers while the others train beside, as many as the cores hold:
+        a pipeline's blocked receiver waits for a core to wake on, and its send for the receiver. The
+        all-reduce is always measured between two processes alone: the cost model shares the cores
+        in the step's tail itself (costmodel.tail_rate)."""
+        from alexnet_pp.planning.profile import measure_links
 
-            self._links = measure_links("nccl" if self.device == "cuda" else "gloo")
-        return self._links
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        if 0 not in self._links:
+            self._links[0] = measure_links(backend)
+        beside = link_co_runners(workers, self.args.threads) if self.device == "cpu" else 0
+        if not beside:
+            return self._links[0]
+        if beside not in self._links:
+            self._links[beside] = measure_links(backend, beside=(self.model, beside, self.smallest_micro_batch(workers)))
+        return self._links[beside][0], self._links[0][1]
+
+    def slowdown(self, workers: int) -> float:
+        """The time-slicing slowdown for runs of `workers` (profile.time_slicing_slowdown), measured
+        once a sweep where their threads outnumber the cores; 1 elsewhere."""
+        from alexnet_pp.planning.profile import time_slicing_slowdown
+
+        if self.device != "cpu" or workers * self.args.threads <= cores():
+            return 1.0
+        if workers not in self._slowdown:
+            self._slowdown[workers] = time_slicing_slowdown(
+                self.model, co_runners(workers, self.args.threads), self.args.threads, self.smallest_micro_batch(workers))
+        return self._slowdown[workers]
+
+    def smallest_micro_batch(self, workers: int) -> int:
+        return min((self.batch // (s.dp * s.m) for s in self.specs if s.workers == workers), default=self.batch)
 
     def calibrate(self, spec: Spec) -> dict[str, Any]:
         from alexnet_pp.layout import Layout
@@ -349,16 +376,25 @@ class Sweep:
         co = co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
         multi_gpu = self.device == "cuda" and _gpu_count() >= 2
         measured_links = self.device == "cpu" or multi_gpu
-        p2p, allreduce = self.links() if measured_links else (None, None)
+        p2p, allreduce = self.links(spec.workers) if measured_links else (None, None)
         profile = measure_profile(self.model, sizes, self.device, reps=self.args.calibration_reps,
                                   threads=self.args.threads, links="assume", co_runners=co,
                                   name=f"measured-w{spec.workers}" + (f"-{spec.around}" if spec.around else ""))
         if measured_links:
+            beside = link_co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
             profile = dataclasses.replace(
                 profile, p2p=p2p, allreduce=allreduce,
                 assumptions=[x for x in profile.assumptions if not x.startswith("links")]
                 + [f"links measured once in this sweep between two processes of this machine on "
-                   f"{'nccl' if self.device == 'cuda' else 'gloo'}"])
+                   f"{'nccl' if self.device == 'cuda' else 'gloo'}"
+                   + (f", p2p while {beside} other(s) trained beside" if beside else "")])
+        slowdown = self.slowdown(spec.workers)
+        if slowdown != 1.0:
+            profile = dataclasses.replace(
+                profile, time_slicing_slowdown=slowdown,
+                assumptions=profile.assumptions + [
+                    f"time slicing: a pass took {slowdown:.3f}× the CPU with twice the processes the cores run "
+                    "at once as beside the co-runners, measured once in this sweep"])
         path = self.spec_profile_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)
@@ -391,6 +427,12 @@ def co_runners(workers: int, threads: int) -> int:
     the slices fell; the cost model shares the cores among the ranks that compute at once instead
     (costmodel.compute_rate), from units timed on a full but not oversubscribed machine."""
     return min(workers, max(1, cores() // max(threads, 1))) - 1
+
+
+def link_co_runners(workers: int, threads: int) -> int:
+    """Processes to train beside the p2p link's measurement: the run's W − 2 other workers, as many
+    as the cores hold (more would measure where their slices fell)."""
+    return max(0, min(workers - 2, cores() // max(threads, 1)))
 
 
 def exclusive_idle(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -36,6 +36,37 @@ def test_the_calibration_trains_beside_as_many_workers_as_the_cores_hold(monkeyp
     assert scaling.co_runners(4, 1) == 3
 
 
+def test_the_p2p_link_is_measured_beside_the_other_workers_the_cores_hold(monkeypatch):
+    monkeypatch.setattr(scaling, "cores", lambda: 2)
+    assert [scaling.link_co_runners(w, 1) for w in (1, 2, 3, 4, 8)] == [0, 0, 1, 2, 2]
+    assert scaling.link_co_runners(4, 2) == 1  # two threads a worker: one fills both cores
+
+
+def test_a_calibration_for_more_workers_than_cores_carries_the_measured_slowdown(tmp_path):
+    """A real calibration of the tiny network for 4 one-thread workers: on a machine of fewer than 4
+    cores the profile carries the time-slicing slowdown measured once for the sweep (and says so),
+    and the p2p link was measured beside the others; on a bigger one neither applies."""
+    from alexnet_pp.planning.profile import DeviceProfile
+
+    argv = ["--preset", "test", "--workers", "4", "--micro-batches", "2", "--batch", "16", "--out", str(tmp_path)]
+    sweep = scaling.Sweep(scaling.build_parser().parse_args(argv), argv)
+    sweep.specs = plan([4], sweep.batch, [2], [], None, True, 1, "worker-count")
+    try:
+        out = sweep.calibrate(Spec("calibration", 4))
+        again = sweep.calibrate(Spec("calibration", 4, round=1))
+    finally:
+        scaling.shutil.rmtree(sweep.scratch, ignore_errors=True)
+    profile = DeviceProfile.load(tmp_path / out["profile"])
+    second = DeviceProfile.load(tmp_path / again["profile"])
+    if scaling.cores() < 4:
+        assert profile.time_slicing_slowdown >= 1.0
+        assert any(a.startswith("time slicing:") for a in profile.assumptions)
+        assert any("p2p while" in a for a in profile.assumptions)
+        assert second.time_slicing_slowdown == profile.time_slicing_slowdown and second.p2p == profile.p2p
+    else:
+        assert profile.time_slicing_slowdown == 1.0
+
+
 def test_idle_is_the_time_in_no_timed_instruction():
     phases = {"0": {"forward": 1.0, "backward": 2.0, "send": 0.5, "recv": 1.5, "idle": 2.5, "optimizer": 0.2}}
     assert scaling.exclusive_idle(phases)["0"] == {**phases["0"], "idle": 0.5}

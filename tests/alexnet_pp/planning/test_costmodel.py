@@ -27,6 +27,7 @@ from alexnet_pp.planning.profile import (
     measure_links,
     start_co_runners,
     stop_co_runners,
+    time_slicing_slowdown,
     time_units,
 )
 
@@ -134,6 +135,30 @@ def test_every_ranks_tail_shares_the_cores_the_background_leaves(tiny, make_prof
     busy, calm = predict(tiny, shared, two).stages[0].phases, predict(tiny, quiet, two).stages[0].phases
     assert busy["optimizer"] == pytest.approx(calm["optimizer"] / 0.85)
     assert calm["allreduce"] > 0 and busy["allreduce"] > calm["allreduce"]
+
+
+def test_a_layout_with_more_workers_than_cores_pays_the_time_slicing_slowdown(tiny, make_profile):
+    """A pass costs 1.25× the CPU while oversubscribed: 4 one-thread workers on 2 cores compute and
+    run their tails at 1/1.25 of what sharing alone gives, whatever number compute at once; 2 workers
+    on 2 cores pay nothing, 2 two-thread workers do; a device per worker never does."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import compute_rate, tail_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1)
+    sliced = dataclasses.replace(shared, time_slicing_slowdown=1.25)
+    four = Candidate(4, 1, 1, 4, 16)
+    assert [compute_rate(sliced, four)(k) for k in (1, 2, 3, 4)] == \
+        pytest.approx([compute_rate(shared, four)(k) / 1.25 for k in (1, 2, 3, 4)])
+    assert tail_rate(sliced, Candidate(1, 1, 4, 1, 16)) == pytest.approx(0.5 / 1.25)
+    two = Candidate(2, 1, 1, 4, 16)
+    assert compute_rate(sliced, two)(2) == compute_rate(shared, two)(2) == 1.0
+    assert tail_rate(sliced, Candidate(1, 1, 2, 1, 16)) == 1.0
+    threaded = dataclasses.replace(sliced, threads=2, co_runners=0)
+    assert compute_rate(threaded, two)(1) == pytest.approx(1 / 1.25)
+    assert predict(tiny, sliced, four).step_seconds > predict(tiny, shared, four).step_seconds
+    gpu = dataclasses.replace(make_profile(), time_slicing_slowdown=1.25)
+    assert predict(tiny, gpu, four).step_seconds == predict(tiny, make_profile(), four).step_seconds
 
 
 def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
@@ -333,11 +358,14 @@ def test_a_profile_survives_a_json_round_trip(tmp_path, make_profile):
 def test_calibrations_around_a_run_average_into_the_profile_it_ran_at(make_profile):
     import dataclasses
 
-    before = dataclasses.replace(make_profile(f=1e-3, b=2e-3, optimizer=1e-9), jitter=0.01, name="before")
-    after = dataclasses.replace(make_profile(f=3e-3, b=4e-3, optimizer=3e-9), jitter=0.03, name="after")
+    before = dataclasses.replace(make_profile(f=1e-3, b=2e-3, optimizer=1e-9), jitter=0.01, name="before",
+                                 time_slicing_slowdown=1.1)
+    after = dataclasses.replace(make_profile(f=3e-3, b=4e-3, optimizer=3e-9), jitter=0.03, name="after",
+                                time_slicing_slowdown=1.3)
     mean = mean_profile([before, after])
     assert mean.units[4].forward == pytest.approx([2e-3, 4e-3]) and mean.units[4].backward_input == pytest.approx([3e-3, 6e-3])
     assert mean.optimizer_seconds_per_param == pytest.approx(2e-9) and mean.jitter == pytest.approx(0.02)
+    assert mean.time_slicing_slowdown == pytest.approx(1.2)
     assert mean.name == "before + after" and mean_profile([before]) is before
     with pytest.raises(ValueError, match="other sizes or units"):
         mean_profile([before, dataclasses.replace(after, micro_batches=[1, 4])])
@@ -345,8 +373,9 @@ def test_calibrations_around_a_run_average_into_the_profile_it_ran_at(make_profi
 
 def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
     data = make_profile().to_dict()
-    del data["jitter"]
-    assert DeviceProfile.from_dict(data).jitter == 0.0
+    del data["jitter"], data["time_slicing_slowdown"]
+    loaded = DeviceProfile.from_dict(data)
+    assert loaded.jitter == 0.0 and loaded.time_slicing_slowdown == 1.0
 
 
 def test_a_profile_measured_for_another_network_is_refused(make_profile):
@@ -379,6 +408,39 @@ def test_two_local_processes_measure_a_link_with_positive_bandwidth_and_latency(
     p2p, allreduce = measure_links("gloo", sizes=(1024, 4 << 20), reps=2)
     for link in (p2p, allreduce):
         assert link.bandwidth > 0 and link.latency > 0
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux /proc)."""
+    import os
+
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+            out.add(int(pid))
+    return out
+
+
+def test_a_link_measured_beside_training_processes_stops_them_after(tiny):
+    before = _children()
+    p2p, allreduce = measure_links("gloo", sizes=(1024, 4 << 20), reps=2, beside=(tiny, 2, 2))
+    for link in (p2p, allreduce):
+        assert link.bandwidth > 0 and link.latency > 0
+    assert _children() == before
+
+
+def test_the_time_slicing_slowdown_is_measured_and_every_co_runner_stopped_even_paused_ones(tiny):
+    """The extra co-runners are paused and resumed in turn; whichever state the last rep left them in,
+    none outlives the measurement."""
+    before = _children()
+    for reps in (1, 2):  # an odd count ends with the extras running, an even one with them paused
+        slowdown = time_slicing_slowdown(tiny, co_runners=1, threads=1, micro_batch=2, reps=reps)
+        assert 1.0 <= slowdown < 10.0
+        assert _children() == before
 
 
 def test_co_runners_train_the_network_until_stopped(tiny):
