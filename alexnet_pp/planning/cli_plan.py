@@ -9,11 +9,18 @@ one CPU thread); --save-profile keeps that measurement for the next plan.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Optional, Sequence
 
 from alexnet_pp.config import PRESETS, ConfigError, load_config
 from alexnet_pp.planning.planner import format_table, rank_layouts
-from alexnet_pp.planning.profile import ASSUMED, DeviceProfile, assumed_gpu_profile, measure_profile
+from alexnet_pp.planning.profile import (
+    ASSUMED,
+    DeviceProfile,
+    assumed_gpu_profile,
+    measure_profile,
+    time_slicing_slowdown,
+)
 from alexnet_pp.planning.simulate import SCHEDULES
 
 
@@ -52,6 +59,10 @@ def load_profile(spec: Optional[str], model_cfg, args) -> DeviceProfile:
     sizes = tuple(int(x) for x in args.measure_micro_batches.split(","))
     print(f"measuring this machine ({device}, micro-batches {sizes}); --device-profile FILE skips this")
     profile = measure_profile(model_cfg, sizes, device, threads=args.threads, co_runners=args.co_runners)
+    if profile.cores and args.workers * max(args.threads, 1) > profile.cores:  # the run's workers time-slice the cores
+        slowdown = time_slicing_slowdown(model_cfg, args.co_runners, args.threads, min(sizes))
+        profile = dataclasses.replace(profile, time_slicing_slowdown=slowdown, assumptions=profile.assumptions + [
+            f"time slicing: a pass took {slowdown:.3f}× the CPU with twice the processes the cores run at once"])
     if args.save_profile:
         profile.save(args.save_profile)
         print(f"profile written to {args.save_profile}")

@@ -12,7 +12,7 @@ import pytest
 from alexnet_pp.planning.cli_plan import main_plan
 from alexnet_pp.planning.costmodel import Candidate
 from alexnet_pp.planning.planner import candidate_layouts, format_table, rank_layouts
-from alexnet_pp.planning.profile import Link
+from alexnet_pp.planning.profile import DeviceProfile, Link
 
 SLOW_COLLECTIVES = Link(bandwidth=1e30, latency=1.0)  # every all-reduce / all-gather step: 1 s
 
@@ -102,3 +102,18 @@ def test_plan_command_refuses_a_worker_count_no_layout_can_use(tmp_path, make_pr
     make_profile().save(path)
     with pytest.raises(SystemExit, match="no layout"):
         main_plan(["--workers", "13", "--batch", "8", "--preset", "test", "--device-profile", str(path)])
+
+
+def test_plan_measures_this_cpu_and_its_time_slicing_for_more_workers_than_cores(tmp_path, capsys):
+    """Without a profile, `plan` measures this machine (the tiny network, fast) and keeps it; for
+    more one-thread workers than cores it also measures what time slicing costs them."""
+    from alexnet_pp.host import cores
+
+    path = tmp_path / "measured.json"
+    workers = cores() + 1
+    assert main_plan(["--workers", str(workers), "--batch", "8", "--preset", "test", "--measure-micro-batches", "1,2",
+                      "--co-runners", "1", "--save-profile", str(path), "--top", "2"]) == 0
+    profile = DeviceProfile.load(path)
+    assert profile.cores == cores() and profile.co_runners == 1 and profile.time_slicing_slowdown >= 1.0
+    out = capsys.readouterr().out
+    assert "time slicing: a pass took" in out and "PREDICTED" in out
