@@ -60,9 +60,10 @@ def load_profile(spec: Optional[str], model_cfg, args) -> DeviceProfile:
     print(f"measuring this machine ({device}, micro-batches {sizes}); --device-profile FILE skips this")
     profile = measure_profile(model_cfg, sizes, device, threads=args.threads, co_runners=args.co_runners)
     if profile.cores and args.workers * max(args.threads, 1) > profile.cores:  # the run's workers time-slice the cores
-        slowdown = time_slicing_slowdown(model_cfg, args.co_runners, args.threads, min(sizes))
+        slowdown = time_slicing_slowdown(model_cfg, args.workers, args.co_runners, args.threads, min(sizes))
         profile = dataclasses.replace(profile, time_slicing_slowdown=slowdown, assumptions=profile.assumptions + [
-            f"time slicing: a pass took {slowdown:.3f}× the CPU with twice the processes the cores run at once"])
+            f"time slicing: a pass took {slowdown:.3f}× the CPU with {args.workers} processes (at most twice the "
+            "cores) as beside the co-runners"])
     if args.save_profile:
         profile.save(args.save_profile)
         print(f"profile written to {args.save_profile}")

@@ -18,6 +18,7 @@ each such meeting the expected maximum of that spread (costmodel.sync_wait).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -496,20 +497,20 @@ def stop_co_runners(procs: list[subprocess.Popen]) -> None:
         proc.wait(timeout=30)
 
 
-def time_slicing_slowdown(cfg: ModelConfig, co_runners: int, threads: int = 1, micro_batch: int = 16,
+def time_slicing_slowdown(cfg: ModelConfig, workers: int, co_runners: int, threads: int = 1, micro_batch: int = 16,
                           reps: int = 15) -> float:
-    """How much more CPU a training pass costs here while the machine holds twice the processes its
-    cores run at once than beside `co_runners` (the calibration's): the median over `reps` of this
-    process's CPU seconds per pass with extra co-runners running, over the same with them paused
-    (SIGSTOP), the two alternating so that drift cancels. Never under 1: sharing cores makes no work
-    cheaper, and a lower ratio is noise."""
+    """How much more CPU a training pass costs here while `workers` processes share the cores (at
+    most twice the processes the cores run at once) than beside `co_runners` (the calibration's):
+    the median over `reps` of this process's CPU seconds per pass with the extra co-runners running,
+    over the same with them paused (SIGSTOP), the two alternating so that drift cancels. Never under
+    1: sharing cores makes no work cheaper, and a lower ratio is noise."""
     import signal
 
     from alexnet_pp.host import cores
     from alexnet_pp.model import AlexNet
 
     slots = max(1, cores() // max(threads, 1))
-    extra = max(1, 2 * slots - 1 - co_runners)
+    extra = max(1, min(workers, 2 * slots) - 1 - co_runners)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 1))
     model = AlexNet(dataclasses.replace(cfg, dropout=0.0)).train()
@@ -522,21 +523,26 @@ def time_slicing_slowdown(cfg: ModelConfig, co_runners: int, threads: int = 1, m
             model(x).sum().backward()
         return (time.process_time() - t0) / passes
 
-    base = start_co_runners(cfg, co_runners, threads, micro_batch)
-    extras = start_co_runners(cfg, extra, threads, micro_batch)
+    def signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):  # one that died is stopped below all the same
+                os.kill(proc.pid, sig)
+
+    procs: list[subprocess.Popen] = []
     ratios = []
     try:
+        procs += start_co_runners(cfg, co_runners, threads, micro_batch)
+        extras = start_co_runners(cfg, extra, threads, micro_batch)
+        procs += extras
         for rep in range(reps):
             seconds = {}
             for running in ((False, True) if rep % 2 == 0 else (True, False)):
-                for proc in extras:
-                    os.kill(proc.pid, signal.SIGCONT if running else signal.SIGSTOP)
+                signal_all(extras, signal.SIGCONT if running else signal.SIGSTOP)
                 seconds[running] = cpu_per_pass()
             ratios.append(seconds[True] / seconds[False])
     finally:
-        for proc in extras:
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped process would not act on SIGTERM
-        stop_co_runners(base + extras)
+        signal_all(procs, signal.SIGCONT)  # a stopped process would not act on SIGTERM
+        stop_co_runners(procs)
         torch.set_num_threads(prev_threads)
     return max(1.0, statistics.median(ratios))
 

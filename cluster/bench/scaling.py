@@ -354,7 +354,8 @@ class Sweep:
             return 1.0
         if workers not in self._slowdown:
             self._slowdown[workers] = time_slicing_slowdown(
-                self.model, co_runners(workers, self.args.threads), self.args.threads, self.smallest_micro_batch(workers))
+                self.model, workers, co_runners(workers, self.args.threads), self.args.threads,
+                self.smallest_micro_batch(workers))
         return self._slowdown[workers]
 
     def smallest_micro_batch(self, workers: int) -> int:
@@ -393,8 +394,8 @@ class Sweep:
             profile = dataclasses.replace(
                 profile, time_slicing_slowdown=slowdown,
                 assumptions=profile.assumptions + [
-                    f"time slicing: a pass took {slowdown:.3f}× the CPU with twice the processes the cores run "
-                    "at once as beside the co-runners, measured once in this sweep"])
+                    f"time slicing: a pass took {slowdown:.3f}× the CPU with {spec.workers} processes (at most twice "
+                    "the cores) as beside the co-runners, measured once in this sweep"])
         path = self.spec_profile_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)

@@ -438,7 +438,7 @@ def test_the_time_slicing_slowdown_is_measured_and_every_co_runner_stopped_even_
     none outlives the measurement."""
     before = _children()
     for reps in (1, 2):  # an odd count ends with the extras running, an even one with them paused
-        slowdown = time_slicing_slowdown(tiny, co_runners=1, threads=1, micro_batch=2, reps=reps)
+        slowdown = time_slicing_slowdown(tiny, workers=4, co_runners=1, threads=1, micro_batch=2, reps=reps)
         assert 1.0 <= slowdown < 10.0
         assert _children() == before
 
