@@ -9,7 +9,6 @@ one CPU thread); --save-profile keeps that measurement for the next plan.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Optional, Sequence
 
 from alexnet_pp.config import PRESETS, ConfigError, load_config
@@ -19,7 +18,9 @@ from alexnet_pp.planning.profile import (
     DeviceProfile,
     assumed_gpu_profile,
     measure_profile,
+    oversubscribed,
     time_slicing_slowdown,
+    with_time_slicing,
 )
 from alexnet_pp.planning.simulate import SCHEDULES
 
@@ -59,11 +60,9 @@ def load_profile(spec: Optional[str], model_cfg, args) -> DeviceProfile:
     sizes = tuple(int(x) for x in args.measure_micro_batches.split(","))
     print(f"measuring this machine ({device}, micro-batches {sizes}); --device-profile FILE skips this")
     profile = measure_profile(model_cfg, sizes, device, threads=args.threads, co_runners=args.co_runners)
-    if profile.cores and args.workers * max(args.threads, 1) > profile.cores:  # the run's workers time-slice the cores
+    if oversubscribed(args.workers, args.threads, profile.cores):  # the run's workers time-slice the cores
         slowdown = time_slicing_slowdown(model_cfg, args.workers, args.co_runners, args.threads, min(sizes))
-        profile = dataclasses.replace(profile, time_slicing_slowdown=slowdown, assumptions=profile.assumptions + [
-            f"time slicing: a pass took {slowdown:.3f}× the CPU with {args.workers} processes (at most twice the "
-            "cores) as beside the co-runners"])
+        profile = with_time_slicing(profile, slowdown, args.workers)
     if args.save_profile:
         profile.save(args.save_profile)
         print(f"profile written to {args.save_profile}")

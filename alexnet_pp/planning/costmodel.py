@@ -24,7 +24,7 @@ from alexnet_pp.model import CROSS_TOWER
 from alexnet_pp.shapes import LAYER_NAMES, layer_output_shapes
 from alexnet_pp.pipeline import (SPLITTABLE, Partition, Unit, partition, pipeline_units, split_widths, stage_plan,
                                  unit_names, unit_param_counts)
-from alexnet_pp.planning.profile import DeviceProfile, Link
+from alexnet_pp.planning.profile import DeviceProfile, Link, oversubscribed
 from alexnet_pp.planning.simulate import StageCost, Timeline, simulate
 
 LABEL_BYTES = 8  # int64 label per image, sent beside the activations (cluster/stage_layers.py)
@@ -379,8 +379,8 @@ def tail_rate(profile: DeviceProfile, layout: Candidate) -> float:
 
 def _slicing(profile: DeviceProfile, layout: Candidate) -> float:
     """The profile's time-slicing slowdown where the layout's workers' threads outnumber the cores."""
-    oversubscribed = max(profile.threads, 1) * layout.workers > profile.cores
-    return max(profile.time_slicing_slowdown, 1.0) if oversubscribed else 1.0
+    sliced = oversubscribed(layout.workers, profile.threads, profile.cores)
+    return max(profile.time_slicing_slowdown, 1.0) if sliced else 1.0
 
 
 def _calibrated_share(profile: DeviceProfile) -> float:

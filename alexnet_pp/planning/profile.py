@@ -421,16 +421,16 @@ def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 
     `beside` = (model, count, micro_batch): measured while `count` processes train the model (one
     thread each), as a pipeline's other stages compute while two of them pass a micro-batch: a
     blocked receiver then waits for a core to wake on."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     others = start_co_runners(beside[0], beside[1], 1, beside[2]) if beside and beside[1] else []
     try:
-        return _links_between_two(backend, sizes, reps, timeout_s, stat, env)
+        return _links_between_two(backend, sizes, reps, timeout_s, stat)
     finally:
         stop_co_runners(others)
 
 
-def _links_between_two(backend: str, sizes: Sequence[int], reps: int, timeout_s: float, stat: str,
-                       env: dict) -> tuple[Link, Link]:
+def _links_between_two(backend: str, sizes: Sequence[int], reps: int, timeout_s: float,
+                       stat: str) -> tuple[Link, Link]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
         code = ("import sys; from alexnet_pp.planning.profile import _links_worker; "
@@ -495,6 +495,20 @@ def stop_co_runners(procs: list[subprocess.Popen]) -> None:
         proc.terminate()
     for proc in procs:
         proc.wait(timeout=30)
+
+
+def oversubscribed(workers: int, threads: int, cores: int) -> bool:
+    """Whether `workers` processes of `threads` torch threads outnumber a CPU's `cores` (0: a device
+    per worker, never)."""
+    return bool(cores) and workers * max(threads, 1) > cores
+
+
+def with_time_slicing(profile: DeviceProfile, slowdown: float, workers: int, note: str = "") -> DeviceProfile:
+    """`profile` carrying a measured time_slicing_slowdown, with the measurement named among its
+    assumptions."""
+    return dataclasses.replace(profile, time_slicing_slowdown=slowdown, assumptions=profile.assumptions + [
+        f"time slicing: a pass took {slowdown:.3f}× the CPU with {workers} processes (at most twice the cores) "
+        f"as beside the co-runners{note}"])
 
 
 def time_slicing_slowdown(cfg: ModelConfig, workers: int, co_runners: int, threads: int = 1, micro_batch: int = 16,

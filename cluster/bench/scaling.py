@@ -338,19 +338,23 @@ class Sweep:
         backend = "nccl" if self.device == "cuda" else "gloo"
         if 0 not in self._links:
             self._links[0] = measure_links(backend)
-        beside = link_co_runners(workers, self.args.threads) if self.device == "cpu" else 0
+        beside = self.link_beside(workers)
         if not beside:
             return self._links[0]
         if beside not in self._links:
             self._links[beside] = measure_links(backend, beside=(self.model, beside, self.smallest_micro_batch(workers)))
         return self._links[beside][0], self._links[0][1]
 
+    def link_beside(self, workers: int) -> int:
+        """Processes training beside the p2p link's measurement for runs of `workers` (none on GPUs)."""
+        return link_co_runners(workers, self.args.threads) if self.device == "cpu" else 0
+
     def slowdown(self, workers: int) -> float:
         """The time-slicing slowdown for runs of `workers` (profile.time_slicing_slowdown), measured
         once a sweep where their threads outnumber the cores; 1 elsewhere."""
-        from alexnet_pp.planning.profile import time_slicing_slowdown
+        from alexnet_pp.planning.profile import oversubscribed, time_slicing_slowdown
 
-        if self.device != "cpu" or workers * self.args.threads <= cores():
+        if self.device != "cpu" or not oversubscribed(workers, self.args.threads, cores()):
             return 1.0
         if workers not in self._slowdown:
             self._slowdown[workers] = time_slicing_slowdown(
@@ -363,7 +367,7 @@ class Sweep:
 
     def calibrate(self, spec: Spec) -> dict[str, Any]:
         from alexnet_pp.layout import Layout
-        from alexnet_pp.planning.profile import measure_profile
+        from alexnet_pp.planning.profile import measure_profile, with_time_slicing
 
         if spec.around:  # the layout's micro-batch only
             try:
@@ -382,7 +386,7 @@ class Sweep:
                                   threads=self.args.threads, links="assume", co_runners=co,
                                   name=f"measured-w{spec.workers}" + (f"-{spec.around}" if spec.around else ""))
         if measured_links:
-            beside = link_co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
+            beside = self.link_beside(spec.workers)
             profile = dataclasses.replace(
                 profile, p2p=p2p, allreduce=allreduce,
                 assumptions=[x for x in profile.assumptions if not x.startswith("links")]
@@ -391,11 +395,7 @@ class Sweep:
                    + (f", p2p while {beside} other(s) trained beside" if beside else "")])
         slowdown = self.slowdown(spec.workers)
         if slowdown != 1.0:
-            profile = dataclasses.replace(
-                profile, time_slicing_slowdown=slowdown,
-                assumptions=profile.assumptions + [
-                    f"time slicing: a pass took {slowdown:.3f}× the CPU with {spec.workers} processes (at most twice "
-                    "the cores) as beside the co-runners, measured once in this sweep"])
+            profile = with_time_slicing(profile, slowdown, spec.workers, ", measured once in this sweep")
         path = self.spec_profile_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)
