@@ -202,10 +202,39 @@ def mean_profile(profiles: Sequence[DeviceProfile]) -> DeviceProfile:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     units = [UnitTimes(us[0].name, *([mean(v) for v in zip(*(getattr(u, k) for u in us))] for k in KINDS))
              for us in zip(*(p.units for p in profiles))]
-    scalars = ("optimizer_seconds_per_param", "reduce_copy_seconds_per_param", "grad_zero_seconds_per_param",
-               "grad_scale_seconds_per_param", "jitter", "time_slicing_slowdown")
     return dataclasses.replace(first, name=" + ".join(p.name for p in profiles), units=units,
-                               **{k: mean([getattr(p, k) for p in profiles]) for k in scalars})
+                               **{k: mean([getattr(p, k) for p in profiles]) for k in _TIMED_SCALARS})
+
+
+# what a calibration times besides the units; mean_profile averages them
+_TIMED_SCALARS = ("optimizer_seconds_per_param", "reduce_copy_seconds_per_param", "grad_zero_seconds_per_param",
+                  "grad_scale_seconds_per_param", "jitter", "time_slicing_slowdown")
+
+
+def same_conditions(a: DeviceProfile, b: DeviceProfile) -> bool:
+    """Whether two calibrations timed the same work the same way: the device, the network, the
+    micro-batch sizes, the threads per worker and the processes training beside."""
+    return (a.device, a.model, a.micro_batches, a.threads, a.co_runners, [u.name for u in a.units]) == \
+        (b.device, b.model, b.micro_batches, b.threads, b.co_runners, [u.name for u in b.units])
+
+
+def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) -> DeviceProfile:
+    """`own` with the unit, optimizer and gradient-sweep times (and jitter) the mean over those of
+    `calibrations` taken under its conditions (same_conditions; `own`'s own calibrations among
+    them); its links, time-slicing slowdown and the rest stay its own. `own` where none match. On a
+    shared machine one calibration's unit times swing by more than a prediction's error goal from
+    run to run, far more than the machine's speed drifts over a sweep: the mean over all of a
+    sweep's calibrations at a size predicts each run better than the ones taken right beside it."""
+    same = [p for p in calibrations if same_conditions(p, own)]
+    if not same:
+        return own
+    mean = mean_profile(same)
+    sizes = ", ".join(map(str, own.micro_batches))
+    return dataclasses.replace(
+        own, name=f"{own.name} (pooled: {len(same)} calibrations)", units=mean.units,
+        **{k: getattr(mean, k) for k in _TIMED_SCALARS if k != "time_slicing_slowdown"},
+        assumptions=[*own.assumptions, f"unit, optimizer and gradient-sweep times: the mean of {len(same)} "
+                     f"calibrations in this run at micro-batch {sizes} with {own.co_runners} co-runner(s)"])
 
 
 def _model_key(cfg: ModelConfig) -> dict:

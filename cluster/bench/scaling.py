@@ -10,11 +10,13 @@ For each worker count W, in one run:
    the run's other workers (as many as the cores hold beside the timed one) training the network
    meanwhile when the W workers share a CPU (on GPUs none); the links between two processes are
    measured once. `--calibrate layout` (the default) calibrates right before and right after each
-   layout's run, at its micro-batch, and predicts the layout from the two profiles' mean: a shared
-   machine's speed drifts by more than the prediction's goal within minutes (one round's
-   calibration of two workers timed the units a third slower than another's), so a calibration
-   minutes away predicts the machine of that moment. `--calibrate worker-count`: once per worker
-   count, at the micro-batch sizes its layouts use;
+   layout's run, at its micro-batch; `--calibrate worker-count`: once per worker count, at the
+   micro-batch sizes its layouts use. A layout is predicted with the unit, optimizer and gradient-
+   sweep times pooled over every calibration of the sweep at its micro-batch (the same threads and
+   co-runners; profile.pooled_profile): on a shared machine one calibration's unit times swing by
+   ±25% from the next (8-image micro-batches: 5.9 to 10.0 ms an image within one sweep here), more
+   than the machine drifts over a sweep, so the mean of many predicts each run better than the two
+   taken right beside it;
 2. baselines: the plain single-process trainer with min(W × threads, cores) torch threads, and
    PyTorch DistributedDataParallel of the same network over W processes (W ≥ 2; data parallel
    only), both on the same in-memory batches (cluster/bench/baselines.py);
@@ -33,8 +35,8 @@ profiles, the paper network) are predictions and labelled so.
 
 `--repeats N` runs the whole sweep N times in rounds, each calibrating afresh and every second one in
 the opposite order; each configuration's row then holds the median images/s of its runs (and the
-median prediction, each run predicted from its own round's calibration) with every run's figures:
-on a machine whose speed drifts from minute to minute, one run of a configuration is one draw.
+median prediction, each run's with the background the runs before it measured) with every run's
+figures: on a machine whose speed drifts from minute to minute, one run of a configuration is one draw.
 A resumed sweep may be given more rounds than it had.
 
 A configuration that fails becomes a row with its error and the sweep goes on. Every finished
@@ -227,6 +229,7 @@ class Sweep:
         self.specs: list[Spec] = []
         self._links: dict[int, tuple[Any, Any]] = {}  # by the processes training beside the two
         self._slowdown: dict[int, float] = {}  # by worker count
+        self._profiles: dict[Path, Any] = {}  # calibrations read, by path
 
     @property
     def model(self) -> ModelConfig:
@@ -408,18 +411,33 @@ class Sweep:
         return self.out / "profiles" / f"{spec.slug}.json" if spec.around else self.profile_path(spec.workers, spec.round)
 
     def profile(self, row: dict[str, Any]):
-        """The profile a measured layout's row is predicted from: the mean of the calibrations right
-        before and right after its run where they were taken (--calibrate layout), else its round's
-        calibration of its worker count; None without either."""
-        from alexnet_pp.planning.profile import DeviceProfile, mean_profile
+        """The profile a measured layout's row is predicted from: its own calibrations (the mean of
+        those right before and right after its run where they were taken, --calibrate layout, else
+        its round's calibration of its worker count) with the unit, optimizer and gradient-sweep
+        times pooled over every calibration this sweep has taken at the same micro-batch sizes,
+        threads and co-runners (profile.pooled_profile); None without a calibration of its own."""
+        from alexnet_pp.planning.profile import mean_profile, pooled_profile
 
         spec = Spec(row["kind"], row["workers"], row["pp"], row["tp"], row["dp"], row["micro_batches"],
                     row.get("round", 0))
         around = [p for p in map(self.spec_profile_path, spec.calibrations()) if p.is_file()]
         if around:
-            return mean_profile([DeviceProfile.load(p) for p in around])
-        path = self.profile_path(row["workers"], row.get("round", 0))
-        return DeviceProfile.load(path) if path.is_file() else None
+            own = mean_profile([self._load_profile(p) for p in around])
+        else:
+            path = self.profile_path(row["workers"], row.get("round", 0))
+            if not path.is_file():
+                return None
+            own = self._load_profile(path)
+        taken = [self.spec_profile_path(s) for s in self.specs if s.kind == "calibration"]
+        return pooled_profile(own, [self._load_profile(p) for p in taken if p.is_file()])
+
+    def _load_profile(self, path: Path):
+        """A calibration's profile, read once per sweep (a report predicts every row from them all)."""
+        from alexnet_pp.planning.profile import DeviceProfile
+
+        if path not in self._profiles:
+            self._profiles[path] = DeviceProfile.load(path)
+        return self._profiles[path]
 
 
 def co_runners(workers: int, threads: int) -> int:
@@ -800,14 +818,16 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         intro=(f"Every layout ran {a.warmup} warm-up + {a.steps} timed steps through the {where}"
                + (f", in each of {a.repeats} rounds (each calibrated afresh, every second one in the opposite order); "
                   "img/s measured and predicted are the medians over the rounds, the run's range in brackets, and "
-                  "error is the medians' (each run's against its own round's prediction in brackets); the other "
+                  "error is the medians' (each run's against its own prediction in brackets); the other "
                   "columns are the median run's" if a.repeats > 1 else "") + ", "
                f"{a.threads} torch thread(s) per worker, on {'in-memory tensors' if a.data == 'tensors' else 'the shard stream'}; "
                f"preset `{a.preset}` (width {m.width}, {m.image_size} px, {m.num_classes} classes), batch {sweep.batch}. "
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` at the cut the run trained on with "
-               + ("the mean of two profiles calibrated right before and right after the layout's run, at its "
-                  "micro-batch" if a.calibrate == "layout" else "the profile calibrated in this run for W workers")
+               + ("unit times pooled over every calibration of this sweep at the layout's micro-batch (each "
+                  "layout's run calibrated right before and right after it), links and time-slicing slowdown "
+                  "measured once per W" if a.calibrate == "layout" else "the profile calibrated in this run for W "
+                  "workers, its unit times pooled over every calibration of this sweep at the same micro-batches")
                + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
                "simulated ranks share the cores the background leaves while more compute than there are). "
                "Background cores: CPU on the machine outside the ranks' schedule threads while they stepped — the "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alexnet_pp.config import load_config
 from cluster.bench import scaling
 from cluster.bench.scaling import Spec, layouts_for, plan
 
@@ -160,20 +161,22 @@ def test_calibrating_per_layout_brackets_each_run_and_keeps_the_order_of_rounds(
     assert plan([1], 64, [4], (), calibrate="layout", predict=False) == plan([1], 64, [4], (), predict=False)
 
 
-def test_a_layout_is_predicted_from_the_mean_of_the_calibrations_around_its_run(tmp_path):
-    """The calibration before a run times the units 1×, the one after 3× a GPU's: the layout's
-    prediction is the one for 2×; a layout whose after-calibration is missing uses the one before."""
+def test_a_layout_is_predicted_from_every_calibration_of_the_sweep_at_its_micro_batch(tmp_path):
+    """1×1×1 (micro-batch 8) is calibrated at 1× and 3× a GPU's unit times: predicted at 2×. 2×1×1 M2
+    and 1×1×2 (micro-batch 4) are calibrated at 1× (its after-calibration fails), and 4× and 7×:
+    both are predicted from the mean of the three, 4×, whichever ran beside them."""
     import dataclasses
 
     from alexnet_pp.planning.costmodel import Candidate, predict
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
-    def scaled(sweep, k):
+    def calibration(sweep, n, k):
         gpu = assumed_gpu_profile("h100-nvlink", sweep.model)
-        return dataclasses.replace(gpu, units=[dataclasses.replace(
-            u, forward=[k * x for x in u.forward], backward_input=[k * x for x in u.backward_input],
-            backward_weight=[k * x for x in u.backward_weight]) for u in gpu.units])
+        units = [dataclasses.replace(u, forward=[k * f], backward_input=[k * b], backward_weight=[k * w])
+                 for u, (f, b, w) in zip(gpu.units, gpu.unit_seconds(n))]
+        return dataclasses.replace(gpu, micro_batches=[n], units=units)
 
+    slower = {(1, "before"): 1.0, (1, "after"): 3.0, (2, "before"): 1.0, (3, "before"): 4.0, (3, "after"): 7.0}
     seen = {}
 
     def run(sweep, spec):
@@ -183,23 +186,30 @@ def test_a_layout_is_predicted_from_the_mean_of_the_calibrations_around_its_run(
                 raise RuntimeError("no calibration after the pipeline")
             path = sweep.spec_profile_path(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
-            scaled(sweep, 1.0 if spec.around == "before" else 3.0).save(path)
-            return {"micro_batch_sizes": [8], "co_runners": 0, "profile": str(path.relative_to(sweep.out))}
+            n = 8 // (spec.dp * spec.m)
+            calibration(sweep, n, slower[spec.pp + 2 * (spec.dp - 1), spec.around]).save(path)
+            return {"micro_batch_sizes": [n], "co_runners": 0, "profile": str(path.relative_to(sweep.out))}
         return {"images_per_s": 100.0, "step_p50_s": 0.08, "step_p95_s": 0.09, "steps_timed": 2,
                 "peak_memory_bytes": {"0": 1}, "partition": "measured", "phases_s": {"0": {"forward": 0.01}}}
 
     out = tmp_path / "out"
-    assert scaling.main(["--preset", "test", "--layouts", "1,1,1", "2,1,1,2", "--baselines", "", "--gpu-workers", "",
-                         "--batch", "8", "--out", str(out)], runner=run) == 0
+    assert scaling.main(["--preset", "test", "--layouts", "1,1,1", "2,1,1,2", "1,1,2", "--baselines", "",
+                         "--gpu-workers", "", "--batch", "8", "--out", str(out)], runner=run) == 0
     rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
     sweep = seen["sweep"]
-    expect = predict(sweep.model, scaled(sweep, 2.0), Candidate(1, 1, 1, 1, 8, "1f1b", "measured")).images_per_s
-    assert rows["engine:1x1x1:M1"]["predicted_images_per_s"] == pytest.approx(expect, rel=1e-9)
-    alone = predict(sweep.model, scaled(sweep, 1.0), Candidate(2, 1, 1, 2, 8, "1f1b", "measured")).images_per_s
-    assert rows["engine:2x1x1:M2"]["predicted_images_per_s"] == pytest.approx(alone, rel=1e-9)
+
+    def expect(k, n, *layout):
+        return predict(sweep.model, calibration(sweep, n, k), Candidate(*layout, 8, "1f1b", "measured")).images_per_s
+
+    assert rows["engine:1x1x1:M1"]["predicted_images_per_s"] == pytest.approx(expect(2.0, 8, 1, 1, 1, 1), rel=1e-9)
+    assert rows["engine:2x1x1:M2"]["predicted_images_per_s"] == pytest.approx(expect(4.0, 4, 2, 1, 1, 2), rel=1e-9)
+    assert rows["engine:1x1x2:M1"]["predicted_images_per_s"] == pytest.approx(expect(4.0, 4, 1, 1, 2, 1), rel=1e-9)
+    assert "(pooled: 3 calibrations)" in rows["engine:2x1x1:M2"]["profile"]
+    assert "(pooled: 2 calibrations)" in rows["engine:1x1x1:M1"]["profile"]
     assert rows["calibration:engine:2x1x1:M2:after"]["status"] == "failed"
-    assert "calibrated right before and right after each layout's run, in every round: 2 layouts' profiles" in \
-        (out / "scaling.md").read_text()
+    md = (out / "scaling.md").read_text()
+    assert "calibrated right before and right after each layout's run, in every round: 3 layouts' profiles" in md
+    assert "pooled over every calibration of this sweep at the layout's micro-batch" in md
 
 
 def test_the_background_a_prediction_charges_comes_from_runs_before_it():
@@ -256,27 +266,30 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
     assert rows["engine:2x1x1:M2"]["predicted_cut"] == "2" and "measured (2)" in md
 
 
-def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path):
+def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path, capfd):
     """Three rounds whose machine runs at 1, 3 and 2 times a base speed and whose calibrations time
-    the units 4, 2 and 1 times a GPU's: each row's images/s and prediction are the medians, its error
-    the medians' and each run's against its own round's prediction; one more round resumes the sweep."""
+    the units 4, 2 and 1 times a GPU's: each row's images/s is the median, its error the median's;
+    every run is predicted from the three calibrations' mean (7/3 times a GPU's), where the progress
+    line could pool only the calibrations taken so far; one more round resumes the sweep."""
     import dataclasses
 
+    from alexnet_pp.planning.costmodel import Candidate, predict
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
     speed = {0: 1.0, 1: 3.0, 2: 2.0, 3: 1.5}
     slower = {0: 4.0, 1: 2.0, 2: 1.0, 3: 1.0}  # unit times of each round's calibration
 
+    def scaled(model, k):
+        gpu = assumed_gpu_profile("h100-nvlink", model)
+        return dataclasses.replace(gpu, units=[dataclasses.replace(
+            u, forward=[k * x for x in u.forward], backward_input=[k * x for x in u.backward_input],
+            backward_weight=[k * x for x in u.backward_weight]) for u in gpu.units])
+
     def run(sweep, spec):
         if spec.kind == "calibration":
-            gpu = assumed_gpu_profile("h100-nvlink", sweep.model)
-            k = slower[spec.round]
-            units = [dataclasses.replace(u, forward=[k * x for x in u.forward],
-                                         backward_input=[k * x for x in u.backward_input],
-                                         backward_weight=[k * x for x in u.backward_weight]) for u in gpu.units]
             path = sweep.profile_path(spec.workers, spec.round)
             path.parent.mkdir(parents=True, exist_ok=True)
-            dataclasses.replace(gpu, units=units, name=f"round{spec.round}").save(path)
+            dataclasses.replace(scaled(sweep.model, slower[spec.round]), name=f"round{spec.round}").save(path)
             return {"micro_batch_sizes": [8], "co_runners": 0, "profile": str(path.relative_to(sweep.out))}
         ips = 100.0 * speed[spec.round]
         return {"images_per_s": ips, "step_p50_s": 16 / ips, "step_p95_s": 20 / ips, "steps_timed": 2,
@@ -291,12 +304,16 @@ def test_a_repeated_sweep_reports_the_median_run_and_every_runs_figures(tmp_path
     assert [r["id"] for r in rows] == ["calibration:W1", "engine:1x1x1:M1"]
     one = rows[1]
     assert one["images_per_s_runs"] == [100.0, 200.0, 300.0] and one["images_per_s"] == 200.0
-    pred = sorted(one["predicted_images_per_s_runs"])
-    assert pred[0] < pred[1] < pred[2]  # the rounds' calibrations: 4, 2, 1 times the unit times
-    assert one["predicted_images_per_s"] == pred[1]
-    assert one["prediction_error"] == pytest.approx(200.0 / pred[1] - 1)
-    by_speed = dict(zip(one["images_per_s_runs"], one["prediction_error_runs"]))  # run r against round r's profile
-    assert by_speed == pytest.approx({100.0: 100.0 / pred[0] - 1, 300.0: 300.0 / pred[1] - 1, 200.0: 200.0 / pred[2] - 1})
+    model = load_config("test", None, {}).model
+    pooled = predict(model, scaled(model, 7 / 3), Candidate(1, 1, 1, 1, 8, "1f1b", "measured")).images_per_s
+    assert one["predicted_images_per_s_runs"] == pytest.approx([pooled] * 3, rel=1e-9)
+    assert one["predicted_images_per_s"] == pytest.approx(pooled, rel=1e-9)
+    assert one["prediction_error"] == pytest.approx(200.0 / pooled - 1)
+    assert one["prediction_error_runs"] == pytest.approx([100.0 / pooled - 1, 200.0 / pooled - 1, 300.0 / pooled - 1])
+    progress = capfd.readouterr().err  # each run's line: the calibrations so far, 4, then 3, then 7/3 × a GPU's
+    for k in (4.0, 3.0, 7 / 3):
+        early = predict(model, scaled(model, k), Candidate(1, 1, 1, 1, 8, "1f1b", "measured")).images_per_s
+        assert f"(predicted {early:.1f}," in progress
     assert one["phases_s"]["0"]["forward"] == 2 and one["runs"] == 3  # the median run's phases: round 3's
     assert rows[0]["profiles"] == ["profiles/w1.json", "profiles/w1-run2.json", "profiles/w1-run3.json"]
     md = (out / "scaling.md").read_text()

@@ -25,6 +25,7 @@ from alexnet_pp.planning.profile import (
     mean_profile,
     measure_jitter,
     measure_links,
+    pooled_profile,
     start_co_runners,
     stop_co_runners,
     time_slicing_slowdown,
@@ -369,6 +370,25 @@ def test_calibrations_around_a_run_average_into_the_profile_it_ran_at(make_profi
     assert mean.name == "before + after" and mean_profile([before]) is before
     with pytest.raises(ValueError, match="other sizes or units"):
         mean_profile([before, dataclasses.replace(after, micro_batches=[1, 4])])
+
+
+def test_a_sweeps_calibrations_at_the_same_size_pool_and_the_rest_stay_the_runs_own(make_profile):
+    """Unit and optimizer times: the mean over the calibrations measured at the same sizes, threads,
+    co-runners and network. Links and the time-slicing slowdown, measured for the run's worker
+    count, stay the run's own."""
+    import dataclasses
+
+    own = dataclasses.replace(make_profile(f=1e-3, b=2e-3, optimizer=1e-9, p2p=Link(3e9, 2e-5)), name="w4",
+                              time_slicing_slowdown=1.2, co_runners=1, threads=1)
+    twin = dataclasses.replace(make_profile(f=3e-3, b=4e-3, optimizer=5e-9), name="w2", co_runners=1, threads=1)
+    others = [dataclasses.replace(twin, micro_batches=[1, 4]), dataclasses.replace(twin, co_runners=0),
+              dataclasses.replace(twin, threads=2), dataclasses.replace(twin, model={"width": 1.0})]
+    pooled = pooled_profile(own, [own, twin, *others])
+    assert pooled.units[4].forward == pytest.approx([2e-3, 4e-3]) and pooled.optimizer_seconds_per_param == pytest.approx(3e-9)
+    assert pooled.p2p == own.p2p and pooled.time_slicing_slowdown == 1.2 and pooled.co_runners == 1
+    assert pooled.name == "w4 (pooled: 2 calibrations)"
+    assert pooled.assumptions[-1].startswith("unit, optimizer and gradient-sweep times: the mean of 2 calibrations")
+    assert pooled_profile(own, others) is own and pooled_profile(own, []) is own
 
 
 def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
