@@ -237,6 +237,15 @@ def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) ->
                      f"calibrations in this run at micro-batch {sizes} with {own.co_runners} co-runner(s)"])
 
 
+def median_links(profiles: Sequence[DeviceProfile]) -> tuple[Link, Link]:
+    """(p2p, all-reduce): each link's median latency and median bandwidth over `profiles`."""
+    def median(links: list[Link]) -> Link:
+        return Link(bandwidth=statistics.median(x.bandwidth for x in links),
+                    latency=statistics.median(x.latency for x in links))
+
+    return median([p.p2p for p in profiles]), median([p.allreduce for p in profiles])
+
+
 def _model_key(cfg: ModelConfig) -> dict:
     return {"width": cfg.width, "image_size": cfg.image_size, "num_classes": cfg.num_classes}
 

@@ -227,7 +227,7 @@ class Sweep:
         self.device = "cuda" if args.gpus_per_worker > 0 else "cpu"
         self.rows_path = self.out / "scaling.rows.jsonl"
         self.specs: list[Spec] = []
-        self._links: dict[int, tuple[Any, Any]] = {}  # by the processes training beside the two
+        self._links: dict[tuple[int, int], tuple[Any, Any]] = {}  # by (processes training beside, round)
         self._slowdown: dict[int, float] = {}  # by worker count
         self._profiles: dict[Path, Any] = {}  # calibrations read, by path
 
@@ -330,23 +330,26 @@ class Sweep:
                 "cpu_share": summary.cpu_share_per_stage, "host_busy_cores": _finite(summary.host_busy_cores),
                 "outside_ranks_cores": _finite(summary.outside_ranks_cores)}
 
-    def links(self, workers: int):
-        """(p2p, all-reduce) on the run's backend, each measured once a sweep. On a CPU the p2p link is
-        measured between two of W workers while the others train beside, as many as the cores hold:
-        a pipeline's blocked receiver waits for a core to wake on, and its send for the receiver. The
-        all-reduce is always measured between two processes alone: the cost model shares the cores
-        in the step's tail itself (costmodel.tail_rate)."""
+    def links(self, workers: int, round: int = 0):
+        """(p2p, all-reduce) on the run's backend, each measured once a round (predictions take the
+        median over the rounds, Sweep.profile). On a CPU the p2p link is measured between two of W
+        workers while the others train beside, as many as the cores hold: a pipeline's blocked
+        receiver waits for a core to wake on, and its send for the receiver. The all-reduce is always
+        measured between two processes alone: the cost model shares the cores in the step's tail
+        itself (costmodel.tail_rate)."""
         from alexnet_pp.planning.profile import measure_links
 
         backend = "nccl" if self.device == "cuda" else "gloo"
-        if 0 not in self._links:
-            self._links[0] = measure_links(backend)
+        if (0, round) not in self._links:
+            self._links[0, round] = measure_links(backend)
+        alone = self._links[0, round]
         beside = self.link_beside(workers)
         if not beside:
-            return self._links[0]
-        if beside not in self._links:
-            self._links[beside] = measure_links(backend, beside=(self.model, beside, self.smallest_micro_batch(workers)))
-        return self._links[beside][0], self._links[0][1]
+            return alone
+        if (beside, round) not in self._links:
+            self._links[beside, round] = measure_links(
+                backend, beside=(self.model, beside, self.smallest_micro_batch(workers)))
+        return self._links[beside, round][0], alone[1]
 
     def link_beside(self, workers: int) -> int:
         """Processes training beside the p2p link's measurement for runs of `workers` (none on GPUs)."""
@@ -384,7 +387,7 @@ class Sweep:
         co = co_runners(spec.workers, self.args.threads) if self.device == "cpu" else 0
         multi_gpu = self.device == "cuda" and _gpu_count() >= 2
         measured_links = self.device == "cpu" or multi_gpu
-        p2p, allreduce = self.links(spec.workers) if measured_links else (None, None)
+        p2p, allreduce = self.links(spec.workers, spec.round) if measured_links else (None, None)
         profile = measure_profile(self.model, sizes, self.device, reps=self.args.calibration_reps,
                                   threads=self.args.threads, links="assume", co_runners=co,
                                   name=f"measured-w{spec.workers}" + (f"-{spec.around}" if spec.around else ""))
@@ -393,7 +396,7 @@ class Sweep:
             profile = dataclasses.replace(
                 profile, p2p=p2p, allreduce=allreduce,
                 assumptions=[x for x in profile.assumptions if not x.startswith("links")]
-                + [f"links measured once in this sweep between two processes of this machine on "
+                + [f"links measured once a round between two processes of this machine on "
                    f"{'nccl' if self.device == 'cuda' else 'gloo'}"
                    + (f", p2p while {beside} other(s) trained beside" if beside else "")])
         slowdown = self.slowdown(spec.workers)
@@ -415,8 +418,11 @@ class Sweep:
         those right before and right after its run where they were taken, --calibrate layout, else
         its round's calibration of its worker count) with the unit, optimizer and gradient-sweep
         times pooled over every calibration this sweep has taken at the same micro-batch sizes,
-        threads and co-runners (profile.pooled_profile); None without a calibration of its own."""
-        from alexnet_pp.planning.profile import mean_profile, pooled_profile
+        threads and co-runners (profile.pooled_profile), and its links the medians over the
+        calibrations of its worker count (one a round: a link measured while the machine is busy,
+        say as the last run's processes exit, can take ten times as long); None without a
+        calibration of its own."""
+        from alexnet_pp.planning.profile import mean_profile, median_links, pooled_profile
 
         spec = Spec(row["kind"], row["workers"], row["pp"], row["tp"], row["dp"], row["micro_batches"],
                     row.get("round", 0))
@@ -428,8 +434,11 @@ class Sweep:
             if not path.is_file():
                 return None
             own = self._load_profile(path)
-        taken = [self.spec_profile_path(s) for s in self.specs if s.kind == "calibration"]
-        return pooled_profile(own, [self._load_profile(p) for p in taken if p.is_file()])
+        taken = [(s.workers, self.spec_profile_path(s)) for s in self.specs if s.kind == "calibration"]
+        taken = [(w, self._load_profile(p)) for w, p in taken if p.is_file()]
+        pooled = pooled_profile(own, [p for _, p in taken])
+        p2p, allreduce = median_links([p for w, p in taken if w == row["workers"]] or [own])
+        return dataclasses.replace(pooled, p2p=p2p, allreduce=allreduce)
 
     def _load_profile(self, path: Path):
         """A calibration's profile, read once per sweep (a report predicts every row from them all)."""
@@ -825,9 +834,10 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                "img/s = images of the timed steps / their time; error = measured / predicted − 1; efficiency = "
                "img/s / (W × img/s of 1×1×1). Predicted: `costmodel.predict` at the cut the run trained on with "
                + ("unit times pooled over every calibration of this sweep at the layout's micro-batch (each "
-                  "layout's run calibrated right before and right after it), links and time-slicing slowdown "
-                  "measured once per W" if a.calibrate == "layout" else "the profile calibrated in this run for W "
-                  "workers, its unit times pooled over every calibration of this sweep at the same micro-batches")
+                  "layout's run calibrated right before and right after it)" if a.calibrate == "layout" else
+                  "the profile calibrated in this run for W workers, its unit times pooled over every calibration "
+                  "of this sweep at the same micro-batches")
+               + ", the links' medians over the rounds' measurements for W, the time-slicing slowdown measured once"
                + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
                "simulated ranks share the cores the background leaves while more compute than there are). "
                "Background cores: CPU on the machine outside the ranks' schedule threads while they stepped — the "

@@ -25,6 +25,7 @@ from alexnet_pp.planning.profile import (
     mean_profile,
     measure_jitter,
     measure_links,
+    median_links,
     pooled_profile,
     start_co_runners,
     stop_co_runners,
@@ -389,6 +390,16 @@ def test_a_sweeps_calibrations_at_the_same_size_pool_and_the_rest_stay_the_runs_
     assert pooled.name == "w4 (pooled: 2 calibrations)"
     assert pooled.assumptions[-1].startswith("unit, optimizer and gradient-sweep times: the mean of 2 calibrations")
     assert pooled_profile(own, others) is own and pooled_profile(own, []) is own
+
+
+def test_links_measured_in_several_rounds_take_each_figures_median(make_profile):
+    import dataclasses
+
+    runs = [dataclasses.replace(make_profile(), p2p=Link(bw, lat), allreduce=Link(2 * bw, 3 * lat))
+            for bw, lat in ((2e9, 1e-4), (3e9, 3e-3), (1e9, 2e-4))]
+    p2p, allreduce = median_links(runs)
+    assert p2p == Link(bandwidth=2e9, latency=2e-4)
+    assert allreduce.bandwidth == 4e9 and allreduce.latency == pytest.approx(6e-4)
 
 
 def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
