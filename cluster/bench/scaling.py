@@ -9,7 +9,7 @@ For each worker count W, in one run:
 1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile), with
    the run's other workers (as many as the cores hold beside the timed one) training the network
    meanwhile when the W workers share a CPU (on GPUs none); the links between two processes are
-   measured once. `--calibrate layout` (the default) calibrates right before and right after each
+   measured once a round. `--calibrate layout` (the default) calibrates right before and right after each
    layout's run, at its micro-batch; `--calibrate worker-count`: once per worker count, at the
    micro-batch sizes its layouts use. A layout is predicted with the unit, optimizer and gradient-
    sweep times pooled over every calibration of the sweep at its micro-batch (the same threads and
@@ -837,7 +837,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                   "layout's run calibrated right before and right after it)" if a.calibrate == "layout" else
                   "the profile calibrated in this run for W workers, its unit times pooled over every calibration "
                   "of this sweep at the same micro-batches")
-               + ", the links' medians over the rounds' measurements for W, the time-slicing slowdown measured once"
+               + ", the links' medians over the rounds' measurements for W and, where the workers' threads "
+               "outnumber the cores, the time-slicing slowdown measured once a sweep"
                + " (on a CPU, the run's other workers training beside it, as many as the cores hold; the "
                "simulated ranks share the cores the background leaves while more compute than there are). "
                "Background cores: CPU on the machine outside the ranks' schedule threads while they stepped — the "
