@@ -9,14 +9,15 @@ For each worker count W, in one run:
 1. calibration: this machine's device profile (alexnet_pp.planning.profile.measure_profile), with
    the run's other workers (as many as the cores hold beside the timed one) training the network
    meanwhile when the W workers share a CPU (on GPUs none); the links between two processes are
-   measured once a round. `--calibrate layout` (the default) calibrates right before and right after each
-   layout's run, at its micro-batch; `--calibrate worker-count`: once per worker count, at the
-   micro-batch sizes its layouts use. A layout is predicted with the unit, optimizer and gradient-
-   sweep times pooled over every calibration of the sweep at its micro-batch (the same threads and
-   co-runners; profile.pooled_profile): on a shared machine one calibration's unit times swing by
-   ±25% from the next (8-image micro-batches: 5.9 to 10.0 ms an image within one sweep here), more
-   than the machine drifts over a sweep, so the mean of many predicts each run better than the two
-   taken right beside it;
+   measured once a round. `--calibrate layout` (the default) calibrates right before and right
+   after each layout's run, at its micro-batch; `--calibrate worker-count`: once per worker count,
+   at the micro-batch sizes its layouts use. A layout is predicted with the unit, optimizer and
+   gradient-sweep times pooled over every calibration of the sweep at its micro-batch (the same
+   threads and co-runners; profile.pooled_profile) and the links' medians over the rounds: on a
+   shared machine one calibration's unit times swing by ±25% from the next (8-image micro-batches:
+   5.9 to 10.0 ms an image within one sweep here), more than the machine drifts over a sweep, so
+   the mean of many predicts each run better than the two taken right beside it, and one link
+   measured while the machine is busy can be ten times off;
 2. baselines: the plain single-process trainer with min(W × threads, cores) torch threads, and
    PyTorch DistributedDataParallel of the same network over W processes (W ≥ 2; data parallel
    only), both on the same in-memory batches (cluster/bench/baselines.py);

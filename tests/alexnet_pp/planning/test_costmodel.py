@@ -385,7 +385,8 @@ def test_a_sweeps_calibrations_at_the_same_size_pool_and_the_rest_stay_the_runs_
     others = [dataclasses.replace(twin, micro_batches=[1, 4]), dataclasses.replace(twin, co_runners=0),
               dataclasses.replace(twin, threads=2), dataclasses.replace(twin, model={"width": 1.0})]
     pooled = pooled_profile(own, [own, twin, *others])
-    assert pooled.units[4].forward == pytest.approx([2e-3, 4e-3]) and pooled.optimizer_seconds_per_param == pytest.approx(3e-9)
+    assert pooled.units[4].forward == pytest.approx([2e-3, 4e-3])
+    assert pooled.optimizer_seconds_per_param == pytest.approx(3e-9)
     assert pooled.p2p == own.p2p and pooled.time_slicing_slowdown == 1.2 and pooled.co_runners == 1
     assert pooled.name == "w4 (pooled: 2 calibrations)"
     assert pooled.assumptions[-1].startswith("unit, optimizer and gradient-sweep times: the mean of 2 calibrations")
