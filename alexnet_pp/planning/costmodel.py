@@ -352,7 +352,8 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     there are, the cores are shared evenly among them (the OS's time slicing). The cores are those
     the profile's background leaves: the cluster's own processes and every rank's other threads.
     The unit times were measured with `co_runners` others training beside, so with that sharing
-    already in them. A layout with more workers than cores pays the profile's time-slicing slowdown
+    already in them. Towers in lockstep (T = 2) lose their slices to the background one after the
+    other. A layout with more workers than cores pays the profile's time-slicing slowdown
     all along, not only while more of them compute than the cores hold: its waiting ranks keep waking
     for transfers and take slices from the computing ones."""
     if not profile.cores:
@@ -361,7 +362,18 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     ranks = layout.tp * layout.dp
     calibrated = _calibrated_share(profile) * _slicing(profile, layout)
     left = available_cores(profile, layout.workers)
-    return lambda k: min(1.0, left / (threads * ranks * k)) / calibrated
+    # the towers of a stage meet at each cross-tower layer: while the background holds one tower's
+    # core the other soon waits, so the pair loses each tower's lost slices, not their mean. Where
+    # the workers outnumber the cores the measured time-slicing slowdown already holds this.
+    lockstep = 1 if oversubscribed(layout.workers, profile.threads, profile.cores) else layout.tp
+
+    def rate(k: int) -> float:
+        demand = threads * ranks * k
+        free, share = min(1.0, profile.cores / demand), min(1.0, left / demand)
+        # floor: a background near half the cores would bring the sum of the losses to zero
+        return max(share - (lockstep - 1) * (free - share), share / lockstep) / calibrated
+
+    return rate
 
 
 def tail_rate(profile: DeviceProfile, layout: Candidate) -> float:

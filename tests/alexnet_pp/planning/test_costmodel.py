@@ -117,6 +117,26 @@ def test_the_background_leaves_the_ranks_fewer_cores(tiny, make_profile):
     assert predict(tiny, shared, replicas).step_seconds > predict(tiny, quiet, replicas).step_seconds
 
 
+def test_towers_in_lockstep_lose_both_their_slices_to_the_background(tiny, make_profile):
+    """Two towers on 2 cores meet at every cross-tower layer, so each loses the slices the background
+    takes from either: 1.7 cores left give each 0.85 apart and 0.7 in lockstep. Two replicas meet
+    once a step and keep 0.85; four tower ranks on 2 cores time-slice (measured slowdown) instead."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import compute_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1,
+                                 background_cores=0.2, background_cores_per_rank=0.05)
+    assert compute_rate(shared, Candidate(1, 2, 1, 1, 16))(1) == pytest.approx(0.7)
+    assert compute_rate(shared, Candidate(1, 1, 2, 1, 16))(1) == pytest.approx(0.85)
+    assert compute_rate(shared, Candidate(1, 2, 2, 1, 16))(1) == pytest.approx(0.4)
+    quiet = dataclasses.replace(shared, background_cores=0.0, background_cores_per_rank=0.0)
+    assert compute_rate(quiet, Candidate(1, 2, 1, 1, 16))(1) == 1.0
+    towers = Candidate(1, 2, 1, 1, 16)
+    assert predict(tiny, shared, towers).stages[0].phases["forward"] == pytest.approx(
+        predict(tiny, quiet, towers).stages[0].phases["forward"] / 0.7)
+
+
 def test_every_ranks_tail_shares_the_cores_the_background_leaves(tiny, make_profile):
     """All ranks all-reduce and step their optimizers at about the same time: 4 workers on the 1.6
     cores a background leaves of 2 run their tails at 0.4 of the speed the links and the optimizer
