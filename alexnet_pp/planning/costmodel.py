@@ -352,10 +352,10 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     there are, the cores are shared evenly among them (the OS's time slicing). The cores are those
     the profile's background leaves: the cluster's own processes and every rank's other threads.
     The unit times were measured with `co_runners` others training beside, so with that sharing
-    already in them. Towers in lockstep (T = 2) lose their slices to the background one after the
-    other. A layout with more workers than cores pays the profile's time-slicing slowdown
-    all along, not only while more of them compute than the cores hold: its waiting ranks keep waking
-    for transfers and take slices from the computing ones."""
+    already in them. The two towers of a stage (T = 2) run in lockstep: each loses the slices the
+    background takes from either. A layout with more workers than cores pays the profile's
+    time-slicing slowdown all along, not only while more of them compute than the cores hold: its
+    waiting ranks keep waking for transfers and take slices from the computing ones."""
     if not profile.cores:
         return None
     threads = max(profile.threads, 1)
