@@ -376,16 +376,21 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     return rate
 
 
-def tail_rate(profile: DeviceProfile, layout: Candidate) -> float:
+def tail_rate(profile: DeviceProfile, layout: Candidate, busy: float = 1.0) -> float:
     """How fast the step's tail (the replicas' all-reduce, the optimizer step and the sweeps around
     them) runs relative to its measurement, on a CPU whose cores the workers share: the ranks reach
-    their tails at about the same time, so all of them share the cores the background leaves (the
-    links were measured by two processes with a core each, the optimizer beside the co-runners).
+    their tails at about the same time, so all of them share the cores (the links were measured by
+    two processes with a core each, the optimizer beside the co-runners). `busy`: the share of a core
+    each rank keeps busy in this part of the tail when alone (Link.busy; the optimizer's 1): a
+    collective over loopback also waits on its peers, and stretches only as far as the ranks' CPU
+    exceeds the cores. Only the background outside the ranks competes: the ranks' other threads,
+    the per-rank background, are the all-reduce's own workers here (gloo runs collectives there).
     1 where every worker has a device."""
     if not profile.cores:
         return 1.0
     threads = max(profile.threads, 1)
-    share = min(1.0, available_cores(profile, layout.workers) / (threads * layout.workers))
+    left = available_cores(profile, layout.workers, per_rank=False)
+    share = min(1.0, left / (max(busy, 0.05) * threads * layout.workers))
     return share / (_calibrated_share(profile) * _slicing(profile, layout))
 
 
@@ -400,10 +405,11 @@ def _calibrated_share(profile: DeviceProfile) -> float:
     return min(1.0, profile.cores / (max(profile.threads, 1) * (profile.co_runners + 1)))
 
 
-def available_cores(profile: DeviceProfile, workers: int) -> float:
+def available_cores(profile: DeviceProfile, workers: int, per_rank: bool = True) -> float:
     """The shared cores left to the ranks' computing threads once the background has its share;
-    never under half the cores (a background past that is a broken measurement, not a machine)."""
-    background = profile.background_cores + profile.background_cores_per_rank * workers
+    never under half the cores (a background past that is a broken measurement, not a machine).
+    `per_rank`: whether the ranks' own other threads (communication, Ray's core worker) count."""
+    background = profile.background_cores + (profile.background_cores_per_rank * workers if per_rank else 0.0)
     return max(profile.cores - max(background, 0.0), profile.cores / 2)
 
 
@@ -468,7 +474,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         if overlap_allreduce and D > 1:
             ar = _exposed_allreduce(timeline, s, [StageCost(*(x * f for x in astuple(costs[i]))) for i, f in shares[s]],
                                     [eb * params[i] * f for i, f in shares[s]], link, D)
-        ar /= tail_speed
+        ar /= tail_rate(profile, layout, link.busy)
         # the replicas meet once a step, after the stage's compute of all M micro-batches
         ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
         opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))

@@ -46,6 +46,10 @@ class Link:
 
     bandwidth: float  # bytes per second
     latency: float  # seconds per message
+    # the share of a core each rank's process kept busy while it ran (CPU over wall time): on a CPU a
+    # collective over loopback also waits on its peers, so ranks sharing cores stretch it only as far
+    # as their CPU exceeds the cores (costmodel.tail_rate); 1 where unmeasured
+    busy: float = 1.0
 
     def seconds(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -238,10 +242,11 @@ def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) ->
 
 
 def median_links(profiles: Sequence[DeviceProfile]) -> tuple[Link, Link]:
-    """(p2p, all-reduce): each link's median latency and median bandwidth over `profiles`."""
+    """(p2p, all-reduce): each link's median latency, bandwidth and busy share over `profiles`."""
     def median(links: list[Link]) -> Link:
         return Link(bandwidth=statistics.median(x.bandwidth for x in links),
-                    latency=statistics.median(x.latency for x in links))
+                    latency=statistics.median(x.latency for x in links),
+                    busy=statistics.median(x.busy for x in links))
 
     return median([p.p2p for p in profiles]), median([p.allreduce for p in profiles])
 
@@ -419,10 +424,10 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
     pick = _statistic(stat)
-    p2p, ar = [], []
+    p2p, ar, busy = [], [], []
     for nbytes in sizes:
         t = torch.zeros(max(1, nbytes // 4), device=device)
-        rts, ars = [], []
+        rts, ars, cpus = [], [], []
         for _ in range(reps + 1):
             dist.barrier()
             sync()
@@ -437,14 +442,17 @@ def _links_worker(rank: int, init_file: str, out_file: str, backend: str, sizes:
             rts.append(time.perf_counter() - t0)
             dist.barrier()
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             dist.all_reduce(t)
             sync()
             ars.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)  # gloo's own threads do the work: the whole process
         p2p.append(pick(rts[1:]) / 2)  # the first of each size warms the connection up
         ar.append(pick(ars[1:]))
+        busy.append(pick([c / w for c, w in zip(cpus[1:], ars[1:])]))
     if rank == 0:
-        Path(out_file).write_text(json.dumps({"sizes": sizes, "p2p": p2p, "allreduce": ar}))
+        Path(out_file).write_text(json.dumps({"sizes": sizes, "p2p": p2p, "allreduce": ar,
+                                              "allreduce_busy": busy if backend == "gloo" else None}))
     dist.destroy_process_group()
 
 
@@ -453,9 +461,10 @@ def measure_links(backend: str = "gloo", sizes: Sequence[int] = (4096, 1 << 20, 
                   beside: Optional[tuple[ModelConfig, int, int]] = None) -> tuple[Link, Link]:
     """(p2p, all-reduce) links between two processes of this machine on `backend`: one-way time of
     a ping-pong and a two-rank all-reduce at several sizes, the median (or min) of `reps` after one
-    that warms the connection, as latency + bytes / bandwidth (the
-    all-reduce as the ring model's 2·latency + bytes / bandwidth for two ranks). The processes are
-    plain subprocesses, so a caller's unguarded main script is not run again (as spawn would).
+    that warms the connection, as latency + bytes / bandwidth (the all-reduce as the ring model's
+    2·latency + bytes / bandwidth for two ranks, with its Link.busy at the largest size on gloo).
+    The processes are plain subprocesses, so a caller's unguarded main script is not run again
+    (as spawn would).
     `beside` = (model, count, micro_batch): measured while `count` processes train the model (one
     thread each), as a pipeline's other stages compute while two of them pass a micro-batch: a
     blocked receiver then waits for a core to wake on."""
@@ -489,7 +498,10 @@ def _links_between_two(backend: str, sizes: Sequence[int], reps: int, timeout_s:
         if errors:
             raise RuntimeError("measuring links failed:\n" + "\n".join(errors))
         res = json.loads(Path(out).read_text())
-    return _link_from(res["sizes"], res["p2p"], 1), _link_from(res["sizes"], res["allreduce"], 2)
+    ar = _link_from(res["sizes"], res["allreduce"], 2)
+    if res.get("allreduce_busy"):  # at the largest size, where the bytes rather than the latency count
+        ar = dataclasses.replace(ar, busy=min(1.0, res["allreduce_busy"][res["sizes"].index(max(res["sizes"]))]))
+    return _link_from(res["sizes"], res["p2p"], 1), ar
 
 
 def _link_from(sizes: list[int], seconds: list[float], messages: int) -> Link:

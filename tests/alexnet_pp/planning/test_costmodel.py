@@ -137,26 +137,48 @@ def test_towers_in_lockstep_lose_both_their_slices_to_the_background(tiny, make_
         predict(tiny, quiet, towers).stages[0].phases["forward"] / 0.7)
 
 
-def test_every_ranks_tail_shares_the_cores_the_background_leaves(tiny, make_profile):
-    """All ranks all-reduce and step their optimizers at about the same time: 4 workers on the 1.6
-    cores a background leaves of 2 run their tails at 0.4 of the speed the links and the optimizer
-    were measured at; 2 workers on 1.7 at 0.85; one worker keeps its core; a device each: 1."""
+def test_every_ranks_tail_shares_the_cores_the_background_outside_the_ranks_leaves(tiny, make_profile):
+    """All ranks all-reduce and step their optimizers at about the same time, and their other
+    threads (the per-rank background) are the all-reduce's own workers then: 4 workers on the 1.8
+    cores a background of 0.2 leaves of 2 run their tails at 0.45 of the speed the links and the
+    optimizer were measured at; 2 workers at 0.9; one worker keeps its core; a device each: 1."""
     import dataclasses
 
     from alexnet_pp.planning.costmodel import tail_rate
 
     shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1,
                                  background_cores=0.2, background_cores_per_rank=0.05)
-    assert tail_rate(shared, Candidate(1, 1, 4, 1, 16)) == pytest.approx(0.4)
-    assert tail_rate(shared, Candidate(2, 1, 2, 4, 16)) == pytest.approx(0.4)
-    assert tail_rate(shared, Candidate(1, 1, 2, 1, 16)) == pytest.approx(0.85)
+    assert tail_rate(shared, Candidate(1, 1, 4, 1, 16)) == pytest.approx(0.45)
+    assert tail_rate(shared, Candidate(2, 1, 2, 4, 16)) == pytest.approx(0.45)
+    assert tail_rate(shared, Candidate(1, 1, 2, 1, 16)) == pytest.approx(0.9)
     assert tail_rate(shared, Candidate(1, 1, 1, 1, 16)) == 1.0
     assert tail_rate(make_profile(), Candidate(1, 1, 4, 1, 16)) == 1.0
     quiet = dataclasses.replace(shared, background_cores=0.0, background_cores_per_rank=0.0)
     two = Candidate(1, 1, 2, 1, 16)
     busy, calm = predict(tiny, shared, two).stages[0].phases, predict(tiny, quiet, two).stages[0].phases
-    assert busy["optimizer"] == pytest.approx(calm["optimizer"] / 0.85)
+    assert busy["optimizer"] == pytest.approx(calm["optimizer"] / 0.9)
     assert calm["allreduce"] > 0 and busy["allreduce"] > calm["allreduce"]
+
+
+def test_an_all_reduce_that_keeps_its_ranks_cores_part_busy_stretches_only_as_its_cpu_exceeds_them(
+        tiny, make_profile):
+    """Two ranks alone kept 0.6 of a core busy in the all-reduce (loopback also waits on the peer):
+    4 ranks on the 1.8 cores left need 2.4, so their all-reduce runs at 0.75 of the measured speed,
+    not the 0.45 of CPU-bound work; 2 ranks need 1.2 and keep the measured speed. The optimizer,
+    all CPU, still runs at 0.45."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import tail_rate
+
+    base = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1,
+                               background_cores=0.2, background_cores_per_rank=0.05)
+    part = dataclasses.replace(base, allreduce=dataclasses.replace(base.allreduce, busy=0.6))
+    four, two = Candidate(1, 1, 4, 1, 16), Candidate(1, 1, 2, 1, 16)
+    assert tail_rate(part, four, part.allreduce.busy) == pytest.approx(0.75)
+    assert tail_rate(part, two, part.allreduce.busy) == 1.0
+    waits, cpu = predict(tiny, part, four).stages[0].phases, predict(tiny, base, four).stages[0].phases
+    assert waits["allreduce"] == pytest.approx(cpu["allreduce"] * 0.45 / 0.75)
+    assert waits["optimizer"] == pytest.approx(cpu["optimizer"])
 
 
 def test_a_layout_with_more_workers_than_cores_pays_the_time_slicing_slowdown(tiny, make_profile):
@@ -416,18 +438,18 @@ def test_a_sweeps_calibrations_at_the_same_size_pool_and_the_rest_stay_the_runs_
 def test_links_measured_in_several_rounds_take_each_figures_median(make_profile):
     import dataclasses
 
-    runs = [dataclasses.replace(make_profile(), p2p=Link(bw, lat), allreduce=Link(2 * bw, 3 * lat))
-            for bw, lat in ((2e9, 1e-4), (3e9, 3e-3), (1e9, 2e-4))]
+    runs = [dataclasses.replace(make_profile(), p2p=Link(bw, lat), allreduce=Link(2 * bw, 3 * lat, busy))
+            for bw, lat, busy in ((2e9, 1e-4, 0.7), (3e9, 3e-3, 0.9), (1e9, 2e-4, 0.8))]
     p2p, allreduce = median_links(runs)
     assert p2p == Link(bandwidth=2e9, latency=2e-4)
-    assert allreduce.bandwidth == 4e9 and allreduce.latency == pytest.approx(6e-4)
+    assert allreduce.bandwidth == 4e9 and allreduce.latency == pytest.approx(6e-4) and allreduce.busy == 0.8
 
 
 def test_a_profile_saved_before_jitter_was_measured_loads_without_it(tmp_path, make_profile):
     data = make_profile().to_dict()
-    del data["jitter"], data["time_slicing_slowdown"]
+    del data["jitter"], data["time_slicing_slowdown"], data["allreduce"]["busy"]
     loaded = DeviceProfile.from_dict(data)
-    assert loaded.jitter == 0.0 and loaded.time_slicing_slowdown == 1.0
+    assert loaded.jitter == 0.0 and loaded.time_slicing_slowdown == 1.0 and loaded.allreduce.busy == 1.0
 
 
 def test_a_profile_measured_for_another_network_is_refused(make_profile):
@@ -460,6 +482,7 @@ def test_two_local_processes_measure_a_link_with_positive_bandwidth_and_latency(
     p2p, allreduce = measure_links("gloo", sizes=(1024, 4 << 20), reps=2)
     for link in (p2p, allreduce):
         assert link.bandwidth > 0 and link.latency > 0
+    assert p2p.busy == 1.0 and 0 < allreduce.busy <= 1.0  # the all-reduce's CPU over its wall time
 
 
 def _children() -> set[int]:
