@@ -169,8 +169,11 @@ def plot_predicted(rows: list[dict[str, Any]], path: Path, subtitle: str, tolera
     if not pts:
         return 0
     fig, ax = plt.subplots(figsize=(7, 6.5))
-    hi = max([1.0] + [max(r["images_per_s"], r["predicted_images_per_s"]) for r in pts]) * 1.15
-    line = [0, hi]
+    values = [v for r in pts for v in (r["images_per_s"], r["predicted_images_per_s"])]
+    # zoomed to the points: the layouts of one machine lie within a factor of two or so, and from
+    # the origin they would crowd into a corner
+    hi, lo = max(values) * 1.15, min(values) * 0.8
+    line = [lo, hi]
     ax.plot(line, line, color="0.4", lw=1, label="measured = predicted")
     ax.fill_between(line, [x * (1 - tolerance) for x in line], [x * (1 + tolerance) for x in line], color="0.85",
                     label=f"±{100 * tolerance:.0f}%")
@@ -180,11 +183,17 @@ def plot_predicted(rows: list[dict[str, Any]], path: Path, subtitle: str, tolera
         if ks:
             ax.plot([r["predicted_images_per_s"] for r in ks], [r["images_per_s"] for r in ks], "o",
                     color=colours[kind], label=label)
-    for r in pts:
+    # labels in a column right of the points, each at its point's height moved apart just enough to
+    # stay readable, with a line to its point: layouts that run alike sit on top of each other
+    order = sorted(pts, key=lambda r: r["images_per_s"])
+    heights = spread([r["images_per_s"] for r in order], gap=(hi - lo) * 0.03, low=lo, high=hi)
+    column = max(r["predicted_images_per_s"] for r in pts) + (hi - lo) * 0.04
+    for r, y in zip(order, heights):
         ax.annotate(r["label"].replace(" DS parameters", " DS"), (r["predicted_images_per_s"], r["images_per_s"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlim(0, hi)
-    ax.set_ylim(0, hi)
+                    xytext=(column, y), fontsize=7, va="center", color=colours[r["kind"]],
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+    ax.set_xlim(lo, hi + (hi - lo) * 0.25)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("predicted images / s (cost model, profile calibrated in this run)")
     ax.set_ylabel("measured images / s")
     ax.set_title(f"Predicted vs measured — {subtitle}", fontsize=10)
@@ -194,6 +203,20 @@ def plot_predicted(rows: list[dict[str, Any]], path: Path, subtitle: str, tolera
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return len(pts)
+
+
+def spread(ys: list[float], gap: float, low: float, high: float) -> list[float]:
+    """Heights for labels wanted at ascending `ys`: at least `gap` apart, in the same order, each
+    as close to its own as that allows, within [low, high] where there is room."""
+    out: list[float] = []
+    for y in ys:  # push each up past the one below it
+        out.append(max(y, out[-1] + gap) if out else max(y, low))
+    over = out[-1] - high if out else 0.0
+    if over > 0:  # then back down from the top, as far as the bottom allows
+        out[-1] -= over
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - gap)
+    return out
 
 
 def plot_gpu(rows: list[dict[str, Any]], path: Path, per_worker: Any) -> int:
