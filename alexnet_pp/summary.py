@@ -50,6 +50,9 @@ class RunSummary:
     # cores' worth of CPU per rank of each stage while it stepped: the thread running the schedule, and
     # the process's other threads (communication, data, runtime); below 1 on a CPU, the rank waited or was preempted
     cpu_share_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the schedule thread's CPU seconds per phase, mean per step of one rank of the stage: beside
+    # phase_seconds_per_stage, what a phase cost in work and what it spent waiting for a core or a peer
+    phase_cpu_seconds_per_stage: dict[str, dict[str, float]] = field(default_factory=dict)
     # the ranks' machine meanwhile: cores busy, whoever ran; of them, those outside every rank's process
     # (the cluster's own processes, anything else there): on a CPU, cores the ranks could not have
     host_busy_cores: float = math.nan

@@ -401,9 +401,11 @@ class PipelineWorker:
                 step, in_epoch = step + 1, in_epoch + 1
                 result.steps = step
                 self.schedule.after_step(step)
+                phases = self.timer.take()
                 stats = step_stats(step, epoch, loss, self.schedule.lr, cfg.train.batch_size, seconds,
-                                   self.timer.take(), theory, total_steps=self.total_steps,
-                                   skip_counts=self.data.skip_counts() if self.data is not None else {}, cpu=cpu)
+                                   phases, theory, total_steps=self.total_steps,
+                                   skip_counts=self.data.skip_counts() if self.data is not None else {}, cpu=cpu,
+                                   phase_cpu=self.timer.last_cpu)
                 result.losses.append(loss)
                 result.stats.append(asdict(stats))
                 self.callbacks.on_step(stats, self.coord)

@@ -3,7 +3,8 @@
 `summarize_run(ranks)` folds the StepStats dicts of all ranks (`RankResult.stats`, with the
 rank's `coord`) into the timing fields of a `RunSummary` (alexnet_pp/summary.py): job images/s,
 step time p50/p95, the measured pipeline bubble per stage next to theory, the data-wait share,
-the per-stage phase breakdown (shares, and mean seconds per step), the CPU a stage's ranks got
+the per-stage phase breakdown (shares, mean seconds per step, and the schedule thread's CPU seconds
+in each phase), the CPU a stage's ranks got
 (cores' worth: the thread running the schedule, the process's other threads), what the ranks'
 machine spent beside them (the cluster's own processes, anything else running there) and each
 rank's peak memory. The ranks of a synchronous pipeline finish a step together, so a
@@ -86,6 +87,13 @@ def summarize_run(ranks: Iterable[Any], warmup_steps: int = 1) -> RunSummary:
         out.phase_share_per_stage[str(stage)] = {k: v / t if t > 0 else math.nan for k, v in sorted(phases.items())}
         # per step of one rank of the stage (its ranks run the same work side by side)
         out.phase_seconds_per_stage[str(stage)] = {k: v / len(stats) for k, v in sorted(phases.items())}
+        with_cpu = [s for s in stats if s.get("phase_cpu")]
+        if with_cpu:
+            cpu: dict[str, float] = {}
+            for s in with_cpu:
+                for k, v in s["phase_cpu"].items():
+                    cpu[k] = cpu.get(k, 0.0) + v
+            out.phase_cpu_seconds_per_stage[str(stage)] = {k: v / len(with_cpu) for k, v in sorted(cpu.items())}
         if stage == 0:  # only the first stage reads data
             out.data_wait_share = phases.get("data_wait", 0.0) / t if t > 0 else math.nan
         timed_cpu = [s for s in stats if s.get("cpu")]

@@ -54,6 +54,9 @@ class StepStats:
     # CPU seconds of this step: the thread that runs the schedule ("main_thread") and the whole process
     # ("process": with communication, data and runtime threads); against `seconds`, how much of a core it got
     cpu: dict[str, float] = field(default_factory=dict)
+    # the schedule thread's CPU seconds inside each phase: against `phases`, the work a phase cost apart
+    # from the time it waited for a core (a CPU whose cores the ranks share) or for a peer
+    phase_cpu: dict[str, float] = field(default_factory=dict)
 
 
 def step_stats(step: int, epoch: int, loss: float, lr: float, images: int, seconds: float,
@@ -130,7 +133,8 @@ def peak_memory_bytes() -> int:
 class InstructionTimer:
     """Wraps the engine's instruction table (an instance copy; DeepSpeed's class stays untouched).
     `before` runs extra work ahead of an instruction, timed under its own phase: name → (fn, phase).
-    The instructions of the last step `take()` closed are kept in `last_step` (the measured timeline).
+    The instructions of the last step `take()` closed are kept in `last_step` (the measured timeline),
+    and the calling thread's CPU seconds per phase in `last_cpu`.
 
     It also knows where the rank is: `in_flight` is the instruction running now (None between
     instructions), `failed_in` the one that raised last; the engine sets `step` (the optimizer step
@@ -138,6 +142,8 @@ class InstructionTimer:
 
     def __init__(self, engine, before: Optional[dict[str, tuple[Callable[[], None], str]]] = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.last_cpu: dict[str, float] = {}
         self.step: Optional[int] = None
         self.in_flight: Optional[InFlight] = None
         self.failed_in: Optional[InFlight] = None
@@ -166,30 +172,35 @@ class InstructionTimer:
 
     def _preceded(self, run: Callable, extra: Callable[[], None], phase: str) -> Callable:
         def both(engine, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 extra()
             finally:
                 self.seconds[phase] += time.perf_counter() - t0
+                self.cpu[phase] += time.thread_time() - c0
             return run(engine, **kwargs)
 
         return both
 
     def _timed(self, fn: Callable, phase: str, name: str) -> Callable:
         def run(engine, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(engine, **kwargs)
             finally:
                 t1 = time.perf_counter()
                 self.seconds[phase] += t1 - t0
+                self.cpu[phase] += time.thread_time() - c0
                 self.events.append(InstructionEvent(name, phase, t0, t1, kwargs.get("buffer_id")))
 
         return run
 
     def take(self) -> dict[str, float]:
-        """The phase seconds since the last call; the instructions since then become `last_step`."""
+        """The phase seconds since the last call; the instructions since then become `last_step`, and
+        the CPU seconds per phase `last_cpu`."""
         out = dict(self.seconds)
         self.seconds.clear()
+        self.last_cpu = dict(self.cpu)
+        self.cpu.clear()
         self.last_step, self.events = self.events, []
         return out

@@ -328,7 +328,8 @@ class Sweep:
                 "steps_timed": summary.steps_timed, "bubble_theory": summary.theoretical_bubble,
                 "bubble_measured": summary.bubble_per_stage, "phases_s": exclusive_idle(summary.phase_seconds_per_stage),
                 "peak_memory_bytes": summary.peak_memory_per_rank, "losses": summary.losses,
-                "cpu_share": summary.cpu_share_per_stage, "host_busy_cores": _finite(summary.host_busy_cores),
+                "cpu_share": summary.cpu_share_per_stage, "phases_cpu_s": summary.phase_cpu_seconds_per_stage,
+                "host_busy_cores": _finite(summary.host_busy_cores),
                 "outside_ranks_cores": _finite(summary.outside_ranks_cores)}
 
     def links(self, workers: int, round: int = 0):
@@ -869,14 +870,17 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             pred = (r.get("predicted_phases_s") or {}).get(stage, {})
             phase_rows.append({"layout": r["label"], "stage": stage, **{k: ph.get(k) for k in PHASES},
                                "pred": pred, "bubble": (r.get("bubble_measured") or {}).get(stage),
-                               "cpu": (r.get("cpu_share") or {}).get(stage)})
+                               "cpu": (r.get("cpu_share") or {}).get(stage),
+                               "phase_cpu": (r.get("phases_cpu_s") or {}).get(stage)})
     report.tables.append(Table("Where each stage's step goes: measured ms per step (predicted)", phase_rows, [
         Column("layout", "layout"), Column("stage", "stage"),
         *[Column(p, (lambda p: lambda r: None if r.get(p) is None else
                      f"{_ms(r[p]):.1f}" + (f" ({_ms(r['pred'][p]):.1f})" if p in r["pred"] else ""))(p)) for p in PHASES],
         Column("bubble", "bubble", ".3f"),
         Column("CPU: schedule thread / other threads", lambda r: None if not r.get("cpu") else
-               f"{r['cpu']['main_thread']:.2f} / {r['cpu']['other_threads']:.2f}")],
+               f"{r['cpu']['main_thread']:.2f} / {r['cpu']['other_threads']:.2f}"),
+        Column("CPU ms: forward / backward", lambda r: None if not r.get("phase_cpu") else
+               f"{_ms(r['phase_cpu'].get('forward', 0.0)):.1f} / {_ms(r['phase_cpu'].get('backward', 0.0)):.1f}")],
         intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
                "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
                "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
@@ -885,7 +889,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                "not model data_wait. CPU: cores' worth of CPU time per rank of the stage over its timed steps, of the "
                "thread that runs the schedule (computes, and waits in sends and receives) and of the process's other "
                "threads (communication, data, runtime); the schedule thread's share falls short of 1 by the time it "
-               "waited for messages or for a core.")))
+               "waited for messages or for a core. CPU ms: the schedule thread's CPU time inside the forward and "
+               "backward phases, the work they cost; against their wall time above, how much of a core they got.")))
     report.tables.append(Table("PREDICTED, not measured: GPU counts this machine lacks", gpu, [
         Column("profile", "profile"), Column("GPUs", "workers"), Column("batch", "batch"),
         Column("best layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"), Column("M", "micro_batches"),

@@ -339,7 +339,7 @@ COLUMNS = ["id", "kind", "status", "workers", "pp", "tp", "dp", "micro_batches",
            "phases_s.0.forward", "phases_s.1.backward", "phases_s.0.send", "phases_s.1.recv", "phases_s.0.idle",
            "phases_s.0.data_wait", "phases_s.1.optimizer", "bytes_stages", "bytes_towers", "bytes_replicas",
            "peak_memory_bytes.0", "peak_memory_bytes.1", "cpu_share.0.main_thread", "cpu_share.1.other_threads",
-           "predicted_images_per_s", "prediction_error",
+           "phases_cpu_s.0.forward", "phases_cpu_s.1.backward", "predicted_images_per_s", "prediction_error",
            "plain_images_per_s", "ddp_images_per_s", "ds_default_images_per_s", "vs_plain", "vs_ddp", "vs_ds_default",
            "error"]
 PLOTS = ["scaling.png", "phases.png", "bubble.png", "predicted_vs_measured.png", "gpu_predicted.png"]
@@ -395,6 +395,10 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     assert set(pipe["cpu_share"]) == {"0", "1"}
     for cpu in pipe["cpu_share"].values():  # one thread's CPU time cannot outrun the wall clock
         assert 0 < cpu["main_thread"] <= 1.05 and cpu["other_threads"] >= 0
+    assert set(pipe["phases_cpu_s"]) == {"0", "1"}
+    for stage, cpu in pipe["phases_cpu_s"].items():  # the work in each phase, within its wall time
+        wall = pipe["phases_s"][stage]
+        assert 0 < cpu["forward"] <= wall["forward"] * 1.05 + 1e-3 and 0 < cpu["backward"] <= wall["backward"] * 1.05 + 1e-3
     ncores = len(os.sched_getaffinity(0))
     assert 0 < pipe["host_busy_cores"] <= ncores + 0.05 and 0 <= pipe["outside_ranks_cores"] <= pipe["host_busy_cores"]
     assert pipe["predicted_background"]["runs"] >= 1  # 1×1×1 ran before it
@@ -407,7 +411,7 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     md = (out / "scaling.md").read_text()
     for heading in ("img/s measured", "img/s predicted", "plain img/s", "DDP img/s", "DS parameters img/s",
                     "PREDICTED, not measured", "Failed configurations", "at most 8 stages",
-                    "CPU: schedule thread / other threads"):
+                    "CPU: schedule thread / other threads", "CPU ms: forward / backward"):
         assert heading in md, heading
     for name in PLOTS:
         assert_drawn_png(out / name)
@@ -441,6 +445,7 @@ def test_the_sweep_runs_layouts_through_the_ray_job_path(tmp_path):
     assert set(row["phases_s"]) == {"0", "1"} and set(row["peak_memory_bytes"]) == {"0", "1"}
     assert min(row["peak_memory_bytes"].values()) > 50 * 2**20
     assert set(row["cpu_share"]) == {"0", "1"} and all(0 < c["main_thread"] <= 1.05 for c in row["cpu_share"].values())
+    assert set(row["phases_cpu_s"]) == {"0", "1"} and all(c["forward"] > 0 for c in row["phases_cpu_s"].values())
     assert 0 < row["host_busy_cores"] <= len(os.sched_getaffinity(0)) + 0.05
     assert 0 <= row["outside_ranks_cores"] <= row["host_busy_cores"]
     log = (out / "logs" / "engine-2x1x1-M2.log").read_text()

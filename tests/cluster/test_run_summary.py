@@ -133,6 +133,22 @@ def test_the_cpu_a_stages_ranks_got_over_the_timed_steps():
     assert "CPU per rank 0.60 cores in the schedule thread, 0.10 in others" in s.format()
 
 
+def test_each_phases_cpu_per_step_of_one_rank_of_the_stage():
+    # stage 0's two ranks: 0.3 and 0.5 s of forward CPU per timed step (mean 0.4); the warm-up step's
+    # 9 s must not count; stage 1's rank recorded none (an older record): no entry
+    def with_cpu(step, forward, recv):
+        return {**stats(step, 1.0, 0.0), "phase_cpu": {"forward": forward, "recv": recv}}
+
+    ranks = [
+        {"coord": {"rank": 0, "stage": 0}, "stats": [with_cpu(1, 9.0, 9.0), with_cpu(2, 0.2, 0.0), with_cpu(3, 0.4, 0.02)]},
+        {"coord": {"rank": 1, "stage": 0}, "stats": [with_cpu(1, 9.0, 9.0), with_cpu(2, 0.5, 0.01), with_cpu(3, 0.5, 0.01)]},
+        {"coord": {"rank": 2, "stage": 1}, "stats": [stats(s, 1.0, 0.0) for s in (1, 2, 3)]},
+    ]
+    s = summarize_run(ranks)
+    assert s.phase_cpu_seconds_per_stage["0"] == {"forward": pytest.approx(0.4), "recv": pytest.approx(0.01)}
+    assert "1" not in s.phase_cpu_seconds_per_stage
+
+
 def test_the_machine_beside_the_ranks_per_host_then_the_median_over_hosts():
     # host a: ranks 0 and 1 see 1.8 and 2.0 busy cores (median 1.9) and take 0.8 + 0.7 cores in their
     # processes: 0.4 outside them. Host b: its one rank sees 1.0, takes 0.9: 0.1 outside. Warm-up

@@ -55,6 +55,32 @@ def test_the_timer_keeps_the_last_steps_instructions_in_order():
     assert type(engine)._INSTRUCTION_MAP[ForwardPass] is FakeEngine._fwd  # the class stays untouched
 
 
+class WaitingAndWorkingEngine(FakeEngine):
+    def _fwd(self, buffer_id):  # waits, as a receive does: wall time without CPU
+        time.sleep(0.03)
+
+    def _w(self, buffer_id):  # works: 20 ms of this thread's CPU, however long a core takes to give it
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.02:
+            pass
+
+    _INSTRUCTION_MAP = {ForwardPass: _fwd, BackwardWeightPass: _w}
+
+
+def test_the_timer_splits_each_phases_cpu_from_its_wall_time():
+    engine = WaitingAndWorkingEngine()
+    timer = InstructionTimer(engine)
+    engine.run([ForwardPass(0), BackwardWeightPass(0)])
+    phases = timer.take()
+    cpu = timer.last_cpu
+    assert set(cpu) == {"forward", "backward_weight"}
+    assert phases["forward"] >= 0.03 and cpu["forward"] < 0.01
+    assert cpu["backward_weight"] >= 0.02 and phases["backward_weight"] >= cpu["backward_weight"] - 1e-3
+    engine.run([ForwardPass(1)])
+    timer.take()
+    assert set(timer.last_cpu) == {"forward"}  # one step's CPU, not the run's
+
+
 def test_step_stats_fill_idle_bubble_and_peak_memory():
     s = step_stats(3, 0, 1.0, 0.01, 64, 2.0, {"forward": 0.5, "backward": 0.7, "optimizer": 0.4}, 0.2)
     assert s.phases["idle"] == pytest.approx(0.4) and s.bubble == pytest.approx(0.25)
