@@ -81,6 +81,11 @@ class StagePrediction:
     bubble: float
     in_flight: int  # peak micro-batches whose activations the stage holds
     memory: dict[str, int]  # bytes per worker: parameters, gradients, optimizer, activations, total
+    # CPU seconds per step the model charges the stage's units, forward and backward, per rank: the
+    # calibrated unit times at the share of a core they were measured with, times the layout's
+    # time-slicing slowdown (0 where every worker has a device); against a run's phase CPU, the
+    # model's error in work, apart from its error in how the cores are shared
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -494,7 +499,12 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
             "optimizer": opt,
             "tower_comm": M * (tower_fwd[s] + tower_bwd[s]),  # inside forward and backward
         }
-        stage_preds.append(StagePrediction(s, stage_units[s], p, phases, timeline.bubble(s), in_flight, mem))
+        cpu = {}
+        if profile.cores:
+            per_second = M * _calibrated_share(profile) * _slicing(profile, layout)
+            cpu = {"forward": per_second * sum(costs[i].forward * f for i, f in shares[s]),
+                   "backward": per_second * sum(costs[i].backward * f for i, f in shares[s])}
+        stage_preds.append(StagePrediction(s, stage_units[s], p, phases, timeline.bubble(s), in_flight, mem, cpu))
     timeline.tail = tails
     step = timeline.step_time
     for sp in stage_preds:

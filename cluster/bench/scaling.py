@@ -540,6 +540,7 @@ def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str
            "predicted_extrapolated": pred.extrapolated,
            "predicted_bubble": {str(s.stage): s.bubble for s in pred.stages},
            "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
+           "predicted_phases_cpu_s": {str(s.stage): dict(s.cpu) for s in pred.stages if s.cpu},
            "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name,
            "predicted_background": background}
     if row.get("images_per_s"):
@@ -871,7 +872,8 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
             phase_rows.append({"layout": r["label"], "stage": stage, **{k: ph.get(k) for k in PHASES},
                                "pred": pred, "bubble": (r.get("bubble_measured") or {}).get(stage),
                                "cpu": (r.get("cpu_share") or {}).get(stage),
-                               "phase_cpu": (r.get("phases_cpu_s") or {}).get(stage)})
+                               "phase_cpu": (r.get("phases_cpu_s") or {}).get(stage),
+                               "charged_cpu": (r.get("predicted_phases_cpu_s") or {}).get(stage, {})})
     report.tables.append(Table("Where each stage's step goes: measured ms per step (predicted)", phase_rows, [
         Column("layout", "layout"), Column("stage", "stage"),
         *[Column(p, (lambda p: lambda r: None if r.get(p) is None else
@@ -879,8 +881,9 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
         Column("bubble", "bubble", ".3f"),
         Column("CPU: schedule thread / other threads", lambda r: None if not r.get("cpu") else
                f"{r['cpu']['main_thread']:.2f} / {r['cpu']['other_threads']:.2f}"),
-        Column("CPU ms: forward / backward", lambda r: None if not r.get("phase_cpu") else
-               f"{_ms(r['phase_cpu'].get('forward', 0.0)):.1f} / {_ms(r['phase_cpu'].get('backward', 0.0)):.1f}")],
+        Column("CPU ms: forward / backward (charged)", lambda r: None if not r.get("phase_cpu") else " / ".join(
+               f"{_ms(r['phase_cpu'].get(p, 0.0)):.1f}"
+               + (f" ({_ms(r['charged_cpu'][p]):.1f})" if p in r["charged_cpu"] else "") for p in ("forward", "backward")))],
         intro=("Mean seconds per timed step of one rank of the stage, per phase (cluster/timing.py); idle is the time in "
                "no timed instruction, so the phases add up to the step (the bubble also counts send and recv waits). The cost model "
                "predicts forward, backward, send, recv, idle and optimizer (its optimizer phase is the optimizer step and "
@@ -890,7 +893,10 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                "thread that runs the schedule (computes, and waits in sends and receives) and of the process's other "
                "threads (communication, data, runtime); the schedule thread's share falls short of 1 by the time it "
                "waited for messages or for a core. CPU ms: the schedule thread's CPU time inside the forward and "
-               "backward phases, the work they cost; against their wall time above, how much of a core they got.")))
+               "backward phases, the work they cost; against their wall time above, how much of a core they got; "
+               "in brackets the CPU the cost model charges them (the calibrated unit times, with the time-slicing "
+               "slowdown where the workers outnumber the cores): the model's error in work, apart from its error in "
+               "sharing the cores.")))
     report.tables.append(Table("PREDICTED, not measured: GPU counts this machine lacks", gpu, [
         Column("profile", "profile"), Column("GPUs", "workers"), Column("batch", "batch"),
         Column("best layout P×T×D", lambda r: f"{r['pp']}×{r['tp']}×{r['dp']}"), Column("M", "micro_batches"),

@@ -402,6 +402,8 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     ncores = len(os.sched_getaffinity(0))
     assert 0 < pipe["host_busy_cores"] <= ncores + 0.05 and 0 <= pipe["outside_ranks_cores"] <= pipe["host_busy_cores"]
     assert pipe["predicted_background"]["runs"] >= 1  # 1×1×1 ran before it
+    assert set(pipe["predicted_phases_cpu_s"]) == {"0", "1"}
+    assert all(c["forward"] > 0 and c["backward"] > 0 for c in pipe["predicted_phases_cpu_s"].values())
     assert pipe["peak_memory_bytes"]["0"] > 50 * 2**20 and pipe["predicted_images_per_s"] > 0
     assert pipe["bytes_stages"] > 0 and pipe["bytes_towers"] == 0 and pipe["bytes_replicas"] == 0
     assert pipe["vs_plain"] > 0 and pipe["vs_ddp"] > 0 and pipe["vs_ds_default"] > 0
@@ -411,7 +413,7 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capfd):
     md = (out / "scaling.md").read_text()
     for heading in ("img/s measured", "img/s predicted", "plain img/s", "DDP img/s", "DS parameters img/s",
                     "PREDICTED, not measured", "Failed configurations", "at most 8 stages",
-                    "CPU: schedule thread / other threads", "CPU ms: forward / backward"):
+                    "CPU: schedule thread / other threads", "CPU ms: forward / backward (charged)"):
         assert heading in md, heading
     for name in PLOTS:
         assert_drawn_png(out / name)

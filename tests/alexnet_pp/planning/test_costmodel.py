@@ -205,6 +205,24 @@ def test_a_layout_with_more_workers_than_cores_pays_the_time_slicing_slowdown(ti
     assert predict(tiny, gpu, four).step_seconds == predict(tiny, make_profile(), four).step_seconds
 
 
+def test_each_stage_is_charged_its_units_cpu_at_the_share_they_were_timed_with_and_the_slicing(tiny, make_profile):
+    """6 units a stage at 1 ms per image per kind, micro-batch 2, M = 4: 48 ms of forward and 96 ms of
+    backward (B + W) per step. Timed with a core each: charged as is; with two one-thread co-runners on
+    2 cores each timed unit got 2/3 of a core; two two-thread workers on 2 cores also pay the 1.25×
+    slicing; a device per worker has no CPU to charge."""
+    import dataclasses
+
+    two = Candidate(2, 1, 1, 4, 8, partition="6")
+    alone = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1, time_slicing_slowdown=1.25)
+    for sp in predict(tiny, alone, two).stages:
+        assert sp.cpu == pytest.approx({"forward": 0.048, "backward": 0.096})
+    crowded = dataclasses.replace(alone, co_runners=2)
+    assert predict(tiny, crowded, two).stages[0].cpu == pytest.approx({"forward": 0.032, "backward": 0.064})
+    threaded = dataclasses.replace(alone, threads=2, co_runners=0)
+    assert predict(tiny, threaded, two).stages[1].cpu == pytest.approx({"forward": 0.060, "backward": 0.120})
+    assert all(sp.cpu == {} for sp in predict(tiny, make_profile(), two).stages)
+
+
 def test_deepspeeds_serialised_transfers_lengthen_each_steady_step(tiny, make_profile):
     """1 ms per message: an activation goes as two messages (activations and labels), 2 ms, a
     gradient as one, 1 ms. Worked by hand through DeepSpeed's order: the last backward of stage 0
