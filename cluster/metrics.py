@@ -70,6 +70,9 @@ SPECS = (
     Spec("counter", "alexnet_pp_stage_phase_seconds_total",
          "Seconds this rank spent per pipeline phase (idle = step time not in forward/backward/data_wait, "
          "so it overlaps send/recv)", ("phase",)),
+    Spec("counter", "alexnet_pp_stage_phase_cpu_seconds_total",
+         "CPU seconds of the thread running the pipeline schedule per phase (against "
+         "alexnet_pp_stage_phase_seconds_total: the share of a core the phase's work got)", ("phase",)),
     Spec("gauge", "alexnet_pp_pipeline_bubble_ratio", "Measured idle fraction of the last step's pipeline schedule"),
     Spec("gauge", "alexnet_pp_pipeline_bubble_theoretical_ratio", "(P - 1) / (M + P - 1) for this layout"),
     Spec("counter", "alexnet_pp_data_wait_seconds_total", "Seconds spent waiting for input micro-batches"),
@@ -174,6 +177,7 @@ class WorkerMetrics(Callback):
         self._c("alexnet_pp_host_busy_cpu_seconds_total")
         for p in PHASES:
             self._c("alexnet_pp_stage_phase_seconds_total", phase=p)
+            self._c("alexnet_pp_stage_phase_cpu_seconds_total", phase=p)
         self._c("alexnet_pp_checkpoints_total")
         self._c("alexnet_pp_checkpoint_duration_seconds")
         self._c("alexnet_pp_worker_restarts").set(max(0, restarts))
@@ -290,6 +294,9 @@ class WorkerMetrics(Callback):
             for phase, seconds in phases.items():
                 if seconds > 0:
                     self._c("alexnet_pp_stage_phase_seconds_total", phase=phase).inc(seconds)
+            for phase, seconds in (_field(stats, "phase_cpu") or {}).items():
+                if seconds > 0:
+                    self._c("alexnet_pp_stage_phase_cpu_seconds_total", phase=phase).inc(seconds)
             cpu = _field(stats, "cpu") or {}
             if cpu.get("main_thread", 0.0) > 0:
                 self._c("alexnet_pp_schedule_thread_cpu_seconds_total").inc(cpu["main_thread"])

@@ -28,7 +28,8 @@ def step_stats(step: int, images: int = 128, seconds: float = 0.25, bubble: floa
               "idle": 0.07}
     return StepStats(step=step, epoch=0, loss=2.0 / step, lr=0.01 * step, images=images, seconds=seconds,
                      phases=phases, bubble=bubble, theoretical_bubble=0.2,
-                     cpu={"main_thread": 0.6 * seconds, "process": 0.7 * seconds, "host_busy": 1.9 * seconds})
+                     cpu={"main_thread": 0.6 * seconds, "process": 0.7 * seconds, "host_busy": 1.9 * seconds},
+                     phase_cpu={"forward": 0.04, "backward": 0.09, "recv": 0.001})
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -87,6 +88,10 @@ def test_exporter_serves_every_metric_with_labels(lead):
     assert value(s, "alexnet_pp_stage_phase_seconds_total", phase="backward") == pytest.approx(0.3)
     assert value(s, "alexnet_pp_stage_phase_seconds_total", phase="idle") == pytest.approx(0.21)
     assert value(s, "alexnet_pp_data_wait_seconds_total") == pytest.approx(0.03)
+    assert {lab["phase"] for lab, _ in s["alexnet_pp_stage_phase_cpu_seconds_total"]} == set(PHASES)
+    assert value(s, "alexnet_pp_stage_phase_cpu_seconds_total", phase="backward") == pytest.approx(0.27)
+    assert value(s, "alexnet_pp_stage_phase_cpu_seconds_total", phase="recv") == pytest.approx(0.003)
+    assert value(s, "alexnet_pp_stage_phase_cpu_seconds_total", phase="idle") == 0
     assert value(s, "alexnet_pp_schedule_thread_cpu_seconds_total") == pytest.approx(0.6 * 0.6)
     assert value(s, "alexnet_pp_host_busy_cpu_seconds_total") == pytest.approx(1.9 * 0.6)
     assert value(s, "alexnet_pp_pipeline_bubble_ratio") == pytest.approx(0.3)

@@ -202,7 +202,8 @@ def realistic_stats(step: int, stage: int, rng: random.Random) -> StepStats:
               "recv": 0.03 * seconds, "idle": idle}
     return StepStats(step, 0, 2.3 / (1 + 0.01 * step), 0.01, 64, seconds, phases, idle / (seconds - opt), 0.2,
                      total_steps=10_000,
-                     cpu={"main_thread": 0.6 * seconds, "process": 0.7 * seconds, "host_busy": 1.8 * seconds})
+                     cpu={"main_thread": 0.6 * seconds, "process": 0.7 * seconds, "host_busy": 1.8 * seconds},
+                     phase_cpu={"forward": 0.75 * fwd, "backward": 0.75 * bwd, "send": 0.001, "recv": 0.001})
 
 
 class FakeJob:
@@ -275,6 +276,8 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(tmp_path
             ips = float(prom.query(f'sum(rate(alexnet_pp_images_total{{run="{run}"}}[4s]))')[0]["value"][1])
             assert 64 / 0.6 < ips < 64 / 0.1
             assert float(prom.query(f'max(alexnet_pp_worker_restarts{{run="{run}"}})')[0]["value"][1]) == 1
+            share = [r for r in results if r.panel == "Core share of each compute phase"]
+            assert share and all(float(x["value"][1]) == pytest.approx(0.75) for x in share[0].result)
 
             # the rules load and evaluate cleanly against live data
             groups = prom.api("rules")["groups"]
