@@ -400,7 +400,11 @@ def tail_rate(profile: DeviceProfile, layout: Candidate, busy: float = 1.0) -> f
 
 
 def _slicing(profile: DeviceProfile, layout: Candidate) -> float:
-    """The profile's time-slicing slowdown where the layout's workers' threads outnumber the cores."""
+    """How much more CPU the layout's work costs than calibrated: the engine's measured CPU ratio where
+    the profile carries one (earlier runs at this worker count), else the time-slicing slowdown where
+    the layout's workers' threads outnumber the cores."""
+    if profile.cores and profile.engine_cpu_ratio > 0:
+        return profile.engine_cpu_ratio
     sliced = oversubscribed(layout.workers, profile.threads, profile.cores)
     return max(profile.time_slicing_slowdown, 1.0) if sliced else 1.0
 

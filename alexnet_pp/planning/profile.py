@@ -121,6 +121,11 @@ class DeviceProfile:
     # over the calibration's (time_slicing_slowdown): the OS slices them, and each slice starts on
     # caches another process filled. 1: measured without, or never oversubscribed
     time_slicing_slowdown: float = 1.0
+    # CPU seconds a pass's forward and backward cost inside the engine's runs on this machine over
+    # what the calibration charges them (measured from runs' phase CPU: engine overhead, caches other
+    # processes filled, time slicing); where known (> 0) it replaces time_slicing_slowdown at every
+    # worker count. 0: unknown (a calibration alone cannot see it)
+    engine_cpu_ratio: float = 0.0
     jitter: float = 0.0  # variance of compute seconds per second of compute (see the module's doc)
     model: dict = field(default_factory=dict)  # the ModelConfig fields the units were measured for
     assumptions: list[str] = field(default_factory=list)

@@ -231,6 +231,7 @@ class Sweep:
         self._links: dict[tuple[int, int], tuple[Any, Any]] = {}  # by (processes training beside, round)
         self._slowdown: dict[int, float] = {}  # by worker count
         self._profiles: dict[Path, Any] = {}  # calibrations read, by path
+        self._cpu_ratios: dict[str, Optional[float]] = {}  # compute_cpu_ratio, by row id
 
     @property
     def model(self) -> ModelConfig:
@@ -500,6 +501,50 @@ def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[d
             "cores_per_rank": statistics.median(map(other_threads_cores, use)), "runs": len(use)}
 
 
+def cpu_ratio_of(sweep: "Sweep", earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
+    """How much more CPU a pass's forward and backward cost in this sweep's runs at `workers` than
+    calibrated: the median over the runs before the one to predict (never that run) of each run's
+    compute_cpu_ratio. Only runs at the same worker count: the engine's overheads and the caches the
+    other ranks fill change with it. None before any such run recorded its phases' CPU."""
+    ratios = [x for r in earlier if r["kind"] in ("engine", "ds-default") and r.get("status") == "ok"
+              and r["workers"] == workers and (x := compute_cpu_ratio(sweep, r)) is not None]
+    if not ratios:
+        return None
+    return {"ratio": statistics.median(ratios), "runs": len(ratios)}
+
+
+def compute_cpu_ratio(sweep: "Sweep", row: dict[str, Any]) -> Optional[float]:
+    """A run's schedule threads' CPU in its forward and backward phases (per rank of each stage, summed
+    over the stages) over the CPU the cost model charges them from the run's calibration alone, at its
+    cut: engine overheads, caches other processes filled and time slicing, which a calibration cannot
+    see. None without phase CPU (a run from before it was recorded) or a calibration."""
+    from alexnet_pp.planning.costmodel import Candidate, predict
+
+    if not row.get("phases_cpu_s"):
+        return None
+    key = row.get("id")
+    if key in sweep._cpu_ratios:
+        return sweep._cpu_ratios[key]
+    ratio = None
+    profile = sweep.profile(row)
+    if profile is not None and profile.cores:
+        profile = dataclasses.replace(profile, time_slicing_slowdown=1.0, engine_cpu_ratio=0.0)
+        partition = row.get("cut") or ("parameters" if row["kind"] == "ds-default" else sweep.args.partition)
+        cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
+        try:
+            pred = predict(sweep.model, profile, cand, flat_grads=sweep.base.parallel.flat_grads)
+        except (ValueError, ConfigError):
+            pred = None
+        if pred is not None:
+            charged = sum(sp.cpu.get("forward", 0.0) + sp.cpu.get("backward", 0.0) for sp in pred.stages)
+            measured = sum(sum(row["phases_cpu_s"].get(str(sp.stage), {}).get(k, 0.0)
+                               for k in ("forward", "backward", "backward_weight")) for sp in pred.stages)
+            ratio = measured / charged if charged > 0 and measured > 0 else None
+    if key is not None:
+        sweep._cpu_ratios[key] = ratio
+    return ratio
+
+
 def charged_cores(background: dict[str, Any], workers: int) -> float:
     """The cores a background (background_of) takes from a run of `workers` ranks, as the cost model
     charges them (costmodel.available_cores)."""
@@ -511,9 +556,10 @@ def other_threads_cores(r: dict[str, Any]) -> float:
     return statistics.fmean(v["other_threads"] for v in r["cpu_share"].values())
 
 
-def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str, Any]] = None,
+                cpu_ratio: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The cost model's numbers for a measured layout row (W's profile, with `background`'s share of
-    the cores taken when given; bytes need none)."""
+    the cores taken and `cpu_ratio`'s engine CPU charged when given; bytes need none)."""
     from alexnet_pp.planning.costmodel import Candidate, predict
 
     from alexnet_pp.planning.profile import assumed_gpu_profile
@@ -525,6 +571,8 @@ def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str
     if profile is not None and background is not None:
         profile = dataclasses.replace(profile, background_cores=background["cores"],
                                       background_cores_per_rank=background["cores_per_rank"])
+    if profile is not None and cpu_ratio is not None:
+        profile = dataclasses.replace(profile, engine_cpu_ratio=cpu_ratio["ratio"])
     cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
         pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand,
@@ -542,7 +590,7 @@ def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str
            "predicted_phases_s": {str(s.stage): {k: v for k, v in s.phases.items()} for s in pred.stages},
            "predicted_phases_cpu_s": {str(s.stage): dict(s.cpu) for s in pred.stages if s.cpu},
            "predicted_memory_bytes": pred.memory_per_worker, "profile": profile.name,
-           "predicted_background": background}
+           "predicted_background": background, "predicted_cpu_ratio": cpu_ratio}
     if row.get("images_per_s"):
         out["prediction_error"] = row["images_per_s"] / pred.images_per_s - 1
     return out
@@ -569,7 +617,8 @@ def with_predictions(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str,
 def with_prediction(sweep: Sweep, row: dict[str, Any], earlier: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if row["kind"] not in ("engine", "ds-default"):
         return row
-    return {**row, **predict_row(sweep, row, background_of(earlier, row["workers"]))}
+    return {**row, **predict_row(sweep, row, background_of(earlier, row["workers"]),
+                                 cpu_ratio_of(sweep, earlier, row["workers"]))}
 
 
 def combine_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -924,6 +973,12 @@ def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], 
                                 f"= {charged_cores(bg, w):.2f} of {env.get('cores')} cores (for "
                                 "`alexnet-pp plan --device-profile`: a profile's background_cores and "
                                 "background_cores_per_rank)")
+        ratio = cpu_ratio_of(sweep, [r for r in measured if r["workers"] == w], w)
+        if ratio:
+            report.notes.append(f"engine CPU at W={w}: the runs' forward and backward phases cost {ratio['ratio']:.2f}× "
+                                f"the CPU their calibration charges (median over {ratio['runs']} layout(s)); each layout "
+                                "is charged the median of the runs before it at its worker count (for `alexnet-pp plan "
+                                "--device-profile`: a profile's engine_cpu_ratio)")
     loads = [r.get("load_1min") for r in rows if r.get("load_1min") is not None]
     if loads:
         report.notes.append(f"load average (1 min) before each configuration: {min(loads):.1f}–{max(loads):.1f} on "
@@ -1055,6 +1110,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         complete = False
         say.line("interrupted: run the same command again to resume after the last finished configuration")
     try:
+        sweep._cpu_ratios.clear()  # from here on every run's calibration pools all of the sweep's
         rows = derive(sweep, combine_runs(with_predictions(sweep, [done[s.id] for s in sweep.specs if s.id in done])))
         if args.gpu_workers:
             rows += gpu_predictions(args.gpu_workers, args.gpu_batch_per_worker, min_micro_batch=8)

@@ -257,16 +257,32 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
         return {"images_per_s": 100.0, "step_p50_s": 0.08, "step_p95_s": 0.09, "steps_timed": 2,
                 "peak_memory_bytes": {"0": 1}, "partition": "measured", "phases_s": {"0": {"forward": 0.01}},
                 "host_busy_cores": 1.9, "outside_ranks_cores": 0.4, "cut": "2" if spec.pp == 2 else "",
-                "cpu_share": {"0": {"main_thread": 0.7, "other_threads": 0.1}}}
+                "cpu_share": {"0": {"main_thread": 0.7, "other_threads": 0.1}},
+                "phases_cpu_s": {str(s): {"forward": 0.02, "backward": 0.04, "recv": 0.01} for s in range(spec.pp)}}
 
     out = tmp_path / "out"
-    assert scaling.main(["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "2,1,1,2", "--baselines", "",
-                         "--gpu-workers", "", "--batch", "8", "--out", str(out)], runner=run) == 0
+    argv = ["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "2,1,1,2", "--baselines", "",
+            "--gpu-workers", "", "--batch", "8", "--out", str(out)]
+    assert scaling.main(argv, runner=run) == 0
     rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
     first, second = rows["engine:1x1x2:M1"], rows["engine:1x1x2:M2"]
-    assert first["predicted_background"] is None
+    assert first["predicted_background"] is None and first["predicted_cpu_ratio"] is None
     assert second["predicted_background"] == {"cores": 0.4, "cores_per_rank": 0.1, "runs": 1}
     assert second["predicted_step_s"] > first["predicted_step_s"]
+    # the engine's CPU: the first run's forward and backward CPU (60 ms, its recv's not counted) over
+    # what its calibration charges them; the layout after it is charged that
+    sweep = scaling.Sweep(scaling.build_parser().parse_args(argv), argv)
+    raw = [json.loads(line) for line in (out / "scaling.rows.jsonl").read_text().splitlines()]
+    ran = {r["id"]: r for r in raw if "id" in r}
+    from alexnet_pp.planning.costmodel import Candidate, predict
+
+    charged = sum(sp.cpu["forward"] + sp.cpu["backward"] for sp in predict(
+        sweep.model, sweep.profile(ran["engine:1x1x2:M1"]), Candidate(1, 1, 2, 1, 8)).stages)
+    ratio = scaling.compute_cpu_ratio(sweep, ran["engine:1x1x2:M1"])
+    assert ratio == pytest.approx(0.06 / charged)
+    assert second["predicted_cpu_ratio"] == {"ratio": pytest.approx(ratio), "runs": 1}
+    assert rows["engine:2x1x1:M2"]["predicted_cpu_ratio"]["runs"] == 2  # both W = 2 runs before it
+    assert scaling.compute_cpu_ratio(sweep, {**ran["engine:1x1x2:M1"], "id": "older", "phases_cpu_s": {}}) is None
     md = (out / "scaling.md").read_text()
     assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
     assert "background at W=2, medians over 3 layout(s): 0.40 cores outside the ranks' processes + 0.100 per rank" in md

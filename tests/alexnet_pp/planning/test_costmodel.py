@@ -205,6 +205,26 @@ def test_a_layout_with_more_workers_than_cores_pays_the_time_slicing_slowdown(ti
     assert predict(tiny, gpu, four).step_seconds == predict(tiny, make_profile(), four).step_seconds
 
 
+def test_the_engines_measured_cpu_ratio_replaces_the_time_slicing_slowdown_at_any_worker_count(tiny, make_profile):
+    """Where earlier runs measured how much more CPU the engine's passes cost than calibrated, that
+    ratio is charged instead of the synthetic slowdown: 1.1 for four workers on 2 cores (not 1.25),
+    and 1.05 for two (which the slowdown never charges); a device per worker is never charged."""
+    import dataclasses
+
+    from alexnet_pp.planning.costmodel import compute_rate, tail_rate
+
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1, time_slicing_slowdown=1.25)
+    four, two = Candidate(4, 1, 1, 4, 16), Candidate(2, 1, 1, 4, 8, partition="6")
+    measured = dataclasses.replace(shared, engine_cpu_ratio=1.1)
+    assert compute_rate(measured, four)(3) == pytest.approx(compute_rate(shared, four)(3) * 1.25 / 1.1)
+    assert tail_rate(measured, Candidate(1, 1, 4, 1, 16)) == pytest.approx(0.5 / 1.1)
+    light = dataclasses.replace(shared, engine_cpu_ratio=1.05)
+    assert compute_rate(light, two)(2) == pytest.approx(1 / 1.05)
+    assert predict(tiny, light, two).stages[0].cpu == pytest.approx({"forward": 0.048 * 1.05, "backward": 0.096 * 1.05})
+    gpu = dataclasses.replace(make_profile(), engine_cpu_ratio=1.3)
+    assert predict(tiny, gpu, four).step_seconds == predict(tiny, make_profile(), four).step_seconds
+
+
 def test_each_stage_is_charged_its_units_cpu_at_the_share_they_were_timed_with_and_the_slicing(tiny, make_profile):
     """6 units a stage at 1 ms per image per kind, micro-batch 2, M = 4: 48 ms of forward and 96 ms of
     backward (B + W) per step. Timed with a core each: charged as is; with two one-thread co-runners on
