@@ -1,4 +1,4 @@
-"""The scaling plots' label placement (the figures themselves: tests/cluster/test_bench_scaling.py)."""
+"""The scaling plots' label placement (the figures themselves: tests/cluster/bench/test_scaling.py)."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from alexnet_pp.config import load_config
-from cluster.bench import scaling
+from cluster.bench import scaling, scaling_rows
 from cluster.bench.scaling import Spec, layouts_for, plan
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_every_layout_of_a_worker_count():
@@ -228,16 +228,16 @@ def test_the_background_a_prediction_charges_comes_from_runs_before_it():
                 "cpu_share": {"0": {"main_thread": 0.7, "other_threads": others[0]},
                               "1": {"main_thread": 0.6, "other_threads": others[-1]}}}
 
-    assert scaling.background_of([], 2) is None
+    assert scaling_rows.background_of([], 2) is None
     one = run(1, 0.10, [0.02])
-    assert scaling.background_of([one, {"kind": "plain", "workers": 2, "status": "ok"}], 2) == \
+    assert scaling_rows.background_of([one, {"kind": "plain", "workers": 2, "status": "ok"}], 2) == \
         {"cores": 0.10, "cores_per_rank": pytest.approx(0.02), "runs": 1}
     twos = [run(2, 0.20, [0.05, 0.07]), run(2, 0.40, [0.09]), run(2, 9.0, [1.0], status="failed"),
             run(2, None, [1.0]), run(2, 0.30, [0.08], kind="ds-default")]
-    got = scaling.background_of([one, *twos], 2)
+    got = scaling_rows.background_of([one, *twos], 2)
     assert got == {"cores": pytest.approx(0.30), "cores_per_rank": pytest.approx(0.08), "runs": 3}
-    assert scaling.background_cores(twos[0]) == pytest.approx(0.20 + 2 * 0.06)
-    assert scaling.background_of([one, *twos], 4)["runs"] == 4  # none at W = 4 yet: all of them
+    assert scaling_rows.background_cores(twos[0]) == pytest.approx(0.20 + 2 * 0.06)
+    assert scaling_rows.background_of([one, *twos], 4)["runs"] == 4  # none at W = 4 yet: all of them
 
 
 def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_path):
@@ -278,11 +278,11 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
 
     charged = sum(sp.cpu["forward"] + sp.cpu["backward"] for sp in predict(
         sweep.model, sweep.profile(ran["engine:1x1x2:M1"]), Candidate(1, 1, 2, 1, 8)).stages)
-    ratio = scaling.compute_cpu_ratio(sweep, ran["engine:1x1x2:M1"])
+    ratio = scaling_rows.compute_cpu_ratio(sweep, ran["engine:1x1x2:M1"])
     assert ratio == pytest.approx(0.06 / charged)
     assert second["predicted_cpu_ratio"] == {"ratio": pytest.approx(ratio), "runs": 1}
     assert rows["engine:2x1x1:M2"]["predicted_cpu_ratio"]["runs"] == 2  # both W = 2 runs before it
-    assert scaling.compute_cpu_ratio(sweep, {**ran["engine:1x1x2:M1"], "id": "older", "phases_cpu_s": {}}) is None
+    assert scaling_rows.compute_cpu_ratio(sweep, {**ran["engine:1x1x2:M1"], "id": "older", "phases_cpu_s": {}}) is None
     md = (out / "scaling.md").read_text()
     assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
     assert "background at W=2, medians over 3 layout(s): 0.40 cores outside the ranks' processes + 0.100 per rank" in md
