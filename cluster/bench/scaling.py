@@ -229,7 +229,7 @@ class Sweep:
         self._links: dict[tuple[int, int], tuple[Any, Any]] = {}  # by (processes training beside, round)
         self._slowdown: dict[int, float] = {}  # by worker count
         self._profiles: dict[Path, Any] = {}  # calibrations read, by path
-        self._cpu_ratios: dict[str, Optional[float]] = {}  # compute_cpu_ratio, by row id
+        self.cpu_ratios: dict[str, Optional[float]] = {}  # compute_cpu_ratio, by row id
 
     @property
     def model(self) -> ModelConfig:
@@ -639,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Callable[[Sweep,
         complete = False
         say.line("interrupted: run the same command again to resume after the last finished configuration")
     try:
-        sweep._cpu_ratios.clear()  # from here on every run's calibration pools all of the sweep's
+        sweep.cpu_ratios.clear()  # from here on every run's calibration pools all of the sweep's
         rows = derive(sweep, combine_runs(with_predictions(sweep, [done[s.id] for s in sweep.specs if s.id in done])))
         if args.gpu_workers:
             rows += gpu_predictions(args.gpu_workers, args.gpu_batch_per_worker, min_micro_batch=8)

@@ -4,13 +4,10 @@ baselines, the baselines, each stage's phases and CPU, the predicted GPU counts)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from cluster.bench.report import Column, Report, Table
-from cluster.bench.scaling_rows import background_cores, background_of, charged_cores, cpu_ratio_of
-
-if TYPE_CHECKING:
-    from cluster.bench.scaling import Sweep
+from cluster.bench.scaling_rows import SweepView, background_cores, background_of, charged_cores, cpu_ratio_of
 
 PHASES = ("forward", "backward", "send", "recv", "idle", "data_wait", "optimizer")
 TOLERANCE = 0.15  # the prediction's goal: within 15 % of the measurement
@@ -78,7 +75,7 @@ def _background(r: dict[str, Any]) -> Optional[str]:
     return text + (f" ({charged_cores(used, r['workers']):.2f})" if used else "")
 
 
-def build_report(sweep: Sweep, rows: list[dict[str, Any]], env: dict[str, Any], complete: bool) -> Report:
+def build_report(sweep: SweepView, rows: list[dict[str, Any]], env: dict[str, Any], complete: bool) -> Report:
     a = sweep.args
     report = Report("scaling", sweep.out, sweep.argv, sweep.settings(), env,
                     title=f"Scaling: layouts over {', '.join(map(str, sorted({r['workers'] for r in rows if r['kind'] != 'predicted-gpu'})))} "

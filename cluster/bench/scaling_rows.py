@@ -7,15 +7,32 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+import argparse
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
 
-from alexnet_pp.config import ModelConfig
+from alexnet_pp.config import ModelConfig, RunConfig
 from alexnet_pp.errors import ConfigError
 
-if TYPE_CHECKING:
-    from cluster.bench.scaling import Sweep
-
 GPU_PROFILES = ("h100-nvlink", "h100-ib")
+
+
+class SweepView(Protocol):
+    """What the rows and the report need of a running sweep (scaling.Sweep)."""
+
+    args: argparse.Namespace
+    argv: list[str]
+    out: Path
+    base: RunConfig
+    batch: int
+    cpu_ratios: dict[str, Optional[float]]  # compute_cpu_ratio, by row id
+
+    @property
+    def model(self) -> ModelConfig: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def profile(self, row: dict[str, Any]) -> Any: ...
 
 
 def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
@@ -33,7 +50,7 @@ def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[d
             "cores_per_rank": statistics.median(map(other_threads_cores, use)), "runs": len(use)}
 
 
-def cpu_ratio_of(sweep: "Sweep", earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
+def cpu_ratio_of(sweep: SweepView, earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
     """How much more CPU a pass's forward and backward cost in this sweep's runs at `workers` than
     calibrated: the median over the runs before the one to predict (never that run) of each run's
     compute_cpu_ratio. Only runs at the same worker count: the engine's overheads and the caches the
@@ -45,7 +62,7 @@ def cpu_ratio_of(sweep: "Sweep", earlier: Sequence[dict[str, Any]], workers: int
     return {"ratio": statistics.median(ratios), "runs": len(ratios)}
 
 
-def compute_cpu_ratio(sweep: "Sweep", row: dict[str, Any]) -> Optional[float]:
+def compute_cpu_ratio(sweep: SweepView, row: dict[str, Any]) -> Optional[float]:
     """A run's schedule threads' CPU in its forward and backward phases (per rank of each stage, summed
     over the stages) over the CPU the cost model charges them from the run's calibration alone, at its
     cut: engine overheads, caches other processes filled and time slicing, which a calibration cannot
@@ -55,8 +72,8 @@ def compute_cpu_ratio(sweep: "Sweep", row: dict[str, Any]) -> Optional[float]:
     if not row.get("phases_cpu_s"):
         return None
     key = row.get("id")
-    if key in sweep._cpu_ratios:
-        return sweep._cpu_ratios[key]
+    if key in sweep.cpu_ratios:
+        return sweep.cpu_ratios[key]
     ratio = None
     profile = sweep.profile(row)
     if profile is not None and profile.cores:
@@ -73,7 +90,7 @@ def compute_cpu_ratio(sweep: "Sweep", row: dict[str, Any]) -> Optional[float]:
                                for k in ("forward", "backward", "backward_weight")) for sp in pred.stages)
             ratio = measured / charged if charged > 0 and measured > 0 else None
     if key is not None:
-        sweep._cpu_ratios[key] = ratio
+        sweep.cpu_ratios[key] = ratio
     return ratio
 
 
@@ -88,7 +105,7 @@ def other_threads_cores(r: dict[str, Any]) -> float:
     return statistics.fmean(v["other_threads"] for v in r["cpu_share"].values())
 
 
-def predict_row(sweep: Sweep, row: dict[str, Any], background: Optional[dict[str, Any]] = None,
+def predict_row(sweep: SweepView, row: dict[str, Any], background: Optional[dict[str, Any]] = None,
                 cpu_ratio: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The cost model's numbers for a measured layout row (W's profile, with `background`'s share of
     the cores taken and `cpu_ratio`'s engine CPU charged when given; bytes need none)."""
@@ -137,7 +154,7 @@ def ddp_replica_bytes(model: ModelConfig, workers: int) -> int:
     return 2 * (workers - 1) * 4 * params
 
 
-def with_predictions(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_predictions(sweep: SweepView, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each measured layout's row with its prediction from its calibrations and the background the
     runs before it measured (`rows` in the order they ran)."""
     out: list[dict[str, Any]] = []
@@ -146,7 +163,7 @@ def with_predictions(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
-def with_prediction(sweep: Sweep, row: dict[str, Any], earlier: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def with_prediction(sweep: SweepView, row: dict[str, Any], earlier: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if row["kind"] not in ("engine", "ds-default"):
         return row
     return {**row, **predict_row(sweep, row, background_of(earlier, row["workers"]),
@@ -186,7 +203,7 @@ def combine_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def derive(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def derive(sweep: SweepView, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows (predicted, one per configuration) with efficiencies and the ratios to the baselines filled in."""
     ok = [r for r in rows if r.get("status") == "ok"]
     by_kind: dict[tuple[str, int], dict[str, Any]] = {(r["kind"], r["workers"]): r for r in ok if r["kind"] in ("plain", "ddp")}
