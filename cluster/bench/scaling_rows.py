@@ -62,12 +62,21 @@ def cpu_ratio_of(sweep: SweepView, earlier: Sequence[dict[str, Any]], workers: i
     return {"ratio": statistics.median(ratios), "runs": len(ratios)}
 
 
+def run_candidate(sweep: SweepView, row: dict[str, Any]):
+    """The layout a measured row ran, at the cut it trained on (the engine's live check may move the
+    layout's first cut), so the error is the cost model's, not a different choice of cut."""
+    from alexnet_pp.planning.costmodel import Candidate
+
+    partition = row.get("cut") or ("parameters" if row["kind"] == "ds-default" else sweep.args.partition)
+    return Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
+
+
 def compute_cpu_ratio(sweep: SweepView, row: dict[str, Any]) -> Optional[float]:
     """A run's schedule threads' CPU in its forward and backward phases (per rank of each stage, summed
     over the stages) over the CPU the cost model charges them from the run's calibration alone, at its
     cut: engine overheads, caches other processes filled and time slicing, which a calibration cannot
     see. None without phase CPU (a run from before it was recorded) or a calibration."""
-    from alexnet_pp.planning.costmodel import Candidate, predict
+    from alexnet_pp.planning.costmodel import predict
 
     if not row.get("phases_cpu_s"):
         return None
@@ -78,10 +87,8 @@ def compute_cpu_ratio(sweep: SweepView, row: dict[str, Any]) -> Optional[float]:
     profile = sweep.profile(row)
     if profile is not None and profile.cores:
         profile = dataclasses.replace(profile, time_slicing_slowdown=1.0, engine_cpu_ratio=0.0)
-        partition = row.get("cut") or ("parameters" if row["kind"] == "ds-default" else sweep.args.partition)
-        cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
         try:
-            pred = predict(sweep.model, profile, cand, flat_grads=sweep.base.parallel.flat_grads)
+            pred = predict(sweep.model, profile, run_candidate(sweep, row), flat_grads=sweep.base.parallel.flat_grads)
         except (ValueError, ConfigError):
             pred = None
         if pred is not None:
@@ -109,20 +116,17 @@ def predict_row(sweep: SweepView, row: dict[str, Any], background: Optional[dict
                 cpu_ratio: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The cost model's numbers for a measured layout row (W's profile, with `background`'s share of
     the cores taken and `cpu_ratio`'s engine CPU charged when given; bytes need none)."""
-    from alexnet_pp.planning.costmodel import Candidate, predict
+    from alexnet_pp.planning.costmodel import predict
 
     from alexnet_pp.planning.profile import assumed_gpu_profile
 
     profile = sweep.profile(row)
-    # the cut the run trained on (the engine's live check may move the layout's first cut), so the
-    # error is the cost model's, not a different choice of cut
-    partition = row.get("cut") or ("parameters" if row["kind"] == "ds-default" else sweep.args.partition)
     if profile is not None and background is not None:
         profile = dataclasses.replace(profile, background_cores=background["cores"],
                                       background_cores_per_rank=background["cores_per_rank"])
     if profile is not None and cpu_ratio is not None:
         profile = dataclasses.replace(profile, engine_cpu_ratio=cpu_ratio["ratio"])
-    cand = Candidate(row["pp"], row["tp"], row["dp"], row["micro_batches"], row["batch"], "1f1b", partition)
+    cand = run_candidate(sweep, row)
     try:  # without a calibration (--no-predict) only the bytes, which no profile changes
         pred = predict(sweep.model, profile or assumed_gpu_profile(GPU_PROFILES[0], sweep.model), cand,
                        flat_grads=sweep.base.parallel.flat_grads)
