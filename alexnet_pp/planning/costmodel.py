@@ -6,6 +6,8 @@ layers); per cut: the activation and gradient transfers; then the schedule is si
 (simulate.py) and each stage ends with its gradient all-reduce over the D replicas and its
 optimizer step. Ranks that must meet — the two towers at each cross-tower collective, the replicas
 at the all-reduce — also wait for the slowest of them, by the profile's measured jitter (sync_wait).
+Where the workers outnumber a CPU's cores, a rank waiting inside a pass leaves its core to the
+others (solo_rate): the towers' collectives then lengthen a pass only past its shared work.
 Bytes come from the network's shapes and parameter counts (model.py, pipeline.py).
 """
 
@@ -381,6 +383,18 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     return rate
 
 
+def solo_rate(profile: DeviceProfile, layout: Candidate) -> Optional[float]:
+    """Where the layout's workers outnumber the cores: the speed, relative to the profile's unit
+    times, of a rank with a core to itself. There a rank waiting for its peers inside a pass (the
+    towers' collectives) leaves its core to ranks with work, which then run faster: measured, a
+    two-tower rank of 1×2×2 got the same share of a core in its forward as a rank of 1×1×4, the
+    towers' waits nowhere in its wall time. None where the ranks have the cores they ask for: a
+    wait then idles its core, and stretches with the pass."""
+    if not oversubscribed(layout.workers, profile.threads, profile.cores):
+        return None
+    return 1.0 / (_calibrated_share(profile) * _slicing(profile, layout))
+
+
 def tail_rate(profile: DeviceProfile, layout: Candidate, busy: float = 1.0) -> float:
     """How fast the step's tail (the replicas' all-reduce, the optimizer step and the sweeps around
     them) runs relative to its measurement, on a CPU whose cores the workers share: the ranks reach
@@ -448,6 +462,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
     io = layer_io_elements(cfg)
     eb = profile.dtype_bytes
 
+    solo = solo_rate(profile, layout)
     stage_costs, stage_units, tower_fwd, tower_bwd = [], [], [], []
     for s in range(layout.pp):
         idx = cut.stage_layers(s)  # T = 2 (tower collectives, sync) cuts between units only
@@ -456,9 +471,10 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         if tp == 2:
             wf, wb = tower_sync_seconds(profile, units, costs, idx)
             tf, tb = tf + wf, tb + wb
-        stage_costs.append(StageCost(sum(costs[i].forward * f for i, f in shares[s]) + tf,
-                                     sum(costs[i].backward_input * f for i, f in shares[s]) + tb,
-                                     sum(costs[i].backward_weight * f for i, f in shares[s])))
+        fwd = sum(costs[i].forward * f for i, f in shares[s])
+        bwd = sum(costs[i].backward_input * f for i, f in shares[s])
+        wgt = sum(costs[i].backward_weight * f for i, f in shares[s])
+        stage_costs.append(StageCost(fwd, bwd, wgt, tf, tb) if solo else StageCost(fwd + tf, bwd + tb, wgt))
         stage_units.append([u.name for u in plan[plan_bounds[s]:plan_bounds[s + 1]]])
         tower_fwd.append(tf)
         tower_bwd.append(tb)
@@ -471,7 +487,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         p2p.append((link.seconds(act) + link.seconds(LABEL_BYTES * n) + meet, link.seconds(act) + meet))
         cut_bytes.append(2 * act + LABEL_BYTES * n)
 
-    timeline = simulate(layout.schedule, stage_costs, M, p2p, rate=compute_rate(profile, layout))
+    timeline = simulate(layout.schedule, stage_costs, M, p2p, rate=compute_rate(profile, layout), solo=solo)
 
     stage_preds = []
     tails = []

@@ -43,6 +43,11 @@ class StageCost:
     forward: float
     backward_input: float
     backward_weight: float = 0.0
+    # of the forward and the backward (its input-gradient part), seconds the stage's ranks wait for
+    # their peers inside the pass (the towers' collectives): no core's work, so with `solo` (simulate)
+    # the other ranks' computes take the cores meanwhile
+    forward_wait: float = 0.0
+    backward_wait: float = 0.0
 
     @property
     def backward(self) -> float:
@@ -223,13 +228,20 @@ def _cost(c: StageCost, kind: str) -> float:
     return {"F": c.forward, "B": c.backward_input, "W": c.backward_weight, "BW": c.backward}[kind]
 
 
+def _wait(c: StageCost, kind: str) -> float:
+    return {"F": c.forward_wait, "B": c.backward_wait, "W": 0.0, "BW": c.backward_wait}[kind]
+
+
 def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int, p2p_seconds: P2P = 0.0,
              tail_seconds: Optional[Sequence[float]] = None, comm: Optional[str] = None,
-             rate: Optional[Rate] = None) -> Timeline:
+             rate: Optional[Rate] = None, solo: Optional[float] = None) -> Timeline:
     """Simulate one optimizer step. `p2p_seconds`: one transfer time for every cut and direction,
     or per cut a time or an (activation, gradient) pair. `comm`: blocking | async (default blocking
     for 1f1b, async otherwise). `rate`: the speed of each computing stage while k stages compute at
-    once (stages sharing cores); None: every stage computes at full speed on its own device."""
+    once (stages sharing cores); None: every stage computes at full speed on its own device.
+    `solo`: with more ranks than cores, the speed of one rank alone on a core. A waiting rank then
+    leaves its core to the others, so a pass takes the longer of its work at the shared speed and
+    its work alone plus its waits; without it a pass's waits stretch with its work."""
     costs = [c if isinstance(c, StageCost) else StageCost(*c) for c in stage_costs]
     stages = len(costs)
     if stages < 1 or micro_batches < 1:
@@ -244,7 +256,7 @@ def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int
         orders = [compute_order(schedule, stages, micro_batches, s) for s in range(stages)]
     else:
         raise ValueError(f"comm={comm!r}: use blocking or async")
-    timeline = Timeline(schedule, comm, micro_batches, _run(orders, costs, cuts, comm, rate))
+    timeline = Timeline(schedule, comm, micro_batches, _run(orders, costs, cuts, comm, rate, solo))
     timeline.tail = list(tail_seconds) if tail_seconds is not None else [0.0] * stages
     if len(timeline.tail) != stages:
         raise ValueError(f"{len(timeline.tail)} tail times for {stages} stages")
@@ -255,7 +267,7 @@ _MATCH = {"sendA": ("recvA", 1), "recvA": ("sendA", -1), "sendG": ("recvG", -1),
 
 
 def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list[tuple[float, float]],
-         comm: str, rate: Optional[Rate]) -> list[list[Event]]:
+         comm: str, rate: Optional[Rate], solo: Optional[float] = None) -> list[list[Event]]:
     """Every stage's operations on one clock. At each instant: start what can start (a compute whose
     input is there; with blocking transfers, a send and its receive once both ranks reach them), then
     advance to the next end — of a compute, a transfer or, async, an input's arrival. Computes
@@ -263,7 +275,8 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
     stages = len(orders)
     pos = [0] * stages
     free_since = [0.0] * stages  # when the stage finished its last operation
-    running: list[Optional[list]] = [None] * stages  # [kind, micro-batch, start, end]
+    # [kind, micro-batch, start, end, end of its work at the current speed, floor of its end]
+    running: list[Optional[list]] = [None] * stages
     done: dict[tuple[str, int, int], float] = {}
     events: list[list[Event]] = [[] for _ in range(stages)]
     now, speed = 0.0, 1.0
@@ -304,7 +317,14 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
                         if t > now:
                             arrivals.append(t)
                             continue
-                    running[s] = [kind, mb, now, now + _cost(costs[s], kind) / speed]
+                    work, wait = _cost(costs[s], kind), _wait(costs[s], kind)
+                    if solo is None:
+                        work, wait = work + wait, 0.0
+                        floor = now
+                    else:
+                        floor = now + work / solo + wait
+                    done_working = now + work / speed
+                    running[s] = [kind, mb, now, max(done_working, floor), done_working, floor]
                     started = True
                     continue
                 other_kind, step = _MATCH[kind]
@@ -313,14 +333,16 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
                     continue  # the peer has not reached the matching instruction yet
                 cut = min(s, peer)
                 end = now + (cuts[cut][0] if kind in ("sendA", "recvA") else cuts[cut][1])
-                running[s], running[peer] = [kind, mb, now, end], [other_kind, mb, now, end]
+                running[s], running[peer] = [kind, mb, now, end, end, end], [other_kind, mb, now, end, end, end]
                 started = True
         computing = [s for s in range(stages) if running[s] is not None and running[s][0] in COMPUTE]
         new_speed = rate(len(computing)) if rate is not None and computing else 1.0
         if new_speed != speed:  # the computes in progress finish their remaining work at the new speed
             for s in computing:
                 r = running[s]
-                r[3] = now + (r[3] - now) * speed / new_speed
+                if r[4] > now:
+                    r[4] = now + (r[4] - now) * speed / new_speed
+                r[3] = max(r[4], r[5])
             speed = new_speed
         ends = [r[3] for r in running if r is not None] + arrivals
         if not ends:
@@ -330,7 +352,7 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
             r = running[s]
             if r is None or r[3] > now:
                 continue
-            kind, mb, start, end = r
+            kind, mb, start, end = r[:4]
             if kind in COMPUTE:
                 events[s].append(Event(start, end, kind, mb))
                 done[(kind, s, mb)] = end

@@ -205,12 +205,15 @@ def build_report(sweep: SweepView, rows: list[dict[str, Any]], env: dict[str, An
                                 f"= {charged_cores(bg, w):.2f} of {env.get('cores')} cores (for "
                                 "`alexnet-pp plan --device-profile`: a profile's background_cores and "
                                 "background_cores_per_rank)")
-        ratio = cpu_ratio_of(sweep, [r for r in measured if r["workers"] == w], w)
-        if ratio:
-            report.notes.append(f"engine CPU at W={w}: the runs' forward and backward phases cost {ratio['ratio']:.2f}× "
-                                f"the CPU their calibration charges (median over {ratio['runs']} layout(s)); each layout "
-                                "is charged the median of the runs before it at its worker count (for `alexnet-pp plan "
-                                "--device-profile`: a profile's engine_cpu_ratio)")
+        at_w = [r for r in measured if r["workers"] == w]
+        for tp in sorted({r["tp"] for r in at_w}):
+            ratio = cpu_ratio_of(sweep, [r for r in at_w if r["tp"] == tp], w, tp)
+            if ratio:
+                report.notes.append(f"engine CPU at W={w}, T={tp}: the runs' forward and backward phases cost "
+                                    f"{ratio['ratio']:.2f}× the CPU their calibration charges (median over "
+                                    f"{ratio['runs']} layout(s)); each layout is charged the median of the runs before "
+                                    "it at its worker count and tower count (for `alexnet-pp plan --device-profile`: a "
+                                    "profile's engine_cpu_ratio)")
     loads = [r.get("load_1min") for r in rows if r.get("load_1min") is not None]
     if loads:
         report.notes.append(f"load average (1 min) before each configuration: {min(loads):.1f}–{max(loads):.1f} on "

@@ -50,13 +50,18 @@ def background_of(earlier: Sequence[dict[str, Any]], workers: int) -> Optional[d
             "cores_per_rank": statistics.median(map(other_threads_cores, use)), "runs": len(use)}
 
 
-def cpu_ratio_of(sweep: SweepView, earlier: Sequence[dict[str, Any]], workers: int) -> Optional[dict[str, Any]]:
+def cpu_ratio_of(sweep: SweepView, earlier: Sequence[dict[str, Any]], workers: int,
+                 tp: Optional[int] = None) -> Optional[dict[str, Any]]:
     """How much more CPU a pass's forward and backward cost in this sweep's runs at `workers` than
     calibrated: the median over the runs before the one to predict (never that run) of each run's
     compute_cpu_ratio. Only runs at the same worker count: the engine's overheads and the caches the
-    other ranks fill change with it. None before any such run recorded its phases' CPU."""
-    ratios = [x for r in earlier if r["kind"] in ("engine", "ds-default") and r.get("status") == "ok"
+    other ranks fill change with it. With `tp`, only the runs with as many towers where there are
+    any: a tower rank's halves of the FC layers cost more than the half of a whole layer the model
+    charges (measured: 1.2–1.5× in 2×2×1's second stage, where 1×1×4 ran at 1.0–1.1×). None before
+    any such run recorded its phases' CPU."""
+    ratios = [(r["tp"], x) for r in earlier if r["kind"] in ("engine", "ds-default") and r.get("status") == "ok"
               and r["workers"] == workers and (x := compute_cpu_ratio(sweep, r)) is not None]
+    ratios = [x for t, x in ratios if t == tp] or [x for _, x in ratios]
     if not ratios:
         return None
     return {"ratio": statistics.median(ratios), "runs": len(ratios)}
@@ -171,7 +176,7 @@ def with_prediction(sweep: SweepView, row: dict[str, Any], earlier: Sequence[dic
     if row["kind"] not in ("engine", "ds-default"):
         return row
     return {**row, **predict_row(sweep, row, background_of(earlier, row["workers"]),
-                                 cpu_ratio_of(sweep, earlier, row["workers"]))}
+                                 cpu_ratio_of(sweep, earlier, row["workers"], row["tp"]))}
 
 
 def combine_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

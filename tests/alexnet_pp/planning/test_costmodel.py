@@ -326,6 +326,27 @@ def test_two_towers_wait_for_each_other_at_each_collective_after_the_compute_sin
     assert pred.stages[0].phases["tower_comm"] == pytest.approx(wait, rel=1e-4)
 
 
+def test_with_more_workers_than_cores_the_towers_waits_go_to_the_other_ranks_work(tiny, make_profile):
+    """The units above, micro-batch 2: a tower rank's forward is 13 ms of work, and the towers meet
+    before conv3, fc6, fc7 and fc8. 1×2×2 on 2 cores runs four ranks at half a core each, so its
+    forward takes 26 ms of work; a tower waiting for its peer leaves its core to the other replica,
+    so the waits (3.7 ms at this jitter) do not lengthen it. Only waits longer than the work's
+    stretch (here 13 ms) show. 1×2×1 on the same cores keeps a core per rank: its waits idle it."""
+    import dataclasses
+
+    jitter = 1e-3
+    shared = dataclasses.replace(make_profile(), cores=2, threads=1, co_runners=1, jitter=jitter)
+    waits = sum(0.5642 * (jitter * t * MS) ** 0.5 for t in (2, 5, 2, 2))
+    forward = lambda profile, layout: predict(tiny, profile, layout).stages[0].phases["forward"]  # noqa: E731
+    replicated_towers, towers = Candidate(1, 2, 2, 1, 4), Candidate(1, 2, 1, 1, 2)
+    assert forward(shared, replicated_towers) == pytest.approx(0.026, rel=1e-4)
+    assert forward(dataclasses.replace(shared, jitter=0.0), replicated_towers) == pytest.approx(0.026, rel=1e-4)
+    assert forward(shared, towers) == pytest.approx(0.013 + waits, rel=1e-4)
+    long_waits = dataclasses.replace(shared, jitter=0.1)
+    assert forward(long_waits, replicated_towers) == pytest.approx(
+        0.013 + sum(0.5642 * (0.1 * t * MS) ** 0.5 for t in (2, 5, 2, 2)), rel=1e-4)
+
+
 def test_neighbouring_stages_meet_at_each_blocking_transfer_by_the_profiles_jitter(tiny, make_profile):
     """1F1B's sends and receives block until both stages reach them, in the steady state after one
     forward or backward each: stages of F 40 / B 60 and F 20 / B 20 ms meet 0.564 σ late on average,

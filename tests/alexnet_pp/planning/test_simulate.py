@@ -57,6 +57,31 @@ def test_stages_sharing_one_core_slow_down_only_while_both_compute():
     assert same.stages == simulate("1f1b", [EQUAL, StageCost(1, 3)], 4, p2p_seconds=0.5).stages
 
 
+def test_with_more_ranks_than_cores_a_passs_waits_go_to_the_other_ranks_work():
+    """One stage, F = 1 and BW = 2 of work with 1 s of waits in each, at half speed (shared cores),
+    worked by hand. Without `solo` the waits stretch with the work: F (1 + 1) / 0.5 = 4, BW
+    (2 + 1) / 0.5 = 6. With solo = 1 a pass takes the longer of its work at the shared speed and its
+    work alone plus its waits: F max(2, 1 + 1) = 2, BW max(4, 2 + 1) = 4; with 3 s of waits in the
+    forward, the waits show: max(2, 1 + 3) = 4."""
+    half = lambda k: 0.5  # noqa: E731
+    waits = StageCost(1, 2, 0, forward_wait=1, backward_wait=1)
+    assert compute(simulate("1f1b", [waits], 1, rate=half), 0) == [(0, 4, "F", 0), (4, 10, "BW", 0)]
+    assert compute(simulate("1f1b", [waits], 1, rate=half, solo=1.0), 0) == [(0, 2, "F", 0), (2, 6, "BW", 0)]
+    long = StageCost(1, 2, 0, forward_wait=3)
+    assert compute(simulate("1f1b", [long], 1, rate=half, solo=1.0), 0) == [(0, 4, "F", 0), (4, 8, "BW", 0)]
+
+
+def test_a_floor_of_waits_holds_when_the_shared_speed_changes_mid_pass():
+    """Two stages, async, speed 1/2 while both compute, else 1, worked by hand: stage 0's F0 runs
+    alone 0…1; from 1 its F1 and stage 1's F0 (1 of work, 5 of waits, solo 1) share the cores, so
+    both finish their work at 3; stage 0's F1 ends there, stage 1's F0 not before its floor,
+    1 + 1 + 5 = 7."""
+    half = lambda k: 1.0 if k == 1 else 0.5  # noqa: E731
+    t = simulate("1f1b", [EQUAL, StageCost(1, 2, 0, forward_wait=5)], 2, comm="async", rate=half, solo=1.0)
+    assert compute(t, 1)[0] == (1, 7, "F", 0)
+    assert compute(t, 0)[:2] == [(0, 1, "F", 0), (1, 3, "F", 1)]
+
+
 def test_two_stages_four_micro_batches_interleave_one_forward_one_backward():
     t = simulate("1f1b", [EQUAL, EQUAL], 4)
     assert compute(t, 0) == [(0, 1, "F", 0), (1, 2, "F", 1), (4, 6, "BW", 0), (6, 7, "F", 2), (7, 9, "BW", 1),

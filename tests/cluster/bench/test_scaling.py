@@ -241,7 +241,7 @@ def test_the_background_a_prediction_charges_comes_from_runs_before_it():
 
 
 def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_path):
-    """Two layouts at W = 2 in one sweep: the first has no earlier run and is predicted without a
+    """Layouts at W = 2 in one sweep: the first has no earlier run and is predicted without a
     background; the second charges what the first measured (0.4 cores outside the ranks, 0.1 per
     rank's other threads) and so predicts fewer images/s from the same calibration."""
     from alexnet_pp.planning.profile import assumed_gpu_profile
@@ -261,7 +261,7 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
                 "phases_cpu_s": {str(s): {"forward": 0.02, "backward": 0.04, "recv": 0.01} for s in range(spec.pp)}}
 
     out = tmp_path / "out"
-    argv = ["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "2,1,1,2", "--baselines", "",
+    argv = ["--preset", "test", "--layouts", "1,1,2", "1,1,2,2", "2,1,1,2", "1,2,1", "1,2,1,2", "--baselines", "",
             "--gpu-workers", "", "--batch", "8", "--out", str(out)]
     assert scaling.main(argv, runner=run) == 0
     rows = {r["id"]: r for r in json.loads((out / "scaling.json").read_text())["rows"]}
@@ -282,10 +282,14 @@ def test_each_layout_is_predicted_with_the_background_of_the_runs_before_it(tmp_
     assert ratio == pytest.approx(0.06 / charged)
     assert second["predicted_cpu_ratio"] == {"ratio": pytest.approx(ratio), "runs": 1}
     assert rows["engine:2x1x1:M2"]["predicted_cpu_ratio"]["runs"] == 2  # both W = 2 runs before it
+    # two towers: the runs with towers where there are any, else every run at W = 2
+    assert rows["engine:1x2x1:M1"]["predicted_cpu_ratio"]["runs"] == 3
+    assert rows["engine:1x2x1:M2"]["predicted_cpu_ratio"]["runs"] == 1
     assert scaling_rows.compute_cpu_ratio(sweep, {**ran["engine:1x1x2:M1"], "id": "older", "phases_cpu_s": {}}) is None
     md = (out / "scaling.md").read_text()
     assert "| 0.60 |" in md and "| 0.60 (0.60) |" in md  # measured 0.4 + 2 × 0.1; charged the same
-    assert "background at W=2, medians over 3 layout(s): 0.40 cores outside the ranks' processes + 0.100 per rank" in md
+    assert "engine CPU at W=2, T=1:" in md and "engine CPU at W=2, T=2:" in md
+    assert "background at W=2, medians over 5 layout(s): 0.40 cores outside the ranks' processes + 0.100 per rank" in md
     # predicted at the cut the run trained on, which the engine's live check may have moved
     assert rows["engine:2x1x1:M2"]["predicted_cut"] == "2" and "measured (2)" in md
 
