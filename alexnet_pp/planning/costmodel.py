@@ -383,16 +383,19 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     return rate
 
 
-def solo_rate(profile: DeviceProfile, layout: Candidate) -> Optional[float]:
-    """Where the layout's workers outnumber the cores: the speed, relative to the profile's unit
-    times, of a rank with a core to itself. There a rank waiting for its peers inside a pass (the
-    towers' collectives) leaves its core to ranks with work, which then run faster: measured, a
-    two-tower rank of 1×2×2 got the same share of a core in its forward as a rank of 1×1×4, the
-    towers' waits nowhere in its wall time. None where the ranks have the cores they ask for: a
-    wait then idles its core, and stretches with the pass."""
+def solo_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable[[int], Optional[float]]]:
+    """Where the layout's workers outnumber the cores: while k stages compute, the speed, relative
+    to the profile's unit times, of a rank with a core to itself, if their ranks outnumber the cores.
+    Then a rank waiting for its peers inside a pass (the towers' collectives) leaves its core to a
+    rank that had none: measured, a two-tower rank of 1×2×2 got the same share of a core in its
+    forward as a rank of 1×1×4, the towers' waits nowhere in its wall time. None (the layout, or k
+    stages) where the ranks have the cores they ask for: a wait then idles its core, and stretches
+    with the pass, as in DeepSpeed's cut of 2×2×1, whose first stage mostly computes alone."""
     if not oversubscribed(layout.workers, profile.threads, profile.cores):
         return None
-    return 1.0 / (_calibrated_share(profile) * _slicing(profile, layout))
+    alone = 1.0 / (_calibrated_share(profile) * _slicing(profile, layout))
+    ranks = max(profile.threads, 1) * layout.tp * layout.dp
+    return lambda k: alone if ranks * k > profile.cores else None
 
 
 def tail_rate(profile: DeviceProfile, layout: Candidate, busy: float = 1.0) -> float:

@@ -212,6 +212,7 @@ def compute_order(schedule: str, stages: int, micro_batches: int, stage: int) ->
 
 P2P = Union[float, Sequence[Union[float, tuple[float, float]]]]
 Rate = Callable[[int], float]  # k stages computing at once → the speed of each (1: full speed)
+Solo = Callable[[int], Optional[float]]  # k stages computing → a rank's speed alone on a core, None: no one to take it
 
 
 def _per_cut(p2p_seconds: P2P, cuts: int) -> list[tuple[float, float]]:
@@ -234,14 +235,15 @@ def _wait(c: StageCost, kind: str) -> float:
 
 def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int, p2p_seconds: P2P = 0.0,
              tail_seconds: Optional[Sequence[float]] = None, comm: Optional[str] = None,
-             rate: Optional[Rate] = None, solo: Optional[float] = None) -> Timeline:
+             rate: Optional[Rate] = None, solo: Optional[Solo] = None) -> Timeline:
     """Simulate one optimizer step. `p2p_seconds`: one transfer time for every cut and direction,
     or per cut a time or an (activation, gradient) pair. `comm`: blocking | async (default blocking
     for 1f1b, async otherwise). `rate`: the speed of each computing stage while k stages compute at
     once (stages sharing cores); None: every stage computes at full speed on its own device.
-    `solo`: with more ranks than cores, the speed of one rank alone on a core. A waiting rank then
-    leaves its core to the others, so a pass takes the longer of its work at the shared speed and
-    its work alone plus its waits; without it a pass's waits stretch with its work."""
+    `solo`: while k stages compute, the speed of one rank alone on a core where their ranks
+    outnumber the cores (else None). A waiting rank then leaves its core to a rank that had none, so
+    a pass that starts among k such stages takes the longer of its work at the shared speed and its
+    work alone plus its waits; otherwise a pass's waits stretch with its work."""
     costs = [c if isinstance(c, StageCost) else StageCost(*c) for c in stage_costs]
     stages = len(costs)
     if stages < 1 or micro_batches < 1:
@@ -267,7 +269,7 @@ _MATCH = {"sendA": ("recvA", 1), "recvA": ("sendA", -1), "sendG": ("recvG", -1),
 
 
 def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list[tuple[float, float]],
-         comm: str, rate: Optional[Rate], solo: Optional[float] = None) -> list[list[Event]]:
+         comm: str, rate: Optional[Rate], solo: Optional[Solo] = None) -> list[list[Event]]:
     """Every stage's operations on one clock. At each instant: start what can start (a compute whose
     input is there; with blocking transfers, a send and its receive once both ranks reach them), then
     advance to the next end — of a compute, a transfer or, async, an input's arrival. Computes
@@ -318,11 +320,12 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
                             arrivals.append(t)
                             continue
                     work, wait = _cost(costs[s], kind), _wait(costs[s], kind)
-                    if solo is None:
+                    alone = solo(1 + sum(r is not None and r[0] in COMPUTE for r in running)) if solo else None
+                    if alone is None:
                         work, wait = work + wait, 0.0
                         floor = now
                     else:
-                        floor = now + work / solo + wait
+                        floor = now + work / alone + wait
                     done_working = now + work / speed
                     running[s] = [kind, mb, now, max(done_working, floor), done_working, floor]
                     started = True

@@ -66,9 +66,21 @@ def test_with_more_ranks_than_cores_a_passs_waits_go_to_the_other_ranks_work():
     half = lambda k: 0.5  # noqa: E731
     waits = StageCost(1, 2, 0, forward_wait=1, backward_wait=1)
     assert compute(simulate("1f1b", [waits], 1, rate=half), 0) == [(0, 4, "F", 0), (4, 10, "BW", 0)]
-    assert compute(simulate("1f1b", [waits], 1, rate=half, solo=1.0), 0) == [(0, 2, "F", 0), (2, 6, "BW", 0)]
+    assert compute(simulate("1f1b", [waits], 1, rate=half, solo=lambda k: 1.0), 0) == [(0, 2, "F", 0), (2, 6, "BW", 0)]
     long = StageCost(1, 2, 0, forward_wait=3)
-    assert compute(simulate("1f1b", [long], 1, rate=half, solo=1.0), 0) == [(0, 4, "F", 0), (4, 8, "BW", 0)]
+    assert compute(simulate("1f1b", [long], 1, rate=half, solo=lambda k: 1.0), 0) == [(0, 4, "F", 0), (4, 8, "BW", 0)]
+
+
+def test_waits_go_to_other_ranks_only_while_the_computing_ranks_outnumber_the_cores():
+    """The case above with solo only while both stages compute (k = 2): stage 0's F0 starts alone,
+    so its 1 s of waits stretch with its work at full speed: 0…2 (1 + 1); stage 1's F0 then starts
+    while stage 0's F1 computes and takes its floor."""
+    half = lambda k: 1.0 if k == 1 else 0.5  # noqa: E731
+    both = lambda k: 1.0 if k == 2 else None  # noqa: E731
+    waits = StageCost(1, 2, 0, forward_wait=1)
+    t = simulate("1f1b", [waits, StageCost(1, 2, 0, forward_wait=5)], 2, comm="async", rate=half, solo=both)
+    assert compute(t, 0)[0] == (0, 2, "F", 0)
+    assert compute(t, 1)[0] == (2, 8, "F", 0)
 
 
 def test_a_floor_of_waits_holds_when_the_shared_speed_changes_mid_pass():
@@ -77,7 +89,7 @@ def test_a_floor_of_waits_holds_when_the_shared_speed_changes_mid_pass():
     both finish their work at 3; stage 0's F1 ends there, stage 1's F0 not before its floor,
     1 + 1 + 5 = 7."""
     half = lambda k: 1.0 if k == 1 else 0.5  # noqa: E731
-    t = simulate("1f1b", [EQUAL, StageCost(1, 2, 0, forward_wait=5)], 2, comm="async", rate=half, solo=1.0)
+    t = simulate("1f1b", [EQUAL, StageCost(1, 2, 0, forward_wait=5)], 2, comm="async", rate=half, solo=lambda k: 1.0)
     assert compute(t, 1)[0] == (1, 7, "F", 0)
     assert compute(t, 0)[:2] == [(0, 1, "F", 0), (1, 3, "F", 1)]
 
