@@ -57,7 +57,7 @@ def cpu_ratio_of(sweep: SweepView, earlier: Sequence[dict[str, Any]], workers: i
     compute_cpu_ratio. Only runs at the same worker count: the engine's overheads and the caches the
     other ranks fill change with it. With `tp`, only the runs with as many towers where there are
     any: a tower rank's halves of the FC layers cost more than the half of a whole layer the model
-    charges (measured: 1.2–1.5× in 2×2×1's second stage, where 1×1×4 ran at 1.0–1.1×). None before
+    charges (measured: 1.2–1.7× in 2×2×1's second stage, where 1×1×4's passes took 0.9–1.05×). None before
     any such run recorded its phases' CPU."""
     ratios = [(r["tp"], x) for r in earlier if r["kind"] in ("engine", "ds-default") and r.get("status") == "ok"
               and r["workers"] == workers and (x := compute_cpu_ratio(sweep, r)) is not None]
