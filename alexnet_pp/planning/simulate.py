@@ -233,6 +233,11 @@ def _wait(c: StageCost, kind: str) -> float:
     return {"F": c.forward_wait, "B": c.backward_wait, "W": 0.0, "BW": c.backward_wait}[kind]
 
 
+def _end(op: list) -> float:
+    """When a running operation ends: its work done at the current speed, and not before its floor."""
+    return max(op[3], op[4])
+
+
 def simulate(schedule: str, stage_costs: Sequence[StageCost], micro_batches: int, p2p_seconds: P2P = 0.0,
              tail_seconds: Optional[Sequence[float]] = None, comm: Optional[str] = None,
              rate: Optional[Rate] = None, solo: Optional[Solo] = None) -> Timeline:
@@ -277,7 +282,8 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
     stages = len(orders)
     pos = [0] * stages
     free_since = [0.0] * stages  # when the stage finished its last operation
-    # [kind, micro-batch, start, end, end of its work at the current speed, floor of its end]
+    # [kind, micro-batch, start, end of its work at the current speed, floor of its end]: it ends at
+    # the later of the two (_end); a transfer's two are the same
     running: list[Optional[list]] = [None] * stages
     done: dict[tuple[str, int, int], float] = {}
     events: list[list[Event]] = [[] for _ in range(stages)]
@@ -326,8 +332,7 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
                         floor = now
                     else:
                         floor = now + work / alone + wait
-                    done_working = now + work / speed
-                    running[s] = [kind, mb, now, max(done_working, floor), done_working, floor]
+                    running[s] = [kind, mb, now, now + work / speed, floor]
                     started = True
                     continue
                 other_kind, step = _MATCH[kind]
@@ -336,26 +341,25 @@ def _run(orders: list[list[tuple[str, int]]], costs: list[StageCost], cuts: list
                     continue  # the peer has not reached the matching instruction yet
                 cut = min(s, peer)
                 end = now + (cuts[cut][0] if kind in ("sendA", "recvA") else cuts[cut][1])
-                running[s], running[peer] = [kind, mb, now, end, end, end], [other_kind, mb, now, end, end, end]
+                running[s], running[peer] = [kind, mb, now, end, end], [other_kind, mb, now, end, end]
                 started = True
         computing = [s for s in range(stages) if running[s] is not None and running[s][0] in COMPUTE]
         new_speed = rate(len(computing)) if rate is not None and computing else 1.0
         if new_speed != speed:  # the computes in progress finish their remaining work at the new speed
             for s in computing:
                 r = running[s]
-                if r[4] > now:
-                    r[4] = now + (r[4] - now) * speed / new_speed
-                r[3] = max(r[4], r[5])
+                if r[3] > now:
+                    r[3] = now + (r[3] - now) * speed / new_speed
             speed = new_speed
-        ends = [r[3] for r in running if r is not None] + arrivals
+        ends = [_end(r) for r in running if r is not None] + arrivals
         if not ends:
             raise RuntimeError("schedule deadlocks: an operation waits for one that never runs")
         now = min(ends)
         for s in range(stages):
             r = running[s]
-            if r is None or r[3] > now:
+            if r is None or _end(r) > now:
                 continue
-            kind, mb, start, end = r[:4]
+            kind, mb, start, end = r[0], r[1], r[2], _end(r)
             if kind in COMPUTE:
                 events[s].append(Event(start, end, kind, mb))
                 done[(kind, s, mb)] = end

@@ -205,9 +205,8 @@ def build_report(sweep: SweepView, rows: list[dict[str, Any]], env: dict[str, An
                                 f"= {charged_cores(bg, w):.2f} of {env.get('cores')} cores (for "
                                 "`alexnet-pp plan --device-profile`: a profile's background_cores and "
                                 "background_cores_per_rank)")
-        at_w = [r for r in measured if r["workers"] == w]
-        for tp in sorted({r["tp"] for r in at_w}):
-            ratio = cpu_ratio_of(sweep, [r for r in at_w if r["tp"] == tp], w, tp)
+        for tp in sorted({r["tp"] for r in measured if r["workers"] == w}):
+            ratio = cpu_ratio_of(sweep, measured, w, tp)
             if ratio:
                 report.notes.append(f"engine CPU at W={w}, T={tp}: the runs' forward and backward phases cost "
                                     f"{ratio['ratio']:.2f}× the CPU their calibration charges (median over "

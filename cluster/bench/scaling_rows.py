@@ -5,9 +5,9 @@ machine lacks, predicted on assumed profiles."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
-import argparse
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
