@@ -6,8 +6,9 @@ layers); per cut: the activation and gradient transfers; then the schedule is si
 (simulate.py) and each stage ends with its gradient all-reduce over the D replicas and its
 optimizer step. Ranks that must meet — the two towers at each cross-tower collective, the replicas
 at the all-reduce — also wait for the slowest of them, by the profile's measured jitter (sync_wait).
-Where the workers outnumber a CPU's cores, a rank waiting inside a pass leaves its core to the
-others (solo_rate): the towers' collectives then lengthen a pass only past its shared work.
+Where the workers outnumber a CPU's cores, a waiting rank leaves its core to the others
+(solo_rate): the towers' collectives then lengthen a pass only past its shared work, and the
+replicas' meeting at the all-reduce costs nothing past the shared work of the slowest.
 Bytes come from the network's shapes and parameter counts (model.py, pipeline.py).
 """
 
@@ -260,7 +261,8 @@ def rendezvous_wait(profile: DeviceProfile, schedule: str, a: StageCost, b: Stag
     the later of two arrivals comes sync_wait after the mean. Asynchronous sends (zb-h1) do not meet."""
     if schedule != "1f1b":
         return 0.0
-    since = (a.forward + a.backward + b.forward + b.backward) / 4
+    since = (a.forward + a.forward_wait + a.backward + a.backward_wait
+             + b.forward + b.forward_wait + b.backward + b.backward_wait) / 4
     return sync_wait(profile, since, 2)
 
 
@@ -359,28 +361,18 @@ def compute_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable
     there are, the cores are shared evenly among them (the OS's time slicing). The cores are those
     the profile's background leaves: the cluster's own processes and every rank's other threads.
     The unit times were measured with `co_runners` others training beside, so with that sharing
-    already in them. The two towers of a stage (T = 2) run in lockstep: each loses the slices the
-    background takes from either. A layout with more workers than cores pays the profile's
-    time-slicing slowdown all along, not only while more of them compute than the cores hold: its
-    waiting ranks keep waking for transfers and take slices from the computing ones."""
+    already in them. A layout with more workers than cores pays the profile's time-slicing slowdown
+    all along, not only while more of them compute than the cores hold: its waiting ranks keep
+    waking for transfers and take slices from the computing ones. What the two towers of a stage
+    lose waiting for each other (a tower slowed by the background holds up its peer) is not here:
+    it is their sync_wait at each collective, from the measured jitter, which that loss is part of."""
     if not profile.cores:
         return None
     threads = max(profile.threads, 1)
     ranks = layout.tp * layout.dp
     calibrated = _calibrated_share(profile) * _slicing(profile, layout)
     left = available_cores(profile, layout.workers)
-    # the towers of a stage meet at each cross-tower layer: while the background holds one tower's
-    # core the other soon waits, so the pair loses each tower's lost slices, not their mean. Where
-    # the workers outnumber the cores the measured time-slicing slowdown already holds this.
-    lockstep = 1 if oversubscribed(layout.workers, profile.threads, profile.cores) else layout.tp
-
-    def rate(k: int) -> float:
-        demand = threads * ranks * k
-        free, share = min(1.0, profile.cores / demand), min(1.0, left / demand)
-        # floor: a background near half the cores would bring the sum of the losses to zero
-        return max(share - (lockstep - 1) * (free - share), share / lockstep) / calibrated
-
-    return rate
+    return lambda k: min(1.0, left / (threads * ranks * k)) / calibrated
 
 
 def solo_rate(profile: DeviceProfile, layout: Candidate) -> Optional[Callable[[int], Optional[float]]]:
@@ -503,8 +495,12 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
             ar = _exposed_allreduce(timeline, s, [StageCost(*(x * f for x in astuple(costs[i]))) for i, f in shares[s]],
                                     [eb * params[i] * f for i, f in shares[s]], link, D)
         ar /= tail_rate(profile, layout, link.busy)
-        # the replicas meet once a step, after the stage's compute of all M micro-batches
-        ar += sync_wait(profile, M * (stage_costs[s].forward + stage_costs[s].backward), D)
+        # the replicas meet once a step, after the stage's compute of all M micro-batches; where the
+        # ranks outnumber the cores, one that arrives early leaves its core to the late ones, so the
+        # last arrives when the shared work is done, as simulated, and the wait costs nothing more
+        if solo is None:
+            c = stage_costs[s]
+            ar += sync_wait(profile, M * (c.forward + c.forward_wait + c.backward + c.backward_wait), D)
         opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))
         opt /= tail_speed
         tails.append(ar + opt)
