@@ -228,8 +228,8 @@ def same_conditions(a: DeviceProfile, b: DeviceProfile) -> bool:
 
 
 def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) -> DeviceProfile:
-    """`own` with the unit, optimizer and gradient-sweep times (and jitter) the mean over those of
-    `calibrations` taken under its conditions (same_conditions; `own`'s own calibrations among
+    """`own` with the unit, optimizer and gradient-sweep times the mean, and the jitter the median,
+    over those of `calibrations` taken under its conditions (same_conditions; `own`'s own calibrations among
     them); its links, time-slicing slowdown and the rest stay its own. `own` where none match. On a
     shared machine one calibration's unit times swing by more than a prediction's error goal from
     run to run, far more than the machine's speed drifts over a sweep: the mean over all of a
@@ -241,7 +241,10 @@ def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) ->
     sizes = ", ".join(map(str, own.micro_batches))
     return dataclasses.replace(
         own, name=f"{own.name} (pooled: {len(same)} calibrations)", units=mean.units,
-        **{k: getattr(mean, k) for k in _TIMED_SCALARS if k != "time_slicing_slowdown"},
+        **{k: getattr(mean, k) for k in _TIMED_SCALARS if k not in ("time_slicing_slowdown", "jitter")},
+        # the median: one calibration disturbed by something else (0.004 to 15 ms² per second of
+        # compute within one sweep here) would set the mean, and with it every meeting's wait
+        jitter=statistics.median(p.jitter for p in same),
         assumptions=[*own.assumptions, f"unit, optimizer and gradient-sweep times: the mean of {len(same)} "
                      f"calibrations in this run at micro-batch {sizes} with {own.co_runners} co-runner(s)"])
 
