@@ -261,8 +261,7 @@ def rendezvous_wait(profile: DeviceProfile, schedule: str, a: StageCost, b: Stag
     the later of two arrivals comes sync_wait after the mean. Asynchronous sends (zb-h1) do not meet."""
     if schedule != "1f1b":
         return 0.0
-    since = (a.forward + a.forward_wait + a.backward + a.backward_wait
-             + b.forward + b.forward_wait + b.backward + b.backward_wait) / 4
+    since = (a.with_waits + b.with_waits) / 4
     return sync_wait(profile, since, 2)
 
 
@@ -499,8 +498,7 @@ def predict(cfg: ModelConfig, profile: DeviceProfile, layout: Candidate, overlap
         # ranks outnumber the cores, one that arrives early leaves its core to the late ones, so the
         # last arrives when the shared work is done, as simulated, and the wait costs nothing more
         if solo is None:
-            c = stage_costs[s]
-            ar += sync_wait(profile, M * (c.forward + c.forward_wait + c.backward + c.backward_wait), D)
+            ar += sync_wait(profile, M * stage_costs[s].with_waits, D)
         opt = p * (profile.optimizer_seconds_per_param + _reduce_local_seconds_per_param(profile, D, flat_grads))
         opt /= tail_speed
         tails.append(ar + opt)

@@ -246,7 +246,8 @@ def pooled_profile(own: DeviceProfile, calibrations: Sequence[DeviceProfile]) ->
         # compute within one sweep here) would set the mean, and with it every meeting's wait
         jitter=statistics.median(p.jitter for p in same),
         assumptions=[*own.assumptions, f"unit, optimizer and gradient-sweep times: the mean of {len(same)} "
-                     f"calibrations in this run at micro-batch {sizes} with {own.co_runners} co-runner(s)"])
+                     f"calibrations in this run at micro-batch {sizes} with {own.co_runners} co-runner(s); "
+                     "jitter: their median"])
 
 
 def median_links(profiles: Sequence[DeviceProfile]) -> tuple[Link, Link]:

@@ -53,6 +53,11 @@ class StageCost:
     def backward(self) -> float:
         return self.backward_input + self.backward_weight
 
+    @property
+    def with_waits(self) -> float:
+        """Seconds from one micro-batch's forward start to its backward end, the waits inside included."""
+        return self.forward + self.forward_wait + self.backward + self.backward_wait
+
 
 @dataclass(frozen=True)
 class Event:
