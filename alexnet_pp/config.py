@@ -398,6 +398,10 @@ def validate(cfg: RunConfig, check_data: bool = True) -> RunConfig:
     if d.augment_actors < 0 or d.augment_cpus <= 0 or d.augment_prefetch < 1:
         raise ConfigError(f"data.augment_actors must be ≥ 0 (got {d.augment_actors}), data.augment_cpus > 0 "
                           f"(got {d.augment_cpus}) and data.augment_prefetch ≥ 1 (got {d.augment_prefetch})")
+    if d.decode == "gpu" and cfg.parallel.gpus_per_worker <= 0:
+        raise ConfigError("data.decode gpu decodes JPEGs on the first-stage ranks' GPUs, and "
+                          "parallel.gpus_per_worker is 0: give the workers GPUs, or set data.decode cpu "
+                          "or auto (auto decodes on the GPU where there is one)")
     if d.resampled and d.epoch_samples <= 0:
         raise ConfigError("data.resampled needs data.epoch_samples > 0 (samples per epoch over the job)")
     if t.batch_size <= 0 or t.lr <= 0 or t.epochs <= 0:

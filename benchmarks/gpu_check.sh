@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a machine with one CUDA GPU and torch + triton installed:
-# the CUDA tests (fused Triton LRN, the engine on cuda:nccl with bf16), the LRN kernel timings and the
-# training-step throughput of the paper network (alexnet-pp bench gpu: cluster/bench/gpu.py).
+# The GPU checks in one run, for a machine with one CUDA GPU and torch + triton (+ torchvision for
+# nvJPEG) installed, most important first: the training-step throughput of the paper network, plain,
+# engine and engine from JPEG shards (alexnet-pp bench gpu: cluster/bench/gpu.py); the CUDA tests
+# (fused Triton LRN, the engine on cuda:nccl with bf16, GPU decoding and augmentation against the
+# CPU path); the data pipelines with their GPU rows (alexnet-pp bench data); the LRN kernel timings.
 #
-#   [STEPS="tests_cuda lrn_bench gpu_bench"] benchmarks/gpu_check.sh [OUT_DIR]
+#   [STEPS="gpu_bench tests_cuda data_bench lrn_bench"] benchmarks/gpu_check.sh [OUT_DIR]
 #
 # Packages the machine lacks (deepspeed and its pure-Python needs) may sit in .whl/ as wheels, and
 # deepspeed's source tree in .whl/src/: they are installed to /tmp/site first. Each step has its own
@@ -38,7 +40,7 @@ print("nccl", torch.cuda.nccl.version())
 EOF
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
-STEPS=${STEPS:-tests_cuda lrn_bench gpu_bench}  # a subset reruns only those
+STEPS=${STEPS:-gpu_bench tests_cuda data_bench lrn_bench}  # a subset reruns only those
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -50,6 +52,9 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
 
-TAIL=15 step tests_cuda 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_lrn.py tests/cluster/test_engine.py tests/cluster/test_device_feed.py
-TAIL=12 step lrn_bench 90 bash -c "$PY -m cluster.bench lrn --device cuda --out $OUT_DIR/lrn-fp32 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --out $OUT_DIR/lrn-bf16 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --channels-last --out $OUT_DIR/lrn-bf16-cl"
-TAIL=30 step gpu_bench 200 "$PY" -m cluster.bench gpu --out "$OUT_DIR/gpu"
+TAIL=40 step gpu_bench 240 "$PY" -m cluster.bench gpu --out "$OUT_DIR/gpu"
+TAIL=15 step tests_cuda 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_lrn.py tests/cluster/test_engine.py \
+  tests/cluster/test_device_feed.py tests/cluster/test_feeds.py tests/alexnet_pp/data/test_augment.py
+TAIL=30 step data_bench 90 "$PY" -m cluster.bench data --workers 8 --images 4000 --batch 128 --epochs 2 \
+  --only shards,torchvision,gpu_uint8,gpu_decode --data /tmp/alexnet-pp-data-bench --out "$OUT_DIR/data"
+TAIL=12 step lrn_bench 45 bash -c "$PY -m cluster.bench lrn --device cuda --out $OUT_DIR/lrn-fp32 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --out $OUT_DIR/lrn-bf16 && $PY -m cluster.bench lrn --device cuda --dtype bfloat16 --channels-last --out $OUT_DIR/lrn-bf16-cl"

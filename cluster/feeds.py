@@ -49,7 +49,7 @@ class ShardData:
 
     def __init__(self, cfg: RunConfig, layout: Layout, replica: int, device=None):
         self.cfg, self.replica, self.replicas = cfg, replica, layout.dp
-        self.device = device  # where augmentation actors' batches are finished (a GPU rank's own)
+        self.device = device  # where batches are finished (a GPU rank's own): see _loader
         self.micro_batch, self.multiple = layout.micro_batch, layout.micro_batches
         self._train, self._eval = build_train_loader, build_eval_loader
         self._current = None
@@ -58,9 +58,14 @@ class ShardData:
         self._len = len(self._loader(0))
 
     def _loader(self, epoch: int):
-        loader = self._train(self.cfg, replica=self.replica, num_replicas=self.replicas, epoch=epoch,
-                             micro_batch=self.micro_batch, with_keys=True, batch_multiple=self.multiple)
         d = self.cfg.data
+        # a GPU rank's loader finishes batches on its device: uint8 crops (a quarter of float32's bytes)
+        # or, with data.decode gpu/auto, the JPEGs themselves cross and are decoded there; actors finish
+        # their own batches there, and a CPU rank gets its float batches from the workers as before
+        on_gpu = self.device is not None and torch.device(self.device).type == "cuda"
+        loader = self._train(self.cfg, replica=self.replica, num_replicas=self.replicas, epoch=epoch,
+                             micro_batch=self.micro_batch, with_keys=True, batch_multiple=self.multiple,
+                             device=self.device if on_gpu and d.augment_actors <= 0 else None)
         if d.augment_actors <= 0:
             return loader
         if self._actors is None:

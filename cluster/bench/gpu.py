@@ -13,7 +13,11 @@ In one run, on the same batches:
    `cpu:gloo,cuda:nccl`, DS_ACCELERATOR=cuda — in float32, bf16 and bf16 with `parallel.channels_last`
    against the plain step of the same precision and layout and against the fastest plain
    configuration (goal ≥ 0.95), and its losses against the plain step's. DeepSpeed's bf16 keeps
-   bf16 weights with float32 master copies; the plain bf16 step is autocast over float32 weights.
+   bf16 weights with float32 master copies; the plain bf16 step is autocast over float32 weights;
+4. training from JPEG shards (the embedded dataset at 256 px, generated under --scratch): the same
+   engine in bf16 channels_last reading the shards through its loader, with `data.decode gpu`
+   (nvJPEG: workers only parse headers) and `cpu` (workers decode, uint8 crops cross), against the
+   engine on in-memory tensors from 3 (goal ≥ 0.9), with the step's data wait.
 cuDNN's TF32 convolutions are left at torch's default (on); matmul TF32 at its default (off).
 """
 
@@ -87,6 +91,17 @@ def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dic
     return [s["seconds"] for s in result.stats], result.losses, phases
 
 
+def shard_run(cfg, warmup: int, accelerator: str = "cuda") -> tuple[float, float, int]:
+    """The engine trained from cfg's shards: (median seconds per step, median data wait per step, steps)."""
+    from cluster.spawn import run_local
+
+    os.environ["DS_ACCELERATOR"] = accelerator
+    (result,) = run_local(cfg, None, threads=cfg.train.threads)
+    stats = result.stats[warmup:]
+    return (statistics.median(s["seconds"] for s in stats),
+            statistics.median(s["phases"].get("data_wait", 0.0) for s in stats), len(result.stats))
+
+
 def rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
@@ -99,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check-steps", type=int, default=3, help="steps compared against the CPU")
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--shard-images", type=int, default=5120,
+                    help="training images in the JPEG shards of section 4 (0: skip it)")
+    ap.add_argument("--data-workers", type=int, default=0,
+                    help="loader workers in section 4 (default: the cores less two, at most 12)")
     ap.add_argument("--scratch", default="/tmp/alexnet-pp-gpu-bench")
     add_out_arg(ap, "gpu")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -172,6 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["engine"][variant] = {"img_s": args.batch / t, "ratio": plain_t / t,
                                          "ratio_to_best_plain": med[best_key] / t, "best_plain": best_key,
                                          "losses": losses[:5], "loss_rel_diff": d, "host_phase_s": phases}
+        bar = report["engine"].get("bf16/channels_last", {})
+        if args.shard_images > 0 and "img_s" in bar:
+            shard_section(args, overrides, bar["img_s"], report)
     out = Report("gpu", args.out, argv, {"device": name, "torch": torch.__version__, "batch": args.batch,
                                          "steps": args.steps, "warmup": args.warmup},
                  title="Training step on one CUDA device: plain step, fused LRN, DeepSpeed engine")
@@ -179,16 +201,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out.add({"side": "plain", "variant": key, **r})
     for prec, r in report["engine"].items():
         out.add({"side": "engine", "variant": prec, **r})
+    for decode, r in report.get("shards", {}).items():
+        out.add({"side": "engine from JPEG shards", "variant": f"bf16/channels_last, decode {decode}", **r})
     out.add({"side": "cpu_check", **report["cpu_check"]})
     out.tables.append(Table("Images/s (median of the timed steps)", [r for r in out.rows if "img_s" in r], [
         Column("side", "side"), Column("variant", "variant"), Column("img/s", "img_s", ".0f"),
         Column("engine / plain (same precision, layout)", "ratio", ".3f"),
-        Column("engine / best plain (goal ≥ 0.95)", "ratio_to_best_plain", ".3f")]))
+        Column("engine / best plain (goal ≥ 0.95)", "ratio_to_best_plain", ".3f"),
+        Column("from shards / in memory (goal ≥ 0.9)", "ratio_to_tensors", ".3f"),
+        Column("data wait ms/step", "data_wait_ms", ".2f")]))
     out.notes.append(f"float32 losses, GPU vs CPU, first {args.check_steps} steps: largest relative difference "
                      f"{report['cpu_check']['max_rel_diff']:.1e}")
     for path in out.write():
         print(f"wrote {path}")
     return 0
+
+
+def shard_section(args, overrides: dict, tensor_img_s: float, report: dict, accelerator: str = "cuda") -> None:
+    """Section 4: the bf16 channels-last engine from JPEG shards, decoded on the GPU and on the CPU
+    (accelerator "cpu": the same code on a CPU, to try it out where no GPU is)."""
+    from alexnet_pp.data import ensure_dataset
+
+    workers = args.data_workers or max(1, min(12, len(os.sched_getaffinity(0)) - 2))
+    classes = 1000
+    data = {"data.synthetic_dir": os.path.join(args.scratch, "shards"), "data.synthetic_classes": str(classes),
+            "data.synthetic_train_per_class": str(-(-args.shard_images // classes)),
+            "data.synthetic_val_per_class": "1", "data.workers": str(workers)}
+    base = {**overrides, **data, "parallel.precision": "bf16", "parallel.channels_last": "true",
+            "parallel.gpus_per_worker": "1" if accelerator == "cuda" else "0"}
+    t0 = time.perf_counter()
+    info = ensure_dataset(load_config("paper", overrides=base))
+    print(f"\n# 4. engine (1,1,1) bf16 channels_last from JPEG shards ({info.train_samples} images of "
+          f"{load_config('paper', overrides=base).data.stored_size} px, made or found in "
+          f"{time.perf_counter() - t0:.0f} s), {workers} loader workers, vs the same engine on in-memory "
+          f"tensors ({tensor_img_s:.0f} img/s)")
+    report["shards"] = {}
+    for decode in ("gpu", "cpu"):
+        cfg = load_config("paper", overrides={**base, "data.decode": decode})
+        try:
+            t, wait, steps = shard_run(cfg, args.warmup, accelerator)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"decode {decode}: FAILED: {str(e).splitlines()[0][:400]}")
+            report["shards"][decode] = {"error": str(e)[:4000]}
+            continue
+        img_s = args.batch / t
+        report["shards"][decode] = {"img_s": img_s, "ratio_to_tensors": img_s / tensor_img_s,
+                                    "data_wait_ms": 1000 * wait, "steps": steps, "workers": workers}
+        print(f"decode {decode}: {img_s:9.0f} img/s  {img_s / tensor_img_s:.3f} of in-memory (goal ≥ 0.9); "
+              f"data wait {1000 * wait:.2f} ms/step over {steps} steps", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_yaml_then_overrides(tmp_path):
         ({"data.stored_size": "60"}, "smaller than model.image_size"),
         ({"data.train": "/x/train.tar"}, "set both"),
         ({"data.resampled": "true"}, "epoch_samples"),
+        ({"data.decode": "gpu"}, "gpus_per_worker is 0"),
     ],
 )
 def test_bad_configs_fail_with_what_to_change(overrides, message):

@@ -57,3 +57,34 @@ def test_micro_batches_carry_the_dropout_keys_of_their_rows_in_the_global_batch(
     (x, y, keys), _ = out[3]  # global step 11, micro-batch 1 of replica 1: rows 6..7 of the global batch
     assert torch.equal(y, torch.tensor([6, 7])) and torch.equal(keys, batch_keys(5, 11, 6, 2))
     assert torch.equal(x, batches[2][0][6:8])
+
+
+def test_a_gpu_rank_has_its_loader_finish_batches_on_its_device_and_a_cpu_rank_does_not(cfg, monkeypatch):
+    import cluster.feeds as feeds
+
+    seen = []
+    real = feeds.build_train_loader
+
+    def recording(*a, device=None, **k):
+        seen.append(device)
+        return real(*a, **k)  # the CPU loader: this machine may have no CUDA device to finish on
+
+    monkeypatch.setattr(feeds, "build_train_loader", recording)
+    lay = Layout.from_config(cfg)
+    ShardData(cfg, lay, 0, torch.device("cpu"))
+    ShardData(cfg, lay, 0, None)
+    ShardData(cfg, lay, 0, torch.device("cuda", 0))
+    assert seen == [None, None, torch.device("cuda", 0)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_engine_feed_yields_the_cpu_feeds_batches_on_the_device(cfg):
+    lay = Layout.from_config(cfg)
+    on_cpu = list(ShardData(cfg, lay, 1).epoch(1))[:4]
+    on_gpu = list(ShardData(cfg, lay, 1, torch.device("cuda")).epoch(1))[:4]
+    for (x, y, d), (g, gy, gd) in zip(on_cpu, on_gpu):
+        assert g.is_cuda and not gy.is_cuda and torch.equal(y, gy) and d == gd  # the same samples
+        # nvJPEG's pixels may differ from libjpeg-turbo's by a few levels (docs/DATA.md); crops and flips
+        # do not, so the images stay close everywhere
+        assert float(((g.cpu() - x).abs() * torch.from_numpy(T.STD).view(1, 3, 1, 1) * 255).mean()) < 2.0  # levels
