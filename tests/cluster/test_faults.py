@@ -89,6 +89,34 @@ def test_non_finite_origin_is_the_earliest_layer_of_the_lowest_stage():
     assert "loss itself" in origin_of_non_finite([rec(0, 0, 0, None)], last_stage=1)
 
 
+def test_the_watch_names_the_first_layer_with_a_non_finite_output_and_forgets_it_at_reset():
+    from cluster.faults import NonFiniteWatch
+
+    class Scale(torch.nn.Module):
+        def __init__(self, by):
+            super().__init__()
+            self.by = by
+
+        def forward(self, x):
+            return x * self.by
+
+    layers = [Scale(1.0), Scale(float("inf")), Scale(0.0), Scale(2.0)]  # inf · 0 = nan in layer 2
+    watch = NonFiniteWatch(layers, coord=None)
+    x = torch.ones(3, 4)
+    for layer in layers[:1]:
+        x = layer(x)
+    assert watch.first_bad_layer() is None  # finite so far
+    for layer in layers[1:]:
+        x = layer(x)
+    assert watch.first_bad_layer() == 1
+    watch.reset()
+    assert watch.first_bad_layer() is None
+    layers[0](torch.full((2,), 3e38))  # finite values that sum past float32's range count as non-finite
+    assert watch.first_bad_layer() == 0
+    watch.close()
+    layers[1](torch.ones(2))
+    assert len(watch.sums) == 1  # no hooks after close
+
 @pytest.mark.e2e
 @pytest.mark.timeout(480)
 def test_a_nan_loss_stops_the_job_naming_step_stage_and_tower_and_keeps_the_last_checkpoint(tmp_path, data_dir):
