@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -43,6 +44,7 @@ from alexnet_pp.optim import build_optimizer
 from alexnet_pp.steps import train_step
 from cluster.bench.engine import make_batches, tensor_data
 from cluster.bench.report import Column, Report, Table, add_out_arg
+from cluster.profiling import DIR_ENV, STEPS_ENV, summary
 
 
 @contextlib.contextmanager
@@ -77,9 +79,10 @@ def plain_run(cfg, batches, device: str, dtype: torch.dtype, channels_last: bool
     return times, losses
 
 
-def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dict[str, float]]:
+def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
     """Seconds per step, losses, and the median host-side seconds per step of each pipeline phase
-    (not synchronised: where the host spends its time, not the GPU)."""
+    (not synchronised: where the host spends its time, not the GPU), wall and the schedule thread's CPU
+    (wall well above CPU: the host waited for the device there)."""
     from cluster.spawn import run_local
 
     os.environ["DS_ACCELERATOR"] = "cuda"
@@ -88,7 +91,19 @@ def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dic
     (result,) = run_local(cfg, factory, threads=cfg.train.threads)
     stats = result.stats[warmup:]
     phases = {k: statistics.median(s["phases"].get(k, 0.0) for s in stats) for k in stats[0]["phases"]}
-    return [s["seconds"] for s in result.stats], result.losses, phases
+    cpu = {k: statistics.median((s.get("phase_cpu") or {}).get(k, 0.0) for s in stats) for k in phases}
+    return [s["seconds"] for s in result.stats], result.losses, phases, cpu
+
+
+def profile_plain(cfg, batches, device: str, prec: str, channels_last: bool) -> None:
+    """Three steps of the plain step under torch.profiler, printed as cluster/profiling.py prints a rank's."""
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    plain_run(cfg, batches[:3], device, dtype, channels_last)  # warm: the allocator and cuDNN's choices
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        plain_run(cfg, batches[3:6], device, dtype, channels_last)
+    print(f"\n## plain {prec}{'/channels_last' if channels_last else ''}, profiled (model built inside)\n"
+          + summary(prof, 3))
 
 
 def shard_run(cfg, warmup: int, accelerator: str = "cuda") -> tuple[float, float, int]:
@@ -114,6 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--check-steps", type=int, default=3, help="steps compared against the CPU")
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 steps of the best plain configuration and of the engine in the same "
+                         "precision and layout (cluster/profiling.py) and print where their time goes")
+    ap.add_argument("--only-engine", default="", help="comma-separated engine variants to run (default all: "
+                    "fp32,bf16,bf16/channels_last)")
     ap.add_argument("--shard-images", type=int, default=5120,
                     help="training images in the JPEG shards of section 4 (0: skip it)")
     ap.add_argument("--data-workers", type=int, default=0,
@@ -172,11 +192,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
             layout = "/channels_last" if cl else ""
             variant, plain_key = prec + layout, f"{prec}/oursLRN{layout}"
+            if args.only_engine and variant not in args.only_engine.split(","):
+                continue
+            profiling = args.profile and plain_key == best_key
+            if profiling:
+                profile_plain(cfg, batches, dev, prec, cl)
+                os.environ.update({DIR_ENV: os.path.join(args.scratch, "profile"), STEPS_ENV: f"{args.warmup}:3"})
             ecfg = load_config("paper", overrides={**overrides, "parallel.precision": prec,
                                                    "parallel.channels_last": str(cl).lower(),
-                                                   "parallel.gpus_per_worker": "1"})
+                                                   "parallel.gpus_per_worker": "1",
+                                                   **({"callbacks": "cluster.profiling:StepProfiler"} if profiling else {})})
             try:
-                times, losses, phases = engine_run(ecfg, batches, args.warmup)
+                times, losses, phases, phase_cpu = engine_run(ecfg, batches, args.warmup)
             except Exception as e:  # noqa: BLE001 - report and go on to the next variant
                 print(f"{variant}: engine FAILED: {str(e).splitlines()[0][:400]}")
                 report["engine"][variant] = {"error": str(e)[:4000]}
@@ -188,6 +215,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{plain_t / t:.3f}; vs best plain {med[best_key] / t:.3f} (goal ≥ 0.95); first losses "
                   + " ".join(f"{v:.4f}" for v in losses[:3]) + f" (rel. diff to plain {d:.1e})", flush=True)
             print("      host ms per step: " + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phases.items())))
+            print("      host CPU ms per step: " + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phase_cpu.items())))
+            if profiling:
+                profile = Path(os.environ.pop(DIR_ENV)) / "rank0.txt"
+                os.environ.pop(STEPS_ENV)
+                print(f"\n## engine {variant}, profiled\n" + (profile.read_text() if profile.exists() else "no profile written"))
             report["engine"][variant] = {"img_s": args.batch / t, "ratio": plain_t / t,
                                          "ratio_to_best_plain": med[best_key] / t, "best_plain": best_key,
                                          "losses": losses[:5], "loss_rel_diff": d, "host_phase_s": phases}
