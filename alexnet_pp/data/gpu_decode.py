@@ -61,16 +61,24 @@ def available(device=None) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve(mode: str, device) -> str:
+# auto decodes on the GPU only for loaders with fewer workers than this. On an H200 host, training the
+# paper network in bf16 from 256 px shards: nvJPEG in the loader's thread gave 3,300 images/s (each
+# batch's decode holds up the step), while each CPU worker sending uint8 crops gave ~800, so 12
+# workers reached 0.92 of in-memory training (docs/benchmarks/h200-2026-12-04/).
+GPU_DECODE_BELOW_WORKERS = 4
+
+
+def resolve(mode: str, device, workers: int = 0) -> str:
     """data.decode (cpu | gpu | auto) for a loader finishing batches on `device` → "cpu" or "gpu".
-    auto: gpu when `device` is a CUDA device and the decoder imports, else cpu."""
+    auto: gpu when `device` is a CUDA device, the decoder imports and the loader has fewer than
+    GPU_DECODE_BELOW_WORKERS workers (more CPU workers outpace the GPU decode), else cpu."""
     if mode not in ("cpu", "gpu", "auto"):
         raise ValueError(f"data.decode must be cpu, gpu or auto, not {mode!r}")
     if mode == "cpu":
         return "cpu"
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if mode == "auto":
-        return "gpu" if on_cuda and available(device)[0] else "cpu"
+        return "gpu" if on_cuda and workers < GPU_DECODE_BELOW_WORKERS and available(device)[0] else "cpu"
     if not on_cuda:
         raise ValueError(
             "data.decode gpu decodes on the device the batches are for: build the loader with "

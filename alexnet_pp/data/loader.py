@@ -46,7 +46,7 @@ class ShardLoader:
         self.with_keys = with_keys
         self.uint8 = uint8
         self.device = torch.device(device) if device is not None else None
-        self.decode = gpu_decode.resolve(decode, self.device) if stream.spec.train else "cpu"
+        self.decode = gpu_decode.resolve(decode, self.device, workers) if stream.spec.train else "cpu"
         if self.decode == "gpu":
             stream.output = "encoded"
         elif uint8 or self.device is not None:

@@ -174,6 +174,15 @@ def test_decode_modes_without_cuda(monkeypatch):
         gpu_decode.resolve("nvjpeg", None)
 
 
+def test_auto_decodes_on_the_gpu_only_where_the_cpu_workers_are_too_few(monkeypatch):
+    monkeypatch.setattr(gpu_decode, "available", lambda device=None: (True, ""))  # as on a GPU host
+    few, many = gpu_decode.GPU_DECODE_BELOW_WORKERS - 1, gpu_decode.GPU_DECODE_BELOW_WORKERS
+    assert gpu_decode.resolve("auto", "cuda:0", few) == "gpu"
+    assert gpu_decode.resolve("auto", "cuda:0", many) == "cpu"
+    assert gpu_decode.resolve("gpu", "cuda:0", many) == "gpu"  # asked for: always
+    assert gpu_decode.resolve("auto", "cpu", 0) == "cpu"
+
+
 def test_gpu_decode_without_torchvision_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision → ImportError
     monkeypatch.setitem(sys.modules, "torchvision.io", None)
@@ -197,7 +206,7 @@ def test_a_configured_gpu_decode_needs_a_device(root):
 def test_on_cuda_the_gpu_path_matches_the_cpu_path(root):
     """nvJPEG's pixels may differ from libjpeg's by a few levels; crops, flips and noise do not."""
     cfg = cfg_for(root, decode="gpu", color_noise=0.3)
-    floats = list(build_train_loader(cfg, 0, 2, epoch=3, with_keys=True))
+    floats = list(build_train_loader(cfg_for(root, decode="cpu", color_noise=0.3), 0, 2, epoch=3, with_keys=True))
     loader = build_train_loader(cfg, 0, 2, epoch=3, with_keys=True, device="cuda")
     assert loader.decode == "gpu"
     gpu = list(loader)
