@@ -116,7 +116,9 @@ class ParallelConfig:
     partition: str = "measured"  # measured | flops | uniform | parameters | cut points "3,6" or "conv3.0[82:]"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp32; bf16-mixed: float32 weights, gradients and optimizer, every stage's forward under bf16 autocast
+    # (the plain step's torch.autocast); bf16 / fp16: DeepSpeed's optimizers over bf16 / fp16 weights
+    precision: Literal["fp32", "bf16-mixed", "bf16", "fp16"] = "fp32"
     # Convolutions on channels-last (NHWC) activations, as the fastest plain GPU step runs them; stages
     # still exchange NCHW tensors (point-to-point sends need contiguous ones). Same math, other kernels.
     channels_last: bool = False

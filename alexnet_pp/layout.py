@@ -84,7 +84,9 @@ class Layout:
         if p.schedule == "zb-h1":  # W passes write .grad themselves, after the backward pass (cluster/zero_bubble.py)
             unsupported = [why for why, on in (
                 (f"parallel.precision={p.precision} (DeepSpeed's bf16/fp16 optimizers read gradients in the "
-                 "backward pass)", p.precision != "fp32"),
+                 "backward pass)", p.precision in ("bf16", "fp16")),
+                ("parallel.precision=bf16-mixed (W passes run outside the forward's autocast)",
+                 p.precision == "bf16-mixed"),
                 (f"parallel.zero_stage={p.zero_stage} (ZeRO reads gradients in the backward pass)", p.zero_stage > 0),
                 ("parallel.activation_checkpoint_interval > 0 (recomputation would run inside the B pass)",
                  p.activation_checkpoint_interval > 0),

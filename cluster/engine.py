@@ -168,7 +168,8 @@ class PipelineWorker:
         self.checkpoints = EngineCheckpoints(cfg, layout, self.rank)
         self.group = GroupRef()
         specs, bounds = rank_layers(cfg.model, layout.tp, c.tower, self.group, cfg.train.seed,
-                                    layout.partition, cfg.parallel.channels_last)
+                                    layout.partition, cfg.parallel.channels_last,
+                                    torch.bfloat16 if cfg.parallel.precision == "bf16-mixed" else None)
         bounds = list(bounds)
 
         class AlexNetPipe(PipelineModule):

@@ -9,6 +9,7 @@ produced its logits and every stage draws the masks the single network would.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -57,12 +58,20 @@ class _GatherTowers(torch.autograd.Function):
 
 
 class MemoryFormat:
-    """Where a stage's activations change layout under `parallel.channels_last`: 4-D activations
-    become channels-last before every layer (a no-op once they are) and contiguous again when they
-    leave the stage, since the point-to-point sends and the tower all-gather move contiguous tensors."""
+    """How a stage's layers hold and compute their activations. Under `parallel.channels_last` 4-D
+    activations become channels-last before every layer (a no-op once they are) and contiguous again
+    when they leave the stage, since the point-to-point sends and the tower all-gather move contiguous
+    tensors; under `parallel.precision bf16-mixed` the layers compute under autocast."""
 
-    def __init__(self, channels_last: bool, stage_end: bool):
-        self.channels_last, self.stage_end = channels_last, stage_end
+    def __init__(self, channels_last: bool, stage_end: bool, autocast: Optional[torch.dtype] = None):
+        self.channels_last, self.stage_end, self.autocast = channels_last, stage_end, autocast
+
+    def compute(self, x: torch.Tensor):
+        """The context a layer runs in: torch.autocast to `autocast` on x's device (parallel.precision
+        bf16-mixed), as the plain step's; backward replays its casts."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.autocast)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
@@ -103,7 +112,9 @@ class StageLayer(nn.Module):
         x, labels, keys = inputs
         if self.first:
             x = _first_input(x, self.layer)
-        return self.memory.leave(self.layer(self.memory.enter(x), keys)), labels, keys
+        with self.memory.compute(x):
+            y = self.layer(self.memory.enter(x), keys)
+        return self.memory.leave(y), labels, keys
 
 
 class TowerShard(nn.Module):
@@ -134,11 +145,14 @@ class TowerShard(nn.Module):
         if self.ops.connect == "both":
             x = _GatherTowers.apply(x, self.group.get(), self.tower, 2, not self.replicated)
         x = self.memory.enter(self.ops.input(x, self.tower, both_towers=False))
-        return self.memory.leave(self.ops.forward(self.part, self.tower, x, keys, self.training)), labels, keys
+        with self.memory.compute(x):
+            y = self.ops.forward(self.part, self.tower, x, keys, self.training)
+        return self.memory.leave(y), labels, keys
 
 
 def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: int,
-                cut: Partition, channels_last: bool = False) -> tuple[list, tuple[int, ...]]:
+                cut: Partition, channels_last: bool = False,
+                autocast: Optional[torch.dtype] = None) -> tuple[list, tuple[int, ...]]:
     """Every pipeline layer of the network as this rank would run it, as DeepSpeed LayerSpecs (the
     engine builds only its own stage's, so a rank allocates only its stage's and tower's parameters),
     and the stage bounds over them. T = 1: whole layers, tower halves or their pieces only at a cut.
@@ -148,7 +162,7 @@ def rank_layers(cfg: ModelConfig, tp: int, tower: int, group: GroupRef, seed: in
     plan, bounds = stage_plan(cut.bounds, 1, cut.splits) if tp == 1 else (LAYER_NAMES, cut.bounds)
 
     def spec(i: int, unit) -> LayerSpec:
-        memory = MemoryFormat(channels_last, stage_end=i + 1 in bounds)
+        memory = MemoryFormat(channels_last, stage_end=i + 1 in bounds, autocast=autocast)
         if tp == 1:
             return LayerSpec(StageLayer, cfg, unit, seed, i == 0, memory)
         return LayerSpec(TowerShard, cfg, unit, tower, group, seed, i == 0, memory)

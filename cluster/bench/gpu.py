@@ -10,12 +10,14 @@ In one run, on the same batches:
    CPU (float64 reference would be too slow for the paper net; the CPU float32 run is the reference
    every other test already pins);
 3. the DeepSpeed pipeline engine with (P, T, D) = (1, 1, 1) on the device — process group
-   `cpu:gloo,cuda:nccl`, DS_ACCELERATOR=cuda — in float32, bf16 and bf16 with `parallel.channels_last`
+   `cpu:gloo,cuda:nccl`, DS_ACCELERATOR=cuda — in float32, bf16 and bf16-mixed, the last two also with
+   `parallel.channels_last`,
    against the plain step of the same precision and layout and against the fastest plain
    configuration (goal ≥ 0.95), and its losses against the plain step's. DeepSpeed's bf16 keeps
-   bf16 weights with float32 master copies; the plain bf16 step is autocast over float32 weights;
-4. training from JPEG shards (the embedded dataset at 256 px, generated under --scratch): the same
-   engine in bf16 channels_last reading the shards through its loader, with `data.decode gpu`
+   bf16 weights with float32 master copies; the plain bf16 step is autocast over float32 weights,
+   as is the engine's `bf16-mixed` (float32 weights and optimizer, each stage under autocast);
+4. training from JPEG shards (the embedded dataset at 256 px, generated under --scratch): the
+   bf16-mixed channels-last engine reading the shards through its loader, with `data.decode gpu`
    (nvJPEG: workers only parse headers) and `cpu` (workers decode, uint8 crops cross), against the
    engine on in-memory tensors from 3 (goal ≥ 0.9), with the step's data wait.
 cuDNN's TF32 convolutions are left at torch's default (on); matmul TF32 at its default (off).
@@ -133,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="profile 3 steps of the best plain configuration and of the engine in the same "
                          "precision and layout (cluster/profiling.py) and print where their time goes")
     ap.add_argument("--only-engine", default="", help="comma-separated engine variants to run (default all: "
-                    "fp32,bf16,bf16/channels_last)")
+                    "fp32,bf16,bf16/channels_last,bf16-mixed,bf16-mixed/channels_last)")
     ap.add_argument("--shard-images", type=int, default=5120,
                     help="training images in the JPEG shards of section 4 (0: skip it)")
     ap.add_argument("--data-workers", type=int, default=0,
@@ -189,14 +191,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         best_key = min(med, key=med.get)  # the fastest plain configuration: the engine's bar
         print(f"\n# 3. DeepSpeed engine (1,1,1) on the device vs the plain step (same precision and layout, "
               f"and the best plain: {best_key})")
-        for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
+        plain_profiled = False
+        # (parallel.precision, the plain step's precision of the same arithmetic, channels-last)
+        for prec, plain_prec, cl in (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16", "bf16", True),
+                                     ("bf16-mixed", "bf16", False), ("bf16-mixed", "bf16", True)):
             layout = "/channels_last" if cl else ""
-            variant, plain_key = prec + layout, f"{prec}/oursLRN{layout}"
+            variant, plain_key = prec + layout, f"{plain_prec}/oursLRN{layout}"
             if args.only_engine and variant not in args.only_engine.split(","):
                 continue
             profiling = args.profile and plain_key == best_key
+            if profiling and not plain_profiled:
+                profile_plain(cfg, batches, dev, plain_prec, cl)
+                plain_profiled = True
             if profiling:
-                profile_plain(cfg, batches, dev, prec, cl)
                 os.environ.update({DIR_ENV: os.path.join(args.scratch, "profile"), STEPS_ENV: f"{args.warmup}:3"})
             ecfg = load_config("paper", overrides={**overrides, "parallel.precision": prec,
                                                    "parallel.channels_last": str(cl).lower(),
@@ -223,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["engine"][variant] = {"img_s": args.batch / t, "ratio": plain_t / t,
                                          "ratio_to_best_plain": med[best_key] / t, "best_plain": best_key,
                                          "losses": losses[:5], "loss_rel_diff": d, "host_phase_s": phases}
-        bar = report["engine"].get("bf16/channels_last", {})
+        bar = report["engine"].get(f"{SHARD_PRECISION}/channels_last", {})
         if args.shard_images > 0 and "img_s" in bar:
             shard_section(args, overrides, bar["img_s"], report)
     out = Report("gpu", args.out, argv, {"device": name, "torch": torch.__version__, "batch": args.batch,
@@ -234,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for prec, r in report["engine"].items():
         out.add({"side": "engine", "variant": prec, **r})
     for decode, r in report.get("shards", {}).items():
-        out.add({"side": "engine from JPEG shards", "variant": f"bf16/channels_last, decode {decode}", **r})
+        out.add({"side": "engine from JPEG shards", "variant": f"{SHARD_PRECISION}/channels_last, decode {decode}",
+                 **r})
     out.add({"side": "cpu_check", **report["cpu_check"]})
     out.tables.append(Table("Images/s (median of the timed steps)", [r for r in out.rows if "img_s" in r], [
         Column("side", "side"), Column("variant", "variant"), Column("img/s", "img_s", ".0f"),
@@ -249,6 +257,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+SHARD_PRECISION = "bf16-mixed"  # the plain bf16 step's arithmetic: the engine variant meant to match its speed
+
+
 def shard_section(args, overrides: dict, tensor_img_s: float, report: dict, accelerator: str = "cuda") -> None:
     """Section 4: the bf16 channels-last engine from JPEG shards, decoded on the GPU and on the CPU
     (accelerator "cpu": the same code on a CPU, to try it out where no GPU is)."""
@@ -259,18 +270,18 @@ def shard_section(args, overrides: dict, tensor_img_s: float, report: dict, acce
     data = {"data.synthetic_dir": os.path.join(args.scratch, "shards"), "data.synthetic_classes": str(classes),
             "data.synthetic_train_per_class": str(-(-args.shard_images // classes)),
             "data.synthetic_val_per_class": "1", "data.workers": str(workers)}
-    base = {**overrides, **data, "parallel.precision": "bf16", "parallel.channels_last": "true",
+    base = {**overrides, **data, "parallel.precision": SHARD_PRECISION, "parallel.channels_last": "true",
             "parallel.gpus_per_worker": "1" if accelerator == "cuda" else "0"}
     t0 = time.perf_counter()
     info = ensure_dataset(load_config("paper", overrides=base))
-    print(f"\n# 4. engine (1,1,1) bf16 channels_last from JPEG shards ({info.train_samples} images of "
+    print(f"\n# 4. engine (1,1,1) {SHARD_PRECISION} channels_last from JPEG shards ({info.train_samples} images of "
           f"{load_config('paper', overrides=base).data.stored_size} px, made or found in "
           f"{time.perf_counter() - t0:.0f} s), {workers} loader workers, vs the same engine on in-memory "
           f"tensors ({tensor_img_s:.0f} img/s)")
     report["shards"] = {}
     for decode in ("gpu", "cpu"):
-        cfg = load_config("paper", overrides={**base, "data.decode": decode})
         try:
+            cfg = load_config("paper", overrides={**base, "data.decode": decode})
             t, wait, steps = shard_run(cfg, args.warmup, accelerator)
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"decode {decode}: FAILED: {str(e).splitlines()[0][:400]}")

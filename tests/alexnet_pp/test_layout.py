@@ -79,7 +79,8 @@ def test_a_measured_cut_keeps_everything_else_of_the_layout():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"parallel.precision": "bf16"}, "parallel.precision=bf16"),
+        ({"parallel.precision": "bf16"}, "parallel.precision=bf16 "),
+        ({"parallel.precision": "bf16-mixed"}, "parallel.precision=bf16-mixed"),
         ({"parallel.dp": "2", "parallel.zero_stage": "1"}, "parallel.zero_stage=1"),
         ({"parallel.activation_checkpoint_interval": "1"}, "activation_checkpoint_interval > 0"),
         ({"parallel.defer_weight_grads": "true"}, "defer_weight_grads"),
