@@ -62,9 +62,9 @@ def available(device=None) -> tuple[bool, str]:
 
 
 # auto decodes on the GPU only for loaders with fewer workers than this. On an H200 host, training the
-# paper network in bf16 from 256 px shards: nvJPEG in the loader's thread gave 3,300 images/s (each
-# batch's decode holds up the step), while each CPU worker sending uint8 crops gave ~800, so 12
-# workers reached 0.92 of in-memory training (docs/benchmarks/h200-2026-12-04/).
+# paper network in bf16 from 256 px shards: nvJPEG in the loader's thread gave 3.3-4.7k images/s (each
+# batch's decode holds up the step), while each CPU worker sending uint8 crops gave ~800, and 12
+# workers 8.9k (docs/benchmarks/h200-2026-12-04/).
 GPU_DECODE_BELOW_WORKERS = 4
 
 
