@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alexnet-pp-installed
 
-.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine bench-scaling bench-gpu clean
+.PHONY: setup demo test test-fast bench-lrn bench-data bench-engine bench-scaling bench-gpu gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ bench-scaling: setup
 # on a CUDA machine whose python3 has torch + triton (the CUDA tests, LRN kernel, training-step throughput)
 bench-gpu:
 	bash benchmarks/gpu_check.sh
+
+# .whl/: what bench-gpu needs beside torch, for a CUDA machine without a package index (Python 3.12 wheels)
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) runs data

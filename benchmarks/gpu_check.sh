@@ -8,8 +8,8 @@
 #   [STEPS="gpu_bench tests_cuda data_bench lrn_bench"] benchmarks/gpu_check.sh [OUT_DIR]
 #
 # Packages the machine lacks (deepspeed and its pure-Python needs) may sit in .whl/ as wheels, and
-# deepspeed's source tree in .whl/src/: they are installed to /tmp/site first. Each step has its own
-# time limit and a failed step does not stop the next; every step's log lands in OUT_DIR.
+# deepspeed's source tree in .whl/src (`make gpu-wheels` gathers both): they are installed to /tmp/site first.
+# Each step has its own time limit and a failed step does not stop the next; every step's log lands in OUT_DIR.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/alexnet-pp-gpu-check}}
 mkdir -p "$OUT_DIR"
