@@ -202,10 +202,11 @@ class PipelineWorker:
         if zero_bubble:
             ZeroBubbleEngine.adopt(self.engine, self.deferred)
         # float32: the replicas average the gradients where they lie, without DeepSpeed's copies
+        dp_group = self.engine.mpu.get_data_parallel_group()
+        replicas = dist.get_world_size(dp_group)
         if cfg.parallel.flat_grads and FlatReplicaGrads.applies(self.engine):
-            dp_group = self.engine.mpu.get_data_parallel_group()
-            FlatReplicaGrads.adopt(self.engine, dp_group, dist.get_world_size(dp_group))
-        elif self.engine.using_bf16_optimizer and dist.get_world_size(self.engine.mpu.get_data_parallel_group()) == 1:
+            FlatReplicaGrads.adopt(self.engine, dp_group, replicas)
+        elif self.engine.using_bf16_optimizer and replicas == 1:
             # one replica: DeepSpeed's bf16 reduce still flattens every gradient, "averages" it over one
             # rank and copies it back, ~0.6 ms of host time and two copies a step on a GPU for nothing
             self.engine._bf16_reduce_grads = lambda: None

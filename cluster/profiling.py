@@ -38,7 +38,6 @@ def profile_window(text: str) -> tuple[int, int]:
 def summary(prof: Any, steps: int, rows: int = 25) -> str:
     """Per-step totals and the top operators of a finished torch.profiler run over `steps` steps."""
     events = prof.key_averages()
-    device = "cuda" if torch.cuda.is_available() else None
     calls = {e.key: e.count for e in events}
     launches = sum(n for k, n in calls.items() if k in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                          "cuLaunchKernelEx"))
@@ -47,7 +46,7 @@ def summary(prof: Any, steps: int, rows: int = 25) -> str:
     lines = [f"per step over {steps} steps: {ops / steps:.0f} aten operators, {launches / steps:.0f} kernel launches, "
              f"{syncs / steps:.1f} device synchronisations (cuda*Synchronize, blocking cudaMemcpy)", "",
              "by host time (self):", events.table(sort_by="self_cpu_time_total", row_limit=rows)]
-    if device:
+    if torch.cuda.is_available():
         lines += ["by device time (self):", events.table(sort_by="self_device_time_total", row_limit=rows)]
     return "\n".join(lines)
 

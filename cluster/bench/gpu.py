@@ -81,15 +81,17 @@ def plain_run(cfg, batches, device: str, dtype: torch.dtype, channels_last: bool
     return times, losses
 
 
-def engine_run(cfg, batches, warmup: int) -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
+def engine_run(cfg, batches: Optional[list], warmup: int, accelerator: str = "cuda"
+               ) -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
     """Seconds per step, losses, and the median host-side seconds per step of each pipeline phase
     (not synchronised: where the host spends its time, not the GPU), wall and the schedule thread's CPU
-    (wall well above CPU: the host waited for the device there)."""
+    (wall well above CPU: the host waited for the device there). On `batches` in memory, or with
+    None on cfg's shards through the engine's own loader."""
     from cluster.spawn import run_local
 
-    os.environ["DS_ACCELERATOR"] = "cuda"
+    os.environ["DS_ACCELERATOR"] = accelerator
     # TensorData pins again in the worker: pinning does not survive pickling
-    factory = functools.partial(tensor_data, batches, cfg.parallel.micro_batches)
+    factory = functools.partial(tensor_data, batches, cfg.parallel.micro_batches) if batches is not None else None
     (result,) = run_local(cfg, factory, threads=cfg.train.threads)
     stats = result.stats[warmup:]
     phases = {k: statistics.median(s["phases"].get(k, 0.0) for s in stats) for k in stats[0]["phases"]}
@@ -106,17 +108,6 @@ def profile_plain(cfg, batches, device: str, prec: str, channels_last: bool) -> 
         plain_run(cfg, batches[3:6], device, dtype, channels_last)
     print(f"\n## plain {prec}{'/channels_last' if channels_last else ''}, profiled (model built inside)\n"
           + summary(prof, 3))
-
-
-def shard_run(cfg, warmup: int, accelerator: str = "cuda") -> tuple[float, float, int]:
-    """The engine trained from cfg's shards: (median seconds per step, median data wait per step, steps)."""
-    from cluster.spawn import run_local
-
-    os.environ["DS_ACCELERATOR"] = accelerator
-    (result,) = run_local(cfg, None, threads=cfg.train.threads)
-    stats = result.stats[warmup:]
-    return (statistics.median(s["seconds"] for s in stats),
-            statistics.median(s["phases"].get("data_wait", 0.0) for s in stats), len(result.stats))
 
 
 def rel_diff(a: list[float], b: list[float]) -> float:
@@ -203,18 +194,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if profiling and not plain_profiled:
                 profile_plain(cfg, batches, dev, plain_prec, cl)
                 plain_profiled = True
-            if profiling:
-                os.environ.update({DIR_ENV: os.path.join(args.scratch, "profile"), STEPS_ENV: f"{args.warmup}:3"})
+            profiler = {"callbacks": "cluster.profiling:StepProfiler"} if profiling else {}
+            profile_dir = os.path.join(args.scratch, "profile")
             ecfg = load_config("paper", overrides={**overrides, "parallel.precision": prec,
                                                    "parallel.channels_last": str(cl).lower(),
-                                                   "parallel.gpus_per_worker": "1",
-                                                   **({"callbacks": "cluster.profiling:StepProfiler"} if profiling else {})})
+                                                   "parallel.gpus_per_worker": "1", **profiler})
+            if profiling:  # the callback reads these in the rank (callbacks are built without arguments)
+                os.environ.update({DIR_ENV: profile_dir, STEPS_ENV: f"{args.warmup}:3"})
             try:
                 times, losses, phases, phase_cpu = engine_run(ecfg, batches, args.warmup)
             except Exception as e:  # noqa: BLE001 - report and go on to the next variant
                 print(f"{variant}: engine FAILED: {str(e).splitlines()[0][:400]}")
                 report["engine"][variant] = {"error": str(e)[:4000]}
                 continue
+            finally:
+                for key in (DIR_ENV, STEPS_ENV):
+                    os.environ.pop(key, None)
             t = statistics.median(times[args.warmup:])
             plain_t = med[plain_key]
             d = rel_diff(losses[:3], report["plain"][plain_key]["losses"][:3])
@@ -222,11 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{plain_t / t:.3f}; vs best plain {med[best_key] / t:.3f} (goal ≥ 0.95); first losses "
                   + " ".join(f"{v:.4f}" for v in losses[:3]) + f" (rel. diff to plain {d:.1e})", flush=True)
             print("      host ms per step: " + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phases.items())))
-            print("      host CPU ms per step: " + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phase_cpu.items())))
+            print("      host CPU ms per step: "
+                  + "  ".join(f"{k} {1000 * v:.2f}" for k, v in sorted(phase_cpu.items())))
             if profiling:
-                profile = Path(os.environ.pop(DIR_ENV)) / "rank0.txt"
-                os.environ.pop(STEPS_ENV)
-                print(f"\n## engine {variant}, profiled\n" + (profile.read_text() if profile.exists() else "no profile written"))
+                profile = Path(profile_dir) / "rank0.txt"
+                print(f"\n## engine {variant}, profiled\n"
+                      + (profile.read_text() if profile.exists() else "no profile written"))
             report["engine"][variant] = {"img_s": args.batch / t, "ratio": plain_t / t,
                                          "ratio_to_best_plain": med[best_key] / t, "best_plain": best_key,
                                          "losses": losses[:5], "loss_rel_diff": d, "host_phase_s": phases}
@@ -261,7 +257,7 @@ SHARD_PRECISION = "bf16-mixed"  # the plain bf16 step's arithmetic: the engine v
 
 
 def shard_section(args, overrides: dict, tensor_img_s: float, report: dict, accelerator: str = "cuda") -> None:
-    """Section 4: the bf16 channels-last engine from JPEG shards, decoded on the GPU and on the CPU
+    """Section 4: the SHARD_PRECISION channels-last engine from JPEG shards, decoded on the GPU and on the CPU
     (accelerator "cpu": the same code on a CPU, to try it out where no GPU is)."""
     from alexnet_pp.data import ensure_dataset
 
@@ -273,25 +269,26 @@ def shard_section(args, overrides: dict, tensor_img_s: float, report: dict, acce
     base = {**overrides, **data, "parallel.precision": SHARD_PRECISION, "parallel.channels_last": "true",
             "parallel.gpus_per_worker": "1" if accelerator == "cuda" else "0"}
     t0 = time.perf_counter()
-    info = ensure_dataset(load_config("paper", overrides=base))
+    shard_cfg = load_config("paper", overrides=base)
+    info = ensure_dataset(shard_cfg)
     print(f"\n# 4. engine (1,1,1) {SHARD_PRECISION} channels_last from JPEG shards ({info.train_samples} images of "
-          f"{load_config('paper', overrides=base).data.stored_size} px, made or found in "
+          f"{shard_cfg.data.stored_size} px, made or found in "
           f"{time.perf_counter() - t0:.0f} s), {workers} loader workers, vs the same engine on in-memory "
           f"tensors ({tensor_img_s:.0f} img/s)")
     report["shards"] = {}
     for decode in ("gpu", "cpu"):
         try:
             cfg = load_config("paper", overrides={**base, "data.decode": decode})
-            t, wait, steps = shard_run(cfg, args.warmup, accelerator)
+            times, _, phases, _ = engine_run(cfg, None, args.warmup, accelerator)
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"decode {decode}: FAILED: {str(e).splitlines()[0][:400]}")
             report["shards"][decode] = {"error": str(e)[:4000]}
             continue
-        img_s = args.batch / t
+        img_s, wait = args.batch / statistics.median(times[args.warmup:]), phases.get("data_wait", 0.0)
         report["shards"][decode] = {"img_s": img_s, "ratio_to_tensors": img_s / tensor_img_s,
-                                    "data_wait_ms": 1000 * wait, "steps": steps, "workers": workers}
+                                    "data_wait_ms": 1000 * wait, "steps": len(times), "workers": workers}
         print(f"decode {decode}: {img_s:9.0f} img/s  {img_s / tensor_img_s:.3f} of in-memory (goal ≥ 0.9); "
-              f"data wait {1000 * wait:.2f} ms/step over {steps} steps", flush=True)
+              f"data wait {1000 * wait:.2f} ms/step over {len(times)} steps", flush=True)
 
 
 if __name__ == "__main__":
